@@ -1,0 +1,70 @@
+"""Base class for a decoder block whose forward we own.
+
+The block wraps the Hugging Face layer (same parameter tensors, no copies) and
+routes every declared activation point through ``self.taps[point]``: an identity
+for full precision, an observer during calibration, a quantizer afterwards. The
+forward is explicit eager attention, so it does not depend on how a given
+transformers release wires its layers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .spec import BlockSpec
+
+
+class QuantBlock(nn.Module):
+    def __init__(self, layer: nn.Module, spec: BlockSpec):
+        super().__init__()
+        self.layer = layer
+        self.spec = spec
+        self.taps = nn.ModuleDict({point: nn.Identity() for point in spec.points})
+        # Per norm-output point: a channel gather applied to the norm's input (RPTQ R1/R4).
+        self.gathers: dict[str, torch.Tensor | None] = {edge.point: None for edge in spec.norm_edges}
+
+    # -- helpers the architecture's forward uses -------------------------------------------------
+    def tap(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        return self.taps[point](x)
+
+    def norm_out(self, point: str, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Norm output in the (possibly reordered) channel order, through its tap.
+
+        Normalisation statistics are permutation invariant, so gathering the input and
+        using the gathered affine parameters equals gathering the output.
+        """
+        perm = self.gathers[point]
+        if perm is not None:
+            x = x.index_select(-1, perm.to(x.device))
+        return self.tap(point, norm(x))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                  attention_mask: torch.Tensor | None, probs_point: str) -> torch.Tensor:
+        """Causal multi-head attention on (B, T, heads*head_dim) tensors; returns (B, T, heads*head_dim)."""
+        heads = self.spec.heads
+        bsz, seqlen, _ = q.shape
+        q = q.view(bsz, seqlen, heads.num_heads, heads.head_dim).transpose(1, 2)
+        k = k.view(bsz, seqlen, heads.num_kv_heads, heads.head_dim).transpose(1, 2)
+        v = v.view(bsz, seqlen, heads.num_kv_heads, heads.head_dim).transpose(1, 2)
+        if heads.group > 1:
+            k = k.repeat_interleave(heads.group, dim=1)
+            v = v.repeat_interleave(heads.group, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask[..., -seqlen:, -seqlen:]
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask.to(scores.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = self.tap(probs_point, probs)
+        out = torch.matmul(probs, v)
+        return out.transpose(1, 2).reshape(bsz, seqlen, heads.num_heads * heads.head_dim)
+
+    def module(self, path: str) -> nn.Module:
+        return self.layer.get_submodule(path)
+
+    def on_qk_permuted(self, q_perm: torch.Tensor, k_perm: torch.Tensor) -> None:
+        """Query/key rows were permuted within heads; RoPE architectures permute their tables here."""

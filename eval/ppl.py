@@ -1,0 +1,36 @@
+"""Perplexity over non-overlapping windows (GPTQ/RPTQ protocol).
+
+ppl = exp(sum of next-token NLL / number of predicted tokens). Each window of
+``seqlen`` tokens predicts its last ``seqlen - 1`` tokens. (GPTQ's script divides
+by ``nwindows * seqlen`` instead, a bias of about 1/seqlen in the exponent, and
+with ``--limit`` the RPTQ reference divided by the full window count: both are
+avoided here.)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def window_nll(model, window: torch.Tensor, device) -> tuple[float, int]:
+    """Summed NLL of tokens 1..T-1 of one window given their prefixes, and the token count."""
+    ids = window.unsqueeze(0).to(device)
+    logits = model(ids, use_cache=False).logits[0, :-1].float()
+    nll = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
+    return float(nll), ids.shape[1] - 1
+
+
+def perplexity(model, windows: torch.Tensor, device="cpu", limit: int | None = None,
+               progress: bool = True, desc: str = "ppl") -> float:
+    if limit is not None and limit > 0:
+        windows = windows[:limit]
+    total_nll, total_tokens = 0.0, 0
+    for window in tqdm(windows, desc=desc, disable=not progress):
+        nll, tokens = window_nll(model, window, device)
+        total_nll += nll
+        total_tokens += tokens
+    return math.exp(total_nll / total_tokens)

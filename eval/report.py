@@ -1,0 +1,60 @@
+"""results.json (written atomically) and the printed summary."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    try:
+        import lm_eval
+
+        lm_eval_version = getattr(lm_eval, "__version__", "unknown")
+    except ImportError:
+        lm_eval_version = "not installed"
+    try:
+        git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent.parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        git = "unknown"
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval_version,
+            "git": git}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def format_summary(results: dict) -> str:
+    lines = [f"model: {results['model']}"]
+    cfg = results["config"]
+    lines.append(f"W{cfg['wbits']}A{cfg['abits']}  reorder={cfg['reorder']!r}  w_quantizer={cfg['w_quantizer']}  "
+                 f"policy={cfg['abits_policy']}  only_quant_kv={cfg['only_quant_kv']}")
+    quantized = {k: v for k, v in results["bit_manifest"].items() if v["bits"] < 16}
+    if quantized:
+        lines.append("quantized points: " + ", ".join(f"{k}={v['bits']}b/{v['granularity']}"
+                                                       for k, v in quantized.items()))
+    for name, value in results["ppl"].items():
+        lines.append(f"ppl {name:<12} {value:.4f}")
+    for task, metrics in results["tasks"].items():
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr"))
+        lines.append(f"task {task:<16} {shown}")
+    t = results["timing"]
+    lines.append(f"time: calibration {t['calibration_s']:.1f}s, eval {t['eval_s']:.1f}s; "
+                 f"peak RSS {results['memory']['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""K-means over per-channel [max, min] features -> a permutation with clusters contiguous."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+
+from models.spec import HeadLayout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A reorder decision for one activation point: new order and contiguous group sizes."""
+
+    perm: torch.Tensor  # new channel i is old channel perm[i]
+    sizes: tuple[int, ...]
+
+
+def kmeans_labels(features: np.ndarray, clusters: int, seed: int) -> np.ndarray:
+    clusters = max(1, min(clusters, features.shape[0]))
+    if clusters == 1:
+        return np.zeros(features.shape[0], dtype=np.int64)
+    with warnings.catch_warnings():  # duplicate points can leave fewer distinct clusters: fine
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km = KMeans(n_clusters=clusters, init="k-means++", n_init=10, random_state=seed)
+        return km.fit(features.astype(np.float64)).labels_.astype(np.int64)
+
+
+def labels_to_layout(labels: np.ndarray, features: np.ndarray) -> Layout:
+    """Clusters contiguous; clusters ordered by their mean feature vector, channels by index.
+
+    The order does not depend on k-means' arbitrary label numbering, and ties are
+    broken by the smallest channel index, so the permutation is deterministic.
+    """
+    keys = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        keys.append((tuple(features[members].mean(axis=0).round(8)), int(members[0]), label))
+    rank = {label: r for r, (_, _, label) in enumerate(sorted(keys))}
+    cluster_rank = np.array([rank[label] for label in labels])
+    channels = np.arange(labels.shape[0])
+    perm = np.lexsort((channels, cluster_rank))  # stable: by cluster, then channel index
+    sizes = tuple(int(n) for n in np.bincount(cluster_rank))
+    return Layout(torch.as_tensor(perm, dtype=torch.long), sizes)
+
+
+def cluster_channels(features: torch.Tensor, clusters: int, seed: int) -> Layout:
+    """Layout for one set of channels; ``features`` is (channels, n_features)."""
+    feats = features.detach().double().cpu().numpy()
+    return labels_to_layout(kmeans_labels(feats, clusters, seed), feats)
+
+
+def range_features(cmin: torch.Tensor, cmax: torch.Tensor) -> torch.Tensor:
+    return torch.stack([cmax, cmin], dim=-1)
+
+
+def cluster_heads(features: torch.Tensor, heads: HeadLayout, clusters: int, seed: int,
+                  rope: bool) -> list[Layout]:
+    """One local layout per key/value head.
+
+    ``features`` is (kv_heads, head_dim, n_features): the features of every tensor sharing
+    that head's permutation, concatenated. With RoPE, channels i and i + head_dim/2 form a
+    rotation pair and must move together, so pairs are clustered and the same pair order is
+    used in both halves (each cluster then occupies one group in each half).
+    """
+    layouts = []
+    half = heads.head_dim // 2
+    for g in range(heads.num_kv_heads):
+        f = features[g]
+        if rope:
+            pairs = torch.cat([f[:half], f[half:]], dim=-1)
+            local = cluster_channels(pairs, clusters, seed)
+            perm = torch.cat([local.perm, local.perm + half])
+            layouts.append(Layout(perm, local.sizes + local.sizes))
+        else:
+            layouts.append(cluster_channels(f, clusters, seed))
+    return layouts
+
+
+def head_layout(local: list[Layout], heads_per_layout: int, head_dim: int) -> Layout:
+    """Global layout over ``len(local) * heads_per_layout`` heads, each reusing its group's local layout."""
+    perms, sizes = [], []
+    for g, lay in enumerate(local):
+        for r in range(heads_per_layout):
+            h = g * heads_per_layout + r
+            perms.append(lay.perm + h * head_dim)
+            sizes.extend(lay.sizes)
+    return Layout(torch.cat(perms), tuple(sizes))

@@ -7,7 +7,6 @@ Protocol (GPTQ's datautils, reused by RPTQ):
 """
 from __future__ import annotations
 
-import gzip
 import json
 import random
 from importlib import metadata, util

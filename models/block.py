@@ -63,6 +63,22 @@ class QuantBlock(nn.Module):
         out = torch.matmul(probs, v)
         return out.transpose(1, 2).reshape(bsz, seqlen, heads.num_heads * heads.head_dim)
 
+    def record_kv(self, cache, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this chunk's K/V to the model's cache, refusing incremental decoding.
+
+        The eager attention sees the current tokens only. Were the cache left empty, a
+        ``generate`` step would look like a fresh one-token prompt and be silently wrong;
+        recording keeps the cache's length truthful so the next step is caught here.
+        """
+        layer_idx = self.layer.self_attn.layer_idx
+        if cache.get_seq_length(layer_idx) > 0:
+            raise NotImplementedError("quantized blocks attend over the current tokens only: KV-cache decoding "
+                                      "(generate) is not supported; run full sequences")
+        heads = self.spec.heads
+        bsz, seqlen, _ = k.shape
+        shape = (bsz, seqlen, heads.num_kv_heads, heads.head_dim)  # HF cache layout: (B, kv_heads, T, d)
+        cache.update(k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), layer_idx)
+
     def module(self, path: str) -> nn.Module:
         return self.layer.get_submodule(path)
 

@@ -37,7 +37,7 @@ def opt_block_spec(config) -> BlockSpec:
 
 class OPTBlock(QuantBlock):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
+                past_key_values=None, **kwargs) -> torch.Tensor:
         layer = self.layer
         attn = layer.self_attn
         residual = hidden_states
@@ -45,6 +45,8 @@ class OPTBlock(QuantBlock):
         q = self.tap("q", attn.q_proj(h) * attn.scaling)
         k = self.tap("k", attn.k_proj(h))
         v = self.tap("v", attn.v_proj(h))
+        if past_key_values is not None:
+            self.record_kv(past_key_values, k, v)
         o = self.attention(q, k, v, 1.0, attention_mask, "p")
         hidden_states = residual + attn.out_proj(self.tap("out_in", o))
 

@@ -3,7 +3,8 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
+
+from models.synthetic import inject_opt_outliers, random_opt  # noqa: F401  (re-exported for tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,15 +30,8 @@ def gpt2_tokenizer(dest: Path):
 def tiny_opt(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, ffn: int = 128,
              vocab: int = 50272, max_pos: int = 256):
     """An OPT-architecture model with random weights (fp32, eval mode)."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    config = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=heads, ffn_dim=ffn, max_position_embeddings=max_pos,
-                       word_embed_proj_dim=hidden, do_layer_norm_before=True,
-                       pad_token_id=1, bos_token_id=2, eos_token_id=2)
-    model = OPTForCausalLM(config).float().eval()
-    return model
+    return random_opt(seed, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, ffn_dim=ffn, max_position_embeddings=max_pos)
 
 
 def save_tiny_opt_dir(dest: Path, seed: int = 0, **kw) -> Path:
@@ -47,42 +41,3 @@ def save_tiny_opt_dir(dest: Path, seed: int = 0, **kw) -> Path:
     gpt2_tokenizer_dir(dest)
     return dest
 
-
-@torch.no_grad()
-def inject_opt_outliers(model, seed: int = 0, channels: int = 4, scale: float = 30.0):
-    """Make activation ranges wildly unequal without changing the FP function.
-
-    Per layer: a few LayerNorm channels scaled by s (readers' columns by 1/s: R1, R4);
-    a few q rows by s with the matching k rows by 1/s (Q K^T unchanged: R2); v rows by s
-    with out_proj columns by 1/s (R3); fc1 rows by s with fc2 columns by 1/s (ReLU is
-    positively homogeneous: R5).
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def pick(n):
-        return torch.randperm(n, generator=gen)[:channels]
-
-    for layer in model.model.decoder.layers:
-        attn = layer.self_attn
-        d = layer.self_attn_layer_norm.weight.numel()
-        for norm, readers in ((layer.self_attn_layer_norm, (attn.q_proj, attn.k_proj, attn.v_proj)),
-                              (layer.final_layer_norm, (layer.fc1,))):
-            idx = pick(d)
-            norm.weight[idx] *= scale
-            norm.bias[idx] *= scale
-            for lin in readers:
-                lin.weight[:, idx] /= scale
-        idx = pick(d)
-        attn.q_proj.weight[idx] *= scale
-        attn.q_proj.bias[idx] *= scale
-        attn.k_proj.weight[idx] /= scale
-        attn.k_proj.bias[idx] /= scale
-        idx = pick(d)
-        attn.v_proj.weight[idx] *= scale
-        attn.v_proj.bias[idx] *= scale
-        attn.out_proj.weight[:, idx] /= scale
-        idx = pick(layer.fc1.weight.shape[0])
-        layer.fc1.weight[idx] *= scale
-        layer.fc1.bias[idx] *= scale
-        layer.fc2.weight[:, idx] /= scale
-    return model

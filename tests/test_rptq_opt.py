@@ -150,3 +150,11 @@ def test_one_cluster_per_point_equals_per_tensor(base):
                    progress=False)
     with torch.no_grad():
         assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-5)
+
+
+def test_generation_is_refused_not_silently_wrong(base):
+    model, ids, _ = base
+    wrapped = copy.deepcopy(model)
+    wrap_blocks(wrapped, adapter_for(wrapped.config))
+    with pytest.raises(NotImplementedError, match="generate"):
+        wrapped.generate(ids[:1, :8], max_new_tokens=2, do_sample=False)

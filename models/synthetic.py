@@ -1,0 +1,60 @@
+"""Synthetic OPT models for tests and benchmarks: random weights, RPTQ's outlier problem.
+
+No OPT weights can be had offline, so benchmarks use OPT-shaped models with random
+weights and outliers injected without changing the function they compute.
+"""
+from __future__ import annotations
+
+import torch
+
+OPT_125M_SHAPE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072)
+
+
+def random_opt(seed: int = 0, **shape):
+    """An OPT-architecture causal LM with random weights (fp32, eval mode)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(word_embed_proj_dim=shape.get("hidden_size", 768), do_layer_norm_before=True,
+                       pad_token_id=1, bos_token_id=2, eos_token_id=2, **shape)
+    return OPTForCausalLM(config).float().eval()
+
+
+@torch.no_grad()
+def inject_opt_outliers(model, seed: int = 0, channels: int = 4, scale: float = 30.0):
+    """Make activation ranges wildly unequal without changing the FP function.
+
+    Per layer: a few LayerNorm channels scaled by s (readers' columns by 1/s: R1, R4);
+    a few q rows by s with the matching k rows by 1/s (Q K^T unchanged: R2); v rows by s
+    with out_proj columns by 1/s (R3); fc1 rows by s with fc2 columns by 1/s (ReLU is
+    positively homogeneous: R5).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(n):
+        return torch.randperm(n, generator=gen)[:channels]
+
+    for layer in model.model.decoder.layers:
+        attn = layer.self_attn
+        d = layer.self_attn_layer_norm.weight.numel()
+        for norm, readers in ((layer.self_attn_layer_norm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                              (layer.final_layer_norm, (layer.fc1,))):
+            idx = pick(d)
+            norm.weight[idx] *= scale
+            norm.bias[idx] *= scale
+            for lin in readers:
+                lin.weight[:, idx] /= scale
+        idx = pick(d)
+        attn.q_proj.weight[idx] *= scale
+        attn.q_proj.bias[idx] *= scale
+        attn.k_proj.weight[idx] /= scale
+        attn.k_proj.bias[idx] /= scale
+        idx = pick(d)
+        attn.v_proj.weight[idx] *= scale
+        attn.v_proj.bias[idx] *= scale
+        attn.out_proj.weight[:, idx] /= scale
+        idx = pick(layer.fc1.weight.shape[0])
+        layer.fc1.weight[idx] *= scale
+        layer.fc1.bias[idx] *= scale
+        layer.fc2.weight[:, idx] /= scale
+    return model

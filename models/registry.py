@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from rptq.errors import UserError
 
+from .llama import LlamaAdapter
 from .opt import OPTAdapter
 
-ADAPTERS = {"opt": OPTAdapter}
-
+ADAPTERS = {"opt": OPTAdapter, "llama": LlamaAdapter}
 
 
 def adapter_for(config):

@@ -1,0 +1,176 @@
+"""eval.table on synthetic results.json files, and scripts/sweep_bits.sh end to end on a tiny OPT."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval import table
+from rptq.errors import UserError
+from tests.helpers import save_tiny_opt_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = ["FP16", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV"]
+FLAGS = {"FP16": (16, 16, False), "W4A16": (4, 16, False), "W4A8": (4, 8, False), "W4A4": (4, 4, False),
+         "W4A4KV": (4, 4, True), "W4A3KV": (4, 3, True), "W3A3KV": (3, 3, True)}
+
+
+def write_run(path: Path, wbits=4, abits=4, only_quant_kv=False, ppl=None, tasks=None, timing=None, **cfg):
+    config = {"model": "opt-1.3b", "eval_ppl": True, "limit": -1, "nsamples": 128, "seqlen": 2048,
+              "calib_dataset": "mix", "num_fewshot": 0, "wbits": wbits, "abits": abits,
+              "only_quant_kv": only_quant_kv, "abits_policy": "rptq", "reorder": "12345",
+              "clusters": {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32}, "metric": "ema_minmax",
+              "a_dynamic": False, "w_quantizer": "gptq", "percdamp": 0.01, "disable_w_quant": False,
+              "disable_a_quant": False, "seed": 2, **cfg}
+    data = {"model": config["model"], "config": config, "bit_manifest": {}, "ppl": ppl or {"ptb": 10.0},
+            "tasks": tasks or {}, "timing": timing or {"calibration_s": 1.0, "eval_s": 2.0},
+            "memory": {"peak_rss_mb": 1.0}, "versions": {}}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps(data))
+
+
+def body(text: str) -> list[list[str]]:
+    """Table rows (after header and rule) as lists of cells."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def header(text: str) -> list[str]:
+    return [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+
+
+def test_paper_labels_and_row_order(tmp_path):
+    for i, name in enumerate(reversed(PAPER)):  # written in the wrong order, nested at varying depth
+        w, a, kv = FLAGS[name]
+        write_run(tmp_path / ("deep" if i % 2 else "") / name.lower(), w, a, kv)
+    write_run(tmp_path / "w8a8", 8, 8)
+    write_run(tmp_path / "base", 4, 4, reorder="")
+    write_run(tmp_path / "uni", 4, 4, abits_policy="uniform")
+    write_run(tmp_path / "rtn", 3, 16, w_quantizer="rtn", reorder="14")
+    runs = table.load_runs([tmp_path])
+    assert len(runs) == 11 and all(Path(r["_path"]).name == "results.json" for r in runs)
+    labels = [row[0] for row in body(table.render_table(runs))]
+    assert labels == ["FP16", "W4A16", "W4A8", "W4A4", "W4A4 (per-tensor baseline)", "W4A4 (uniform)",
+                      "W4A4KV", "W4A3KV", "W3A3KV", "W8A8", "W3A16 (reorder R1,R4, RTN)"]
+
+
+def test_label_edge_cases():
+    base = {"wbits": 4, "abits": 4, "reorder": "12345", "clusters": {"R1": 32, "R2": 4, "R3": 4, "R4": 32}}
+    assert table.row_label({**base, "disable_a_quant": True}) == "W4A16"
+    assert table.method_notes({**base, "disable_a_quant": True}) == ["--disable_a_quant"]
+    assert table.row_label({**base, "abits": 16, "only_quant_kv": True}) == "W4A16"
+    assert table.row_label({**base, "wbits": 16, "abits": 16, "reorder": ""}) == "FP16"
+    assert table.method_notes({**base, "wbits": 16, "abits": 16, "reorder": ""}) == []
+    # the uniform policy means nothing when only K/V are quantized
+    assert table.method_notes({**base, "only_quant_kv": True, "abits_policy": "uniform"}) == []
+    assert table.method_notes({**base, "clusters": {**base["clusters"], "R1": 2}}) == ["clusters R1=2"]
+
+
+def test_columns_values_and_formatting(tmp_path):
+    write_run(tmp_path / "fp", 16, 16, ppl={"c4": 16.0741, "wiki_leads": 30.0, "ptb": 20.295, "wikitext2": 14.6234},
+              tasks={"piqa": {"acc": 0.71234, "acc_stderr": 0.01, "acc_norm": 0.72},
+                     "lambada_openai": {"acc": 0.5796, "perplexity": 6.6},
+                     "arc_challenge": {"acc_norm": 0.29522}},
+              timing={"calibration_s": 0.0, "eval_s": 123.456})
+    write_run(tmp_path / "q", 4, 4, ppl={"wikitext2": 15.0, "zzz": float("nan")},
+              tasks={"piqa": {"acc_norm": 0.5}}, timing={"calibration_s": 3600.04, "eval_s": 1.0})
+    text = table.render_table(table.load_runs([tmp_path]))
+    assert header(text) == ["Run", "wikitext2 (ppl)", "ptb (ppl)", "c4 (ppl)", "wiki_leads (ppl)", "zzz (ppl)",
+                            "lambada_openai (acc %)", "piqa (acc %)", "arc_challenge (acc_norm %)",
+                            "calib (s)", "eval (s)"]
+    assert text.splitlines()[1] == "|---|" + "---:|" * 10
+    fp, q = body(text)
+    assert fp == ["FP16", "14.62", "20.30", "16.07", "30.00", "–", "57.96", "71.23", "29.52", "0.0", "123.5"]
+    # piqa's column is acc, so the quantized run's acc_norm-only entry is not mixed in
+    assert q == ["W4A4", "15.00", "–", "–", "–", "nan", "–", "–", "–", "3600.0", "1.0"]
+    assert text.splitlines()[-1] == ("Settings: model opt-1.3b; calib mix; nsamples 128; seed 2; seqlen 2048; "
+                                     "limit all; fewshot 0")
+
+
+def test_settings_that_differ_go_into_labels(tmp_path):
+    write_run(tmp_path / "a", 16, 16, nsamples=999)  # FP16 never calibrates: its nsamples is ignored
+    write_run(tmp_path / "b", 4, 4, seqlen=512, nsamples=16)
+    write_run(tmp_path / "c", 4, 4, seqlen=2048, nsamples=16, model="/models/opt-2.7b")
+    text = table.render_table(table.load_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c"]))
+    assert [row[0] for row in body(text)] == ["FP16 (model=opt-1.3b, seqlen=2048)",
+                                             "W4A4 (model=opt-1.3b, seqlen=512)",
+                                             "W4A4 (model=opt-2.7b, seqlen=2048)"]
+    assert "nsamples 16" in text.splitlines()[-1] and "model" not in text.splitlines()[-1]
+
+
+def test_cli_writes_table_atomically(tmp_path, capsys, monkeypatch):
+    write_run(tmp_path / "runs" / "W4A4", 4, 4)
+    out = tmp_path / "report" / "table.md"
+    assert table.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.read_text() == printed and "| W4A4 |" in printed
+    assert os.listdir(out.parent) == ["table.md"]
+    seen = []
+
+    def failing_replace(src, dst):
+        seen.append((Path(src).parent, Path(dst)))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(table.os, "replace", failing_replace)
+    with pytest.raises(UserError, match="disk full"):
+        table.write_atomic(out, "new text")
+    assert seen == [(out.parent, out)]  # the temporary file sits next to the target
+    assert out.read_text() == printed and os.listdir(out.parent) == ["table.md"]
+
+
+def test_bad_input_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no results.json found"):
+        table.load_runs([tmp_path / "empty"])
+    assert table.main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no results.json found") and err.count("\n") == 1
+    assert table.main([str(tmp_path / "missing")]) == 2
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text('{"config": ')
+    with pytest.raises(UserError, match="not valid JSON"):
+        table.load_runs([tmp_path / "bad"])
+    (tmp_path / "bad" / "results.json").write_text('{"ppl": {}}')
+    with pytest.raises(UserError, match="not an RPTQ results.json"):
+        table.load_runs([tmp_path / "bad"])
+
+
+def run_script(name, *args, env=None):
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    return subprocess.run(["bash", str(ROOT / "scripts" / name), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_scripts_reject_bad_arguments_before_running(tmp_path):
+    env = {"OUT": str(tmp_path)}
+    res = run_script("reproduce_table.sh", "m", env={**env, "ROWS": "FP16 W9A9"})
+    assert res.returncode == 2 and "unknown row 'W9A9'" in res.stderr
+    res = run_script("reproduce_table.sh", "m", "--wbits", "3", env=env)
+    assert res.returncode == 2 and "--wbits is set per row" in res.stderr
+    res = run_script("sweep_bits.sh", "m", "4 9", "4", env=env)
+    assert res.returncode == 2 and "wbits 9" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_script_runs_then_skips_finished_rows(tmp_path):
+    model = save_tiny_opt_dir(tmp_path / "tiny-opt", max_pos=256)
+    out = tmp_path / "sweep"
+    args = [model, "4", "4", "--calib_dataset", "ptb", "--nsamples", "2", "--seqlen", "32", "--limit", "2",
+            "--ppl_datasets", "ptb", "--R1_clusters", "2", "--R4_clusters", "2", "--R5_clusters", "2",
+            "--no_progress"]
+    first = run_script("sweep_bits.sh", *args, env={"OUT": str(out)})
+    assert first.returncode == 0, first.stderr[-2000:]
+    result = out / "w4a4" / "results.json"
+    data = json.loads(result.read_text())
+    assert data["config"]["wbits"] == 4 and data["config"]["abits"] == 4 and "ptb" in data["ppl"]
+    mtime = result.stat().st_mtime_ns
+    second = run_script("sweep_bits.sh", *args, env={"OUT": str(out)})
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "skip w4a4" in second.stdout and "run w4a4" not in second.stdout
+    assert result.stat().st_mtime_ns == mtime
+    rows = body((out / "table.md").read_text())
+    assert rows == body(second.stdout.split("wrote")[0])
+    assert len(rows) == 1 and rows[0][0] == "W4A4 (clusters R1=2,R4=2,R5=2)"
+    assert rows[0][1] == f"{data['ppl']['ptb']:.2f}"

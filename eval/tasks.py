@@ -75,6 +75,23 @@ def _check_local(names: list[str], num_fewshot: int) -> None:
                         f"examples from their train split, which the offline mirrors do not have; use 0 or the hub")
 
 
+def check_tasks(tasks, num_fewshot: int = 0, source: str = "auto") -> str:
+    """Validate task names where they will be served, before any model is loaded or calibrated.
+
+    Returns the resolved source ("hub" or "local")."""
+    names = _normalise_tasks(tasks)
+    where = resolve_source(source)
+    if where == "local":
+        _check_local(names, num_fewshot)
+    else:
+        known = _full_task_manager().all_tasks
+        for name in names:
+            if name not in known:
+                raise UserError(f"unknown task {name!r}{_suggest(name, known)}; lm-eval 0.4 task names, "
+                                f"e.g. {','.join(PAPER_TASKS)}")
+    return where
+
+
 # ---------------------------------------------------------------- results
 def _plain_number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -131,10 +148,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], num_fewshot: int = 0, lim
         raise UserError(f"num_fewshot must be >= 0, got {num_fewshot}")
     if limit is not None and limit <= 0:
         raise UserError(f"limit must be positive, got {limit}")
-    where = resolve_source(source)
-
+    where = check_tasks(names, num_fewshot, source)
     if where == "local":
-        _check_local(names, num_fewshot)
         from lm_eval.tasks import TaskManager
 
         try:
@@ -144,11 +159,6 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], num_fewshot: int = 0, lim
         manager = TaskManager(include_path=str(conf_dir), include_defaults=False)
     else:
         manager = _full_task_manager()
-        known = manager.all_tasks
-        for name in names:
-            if name not in known:
-                raise UserError(f"unknown task {name!r}{_suggest(name, known)}; lm-eval 0.4 task names, "
-                                f"e.g. {','.join(PAPER_TASKS)}")
 
     import torch
 

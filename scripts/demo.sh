@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The README's demo: RPTQ W4A4 on the real pretrained SmolLM2-135M (shipped in a PyPI package),
+# PTB perplexity, full precision vs quantized vs the per-tensor baseline, side by side.
+# Demo-sized so it finishes in a few minutes on 2 CPU cores; the paper's protocol uses
+# --nsamples 128 --seqlen 2048 and the whole evaluation split.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-out/demo}
+DEMO_ARGS=(--eval_ppl --ppl_datasets ptb --calib_dataset ptb --nsamples 16 --seqlen 512 --limit 40 --seed 2
+           --no_progress)
+echo "demo settings: ${DEMO_ARGS[*]}"
+run() {  # name, flags...
+  local name=$1; shift
+  if [[ -f "$OUT/$name/results.json" ]]; then echo "skip $name: $OUT/$name/results.json exists"; return; fi
+  echo "== $name: main.py smollm2-135m $*"
+  "$PYTHON" main.py smollm2-135m "$@" "${DEMO_ARGS[@]}" --output_path "$OUT/$name"
+}
+run fp16 --wbits 16 --abits 16
+run w4a4-rptq --wbits 4 --abits 4
+run w4a4-per-tensor --wbits 4 --abits 4 --reorder ""
+"$PYTHON" -m eval.table "$OUT" --out "$OUT/table.md"

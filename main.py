@@ -42,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--disable_w_quant", action="store_true")
     p.add_argument("--disable_a_quant", action="store_true")
-    p.add_argument("--multigpu", action="store_true")
+    p.add_argument("--multigpu", action="store_true", help="shard decoder layers over all visible GPUs")
+    p.add_argument("--offload_dir", default=None,
+                   help="out-of-core: read one layer at a time from the checkpoint, write quantized blocks here")
+    p.add_argument("--save_quantized", default=None, help="write the fused, quantized model to this directory")
+    p.add_argument("--load_quantized", default=None, help="evaluate a --save_quantized directory (no calibration)")
+    p.add_argument("--no_resume", action="store_true",
+                   help="do not keep per-layer calibration state in OUTPUT_PATH/calibration_state")
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--output_path", default=None)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -86,7 +92,8 @@ def build_config(args):
                      tasks=split(args.tasks), tasks_source=args.tasks_source, num_fewshot=args.num_fewshot,
                      limit=args.limit, nsamples=args.nsamples, seqlen=args.seqlen, calib_dataset=args.calib_dataset,
                      cache_dir=args.cache_dir, output_path=args.output_path, device=args.device,
-                     progress=not args.no_progress)
+                     offload_dir=args.offload_dir, save_quantized=args.save_quantized,
+                     load_quantized=args.load_quantized, resume=not args.no_resume, progress=not args.no_progress)
 
 
 def main(argv=None) -> int:

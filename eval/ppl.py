@@ -34,3 +34,30 @@ def perplexity(model, windows: torch.Tensor, device="cpu", limit: int | None = N
         total_nll += nll
         total_tokens += tokens
     return math.exp(total_nll / total_tokens)
+
+
+@torch.no_grad()
+def streamed_perplexity(model, adapter, windows: torch.Tensor, block_at, device="cpu", limit: int | None = None,
+                        progress: bool = True, desc: str = "ppl") -> float:
+    """Perplexity with one decoder block resident at a time (out-of-core models).
+
+    ``block_at(i)`` returns block i ready to run; it is released after all windows have
+    passed through it. Same numbers as :func:`perplexity` on the in-memory model.
+    """
+    from rptq.calibrate import run_block
+    from rptq.pipeline import capture_block_inputs
+
+    if limit is not None and limit > 0:
+        windows = windows[:limit]
+    layers = adapter.layers(model)
+    hidden, layer_kwargs = capture_block_inputs(model, layers, windows, device)
+    for i in tqdm(range(len(layers)), desc=f"{desc} (layer by layer)", disable=not progress):
+        block = block_at(i)
+        hidden = run_block(block, hidden, layer_kwargs)
+        block.to("meta")
+    total_nll, total_tokens = 0.0, 0
+    for window, states in zip(windows, hidden):
+        logits = adapter.head_logits(model, states.unsqueeze(0))[0, :-1].float()
+        total_nll += float(F.cross_entropy(logits, window[1:].to(logits.device), reduction="sum"))
+        total_tokens += window.numel() - 1
+    return math.exp(total_nll / total_tokens)

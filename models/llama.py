@@ -141,6 +141,7 @@ class LlamaBlock(QuantBlock):
 
 class LlamaAdapter:
     name = "llama"
+    layers_path = "model.layers"  # where the decoder layers live in the causal LM
 
     def check(self, config) -> None:
         heads = llama_head_layout(config)
@@ -162,6 +163,10 @@ class LlamaAdapter:
 
     def make_block(self, layer: nn.Module, spec: BlockSpec) -> QuantBlock:
         return LlamaBlock(layer, spec)
+
+    def head_logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """What the model does after its last decoder layer."""
+        return model.lm_head(model.model.norm(hidden))
 
     def max_positions(self, config) -> int:
         return config.max_position_embeddings

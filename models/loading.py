@@ -98,3 +98,25 @@ def load_model(name: str, device: torch.device, cache_dir: str | None = None):
         raise UserError(f"could not load the model in {source.location}: {str(exc).splitlines()[0]}") from None
     adapter = adapter_for(model.config)
     return model.to(device).eval(), tokenizer, adapter
+
+
+def local_model_dir(name: str, cache_dir: str | None = None) -> str:
+    """A directory with config + safetensors for ``name`` (downloaded from the hub if needed)."""
+    source = resolve(name)
+    if source.kind == "local":
+        return source.location
+    if source.kind == "gguf":
+        raise UserError(f"{name} is a GGUF file; out-of-core calibration reads safetensors checkpoints")
+    if not configure_hub():
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(source.location, cache_dir=cache_dir, local_files_only=True,
+                                     allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        except Exception:  # noqa: BLE001 - any miss offline is the same message
+            raise UserError(f"{source.location} is not in the local cache and the Hugging Face hub is unreachable; "
+                            "pass a local model directory") from None
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(source.location, cache_dir=cache_dir,
+                             allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])

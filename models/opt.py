@@ -58,6 +58,7 @@ class OPTBlock(QuantBlock):
 
 class OPTAdapter:
     name = "opt"
+    layers_path = "model.decoder.layers"  # where the decoder layers live in the causal LM
 
     def check(self, config) -> None:
         if not config.do_layer_norm_before:
@@ -72,6 +73,15 @@ class OPTAdapter:
 
     def make_block(self, layer: nn.Module, spec: BlockSpec) -> QuantBlock:
         return OPTBlock(layer, spec)
+
+    def head_logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """What the model does after its last decoder layer."""
+        decoder = model.model.decoder
+        if decoder.final_layer_norm is not None:
+            hidden = decoder.final_layer_norm(hidden)
+        if decoder.project_out is not None:
+            hidden = decoder.project_out(hidden)
+        return model.lm_head(hidden)
 
     def max_positions(self, config) -> int:
         return config.max_position_embeddings

@@ -90,6 +90,13 @@ class ActQuantizer(nn.Module):
                 cmin, cmax = cmin.min().reshape(1), cmax.max().reshape(1)
             self.scale, self.zero = group_params(cmin, cmax, spec.group_sizes, spec.bits)
 
+    @classmethod
+    def from_params(cls, spec: QuantSpec, scale: torch.Tensor | None, zero: torch.Tensor | None) -> "ActQuantizer":
+        """Rebuild a calibrated quantizer from stored parameters (no ranges needed)."""
+        quantizer = cls(QuantSpec(spec.bits, spec.group_sizes, dynamic=True))
+        quantizer.spec, quantizer.scale, quantizer.zero = spec, scale, zero
+        return quantizer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         if not spec.enabled:

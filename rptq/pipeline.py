@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from .calibrate import BlockTiming, calibrate_block
 from .config import QuantConfig
+from .errors import UserError
 
 
 class _StopForward(Exception):
@@ -65,8 +66,20 @@ class CalibrationReport:
 
 
 def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig,
-                   device: torch.device | str = "cpu", progress: bool = True) -> CalibrationReport:
-    """Replace every decoder layer of ``model`` by its reordered, quantized block, in place."""
+                   device: torch.device | str = "cpu", progress: bool = True, store=None,
+                   fingerprint: str = "", layer_source=None, placement: list | None = None,
+                   offload: bool = False, on_layer_done=None) -> CalibrationReport:
+    """Replace every decoder layer of ``model`` by its reordered, quantized block, in place.
+
+    store:        a ``rptq.checkpoint.LayerStore``; each finished block and the next layer's
+                  inputs are written there, and a run with the same ``fingerprint`` resumes
+                  after the last finished layer (a different fingerprint is refused).
+    layer_source: ``fn(i) -> layer`` materialising layer i (out-of-core: from the checkpoint).
+    placement:    the device of each layer (sharding); inputs follow the layers.
+    offload:      release each block after writing it (its weights stay only in ``store``).
+    """
+    from .checkpoint import LayerStore  # noqa: F401  (type of ``store``)
+
     device = torch.device(device)
     start = time.perf_counter()
     spec = adapter.block_spec(model.config)
@@ -74,13 +87,50 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
     report = CalibrationReport()
     inputs, layer_kwargs = capture_block_inputs(model, layers, windows, device)
     report.capture_s = time.perf_counter() - start
+    first = 0
+    state = store.progress() if store is not None else None
+    if state is not None:
+        if state["fingerprint"] != fingerprint:
+            raise UserError(f"the calibration state in {store.root} was written by a different model, data, seed "
+                            "or quantization settings; delete that directory or choose another one")
+        first = state["next_layer"]
+        if first < len(layers):
+            inputs = store.load_inputs(device)
     for i in tqdm(range(len(layers)), desc="calibrating layers", disable=not progress):
-        block = adapter.make_block(layers[i], spec).to(device)
-        inputs, timing = calibrate_block(block, inputs, layer_kwargs, cfg)
-        layers[i] = block
+        layer_device = torch.device(placement[i]) if placement else device
+        layer = layers[i] if layer_source is None or i < first else layer_source(i)
+        block = adapter.make_block(layer, spec)
+        if i < first:  # finished in an earlier run
+            if not offload:
+                layers[i] = store.load_block(i, block, layer_device)
+            continue
+        block = block.to(layer_device)
+        inputs, timing = calibrate_block(block, inputs.to(layer_device), layer_kwargs_on(layer_kwargs, layer_device),
+                                         cfg)
         report.layers.append(timing)
+        if store is not None:
+            store.save_block(i, block)
+            store.save_progress(i + 1, inputs, fingerprint)
+        # Out of core the layer goes back to an empty skeleton: its block lives in ``store`` only.
+        layers[i] = block.layer.to("meta") if offload else block
+        if on_layer_done is not None:
+            on_layer_done(i)
+    if store is not None:
+        store.finish()
     report.total_s = time.perf_counter() - start
     return report
+
+
+def layer_kwargs_on(layer_kwargs: dict, device: torch.device) -> dict:
+    """Move captured layer arguments (e.g. rotary tables) to a layer's device."""
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, tuple):
+            return tuple(move(v) for v in value)
+        return value
+
+    return {k: move(v) for k, v in layer_kwargs.items()}
 
 
 def wrap_blocks(model: nn.Module, adapter) -> None:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,10 @@ class RunConfig:
     cache_dir: str | None = None
     output_path: str | None = None
     device: str = "auto"
+    offload_dir: str | None = None
+    save_quantized: str | None = None
+    load_quantized: str | None = None
+    resume: bool = True
     progress: bool = True
 
     def flat(self) -> dict:
@@ -39,48 +46,128 @@ def _needs_calibration(manifest: dict) -> bool:
     return any(entry["bits"] < FP for entry in manifest.values())
 
 
-def check_output_path(output_path: str | None) -> Path | None:
-    if not output_path:
+def check_dir_arg(flag: str, value: str | None) -> Path | None:
+    if not value:
         return None
-    out = Path(output_path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_path {out} is a file; pass a directory (results.json is written inside it)")
-    return out
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file; pass a directory")
+    return path
+
+
+def fingerprint(cfg: RunConfig, model, windows, seqlen: int) -> str:
+    """Identifies everything a calibration result depends on (resume refuses any other)."""
+    import torch
+
+    ident = {"model": cfg.model, "config": model.config.to_dict(), "quant": dataclasses.asdict(cfg.quant),
+             "seqlen": seqlen, "dtype": str(next(model.parameters()).dtype),
+             "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _validate(cfg: RunConfig) -> None:
+    """Everything checkable before a model is loaded: fail in seconds, not after calibration."""
+    from eval.data import check_dataset_name
+
+    for flag in ("output_path", "offload_dir", "save_quantized"):
+        check_dir_arg(f"--{flag}", getattr(cfg, flag))
+    if cfg.eval_ppl:
+        for name in cfg.ppl_datasets:
+            check_dataset_name(name, "ppl")
+    if cfg.tasks:
+        if cfg.offload_dir:
+            raise UserError("--tasks needs the model in memory; with --offload_dir evaluate perplexity, or save with "
+                            "--save_quantized and run the tasks with --load_quantized where the model fits")
+        from eval.tasks import check_tasks
+
+        check_tasks(list(cfg.tasks), cfg.num_fewshot, cfg.tasks_source)
+    if cfg.load_quantized and (cfg.offload_dir or cfg.save_quantized):
+        raise UserError("--load_quantized evaluates a saved model; drop --offload_dir/--save_quantized")
+
+
+def _load(cfg: RunConfig, device):
+    """(model, tokenizer, adapter, reader): reader is set for out-of-core models."""
+    from models.loading import load_model, local_model_dir
+
+    if cfg.offload_dir:
+        import torch
+
+        from models.streaming import load_skeleton
+        from models.registry import adapter_for
+        from transformers import AutoConfig, AutoTokenizer
+
+        model_dir = local_model_dir(cfg.model, cfg.cache_dir)
+        adapter = adapter_for(AutoConfig.from_pretrained(model_dir))
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        model, reader = load_skeleton(model_dir, adapter, dtype, device)
+        return model, AutoTokenizer.from_pretrained(model_dir), adapter, reader
+    return (*load_model(cfg.model, device, cfg.cache_dir), None)
 
 
 def run(cfg: RunConfig) -> dict:
     from eval.data import calibration_windows, check_dataset_name, eval_windows
-    from eval.ppl import perplexity
+    from eval.ppl import perplexity, streamed_perplexity
     from eval.report import format_summary, versions, write_json_atomic
-    from models.loading import load_model, pick_device
-    from rptq.pipeline import quantize_model
+    from models.loading import pick_device
 
-    out_dir = check_output_path(cfg.output_path)
-    ppl_sets = cfg.ppl_datasets if cfg.eval_ppl else ()
-    for name in ppl_sets:
-        check_dataset_name(name, "ppl")
+    from .checkpoint import LayerStore, load_quantized, save_quantized
+    from .pipeline import quantize_model
+
+    _validate(cfg)
     device = pick_device(cfg.device)
-    model, tokenizer, adapter = load_model(cfg.model, device, cfg.cache_dir)
+    if cfg.load_quantized:
+        model, tokenizer, adapter, info = load_quantized(cfg.load_quantized, device)
+        reader, manifest = None, info["bit_manifest"]
+    else:
+        model, tokenizer, adapter, reader = _load(cfg, device)
+        manifest = bit_manifest(cfg.quant, adapter.block_spec(model.config))
     max_pos = adapter.max_positions(model.config)
     seqlen = cfg.seqlen or max_pos
     if seqlen > max_pos:
         raise UserError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions; use --seqlen {max_pos} or less")
-    manifest = bit_manifest(cfg.quant, adapter.block_spec(model.config))
 
-    calibration_s, calib_summary = 0.0, None
-    if _needs_calibration(manifest):
+    calibration_s, calib_summary, store = 0.0, None, None
+    if cfg.offload_dir:
+        store = LayerStore(cfg.offload_dir)
+    elif cfg.output_path and cfg.resume:
+        store = LayerStore(Path(cfg.output_path) / "calibration_state")
+    if not cfg.load_quantized and _needs_calibration(manifest):
         check_dataset_name(cfg.calib_dataset, "calibration")
         windows = calibration_windows(tokenizer, cfg.calib_dataset, cfg.nsamples, seqlen, cfg.quant.seed,
                                       cfg.cache_dir)
-        report = quantize_model(model, adapter, windows, cfg.quant, device, progress=cfg.progress)
+        source = None
+        if reader is not None:
+            from models.streaming import layer_loader
+
+            source = layer_loader(model, adapter, reader, next(model.parameters()).dtype)
+        report = quantize_model(model, adapter, windows, cfg.quant, device, progress=cfg.progress, store=store,
+                                fingerprint=fingerprint(cfg, model, windows, seqlen), layer_source=source,
+                                offload=reader is not None)
         calibration_s, calib_summary = report.total_s, report.summary()
+    elif reader is not None:
+        raise UserError("--offload_dir streams the layers a quantized run calibrates; for full precision load "
+                        "the model normally (drop --offload_dir)")
+    if cfg.save_quantized:
+        save_quantized(cfg.save_quantized, model, adapter, tokenizer,
+                       {"model": cfg.model, "bit_manifest": manifest, "config": cfg.flat()},
+                       blocks_from=store if reader is not None else None)
 
     start = time.perf_counter()
     limit = cfg.limit if cfg.limit > 0 else None
     ppl = {}
-    for name in ppl_sets:
+    for name in cfg.ppl_datasets if cfg.eval_ppl else ():
         windows = eval_windows(tokenizer, name, seqlen, cfg.cache_dir)
-        ppl[name] = perplexity(model, windows, device, limit=limit, progress=cfg.progress, desc=f"ppl {name}")
+        if reader is not None:
+            spec = adapter.block_spec(model.config)
+            layers = adapter.layers(model)
+
+            def block_at(i):
+                return store.load_block(i, adapter.make_block(layers[i], spec), device)
+
+            ppl[name] = streamed_perplexity(model, adapter, windows, block_at, device, limit=limit,
+                                            progress=cfg.progress, desc=f"ppl {name}")
+        else:
+            ppl[name] = perplexity(model, windows, device, limit=limit, progress=cfg.progress, desc=f"ppl {name}")
     tasks = {}
     if cfg.tasks:
         from eval.tasks import evaluate_tasks
@@ -101,7 +188,9 @@ def run(cfg: RunConfig) -> dict:
         "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         "versions": versions(),
     }
-    if out_dir is not None:
-        write_json_atomic(out_dir / "results.json", results)
+    if cfg.output_path:
+        write_json_atomic(Path(cfg.output_path) / "results.json", results)
+    if store is not None and not cfg.offload_dir:  # resume state is only for interrupted runs
+        shutil.rmtree(store.root, ignore_errors=True)
     print(format_summary(results))
     return results

@@ -1,0 +1,105 @@
+"""Out-of-core models: an empty skeleton whose decoder layers are read from the
+checkpoint's safetensors shards one at a time.
+
+Only the embeddings, final norm and head are resident; a layer's tensors are read
+when it is calibrated or evaluated and released afterwards, so peak memory is about
+one layer plus activations, whatever the depth.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from rptq.errors import UserError
+
+
+class CheckpointReader:
+    """Tensor name -> shard file of a Hugging Face safetensors checkpoint directory."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {name: self.dir / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            shards = sorted(self.dir.glob("*.safetensors"))
+            if not shards:
+                raise UserError(f"{self.dir} has no *.safetensors; out-of-core calibration reads safetensors only")
+            self.files = {}
+            for shard in shards:
+                with safe_open(str(shard), framework="pt") as handle:
+                    self.files.update({name: shard for name in handle.keys()})
+
+    def resolve(self, name: str) -> str | None:
+        """Checkpoint key of a model parameter; some checkpoints (facebook/opt-*) omit the 'model.' prefix."""
+        if name in self.files:
+            return name
+        short = name.split(".", 1)[1] if name.startswith("model.") else None
+        return short if short in self.files else None
+
+    def load(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for name in names:
+            key = self.resolve(name)
+            if key is None:
+                raise UserError(f"tensor {name} is missing from the checkpoint in {self.dir}")
+            by_file.setdefault(self.files[key], []).append((name, key))
+        out = {}
+        for path, pairs in by_file.items():
+            with safe_open(str(path), framework="pt") as handle:
+                for name, key in pairs:
+                    out[name] = handle.get_tensor(key).to(dtype)
+        return out
+
+
+def _param_names(module: nn.Module, prefix: str) -> list[str]:
+    return [f"{prefix}{name}" for name, _ in module.named_parameters(remove_duplicate=False)]
+
+
+def load_skeleton(model_dir: str | Path, adapter, dtype: torch.dtype, device: torch.device):
+    """The causal LM with empty decoder layers and resident embeddings/norm/head."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    reader = CheckpointReader(model_dir)
+    prefix = adapter.layers_path + "."
+    tied = getattr(config, "tie_word_embeddings", False)
+    resident = [n for n in _param_names(model, "") if not n.startswith(prefix)
+                and not (tied and n == "lm_head.weight")]
+    model.load_state_dict(reader.load(resident, dtype), strict=False, assign=True)
+    _move_resident(model, device)
+    if tied:
+        model.tie_weights()
+    return model.eval(), reader
+
+
+def _move_resident(model: nn.Module, device: torch.device) -> None:
+    """Move every materialised tensor to ``device``; the empty (meta) layers stay empty."""
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None and not param.is_meta and param.device != device:
+                module._parameters[key] = nn.Parameter(param.to(device), requires_grad=False)
+        for key, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta and buf.device != device:
+                module._buffers[key] = buf.to(device)
+
+
+def layer_loader(model, adapter, reader: CheckpointReader, dtype: torch.dtype):
+    """fn(i) -> decoder layer i with its weights read from the checkpoint (on CPU)."""
+    layers = adapter.layers(model)
+
+    def load(i: int) -> nn.Module:
+        layer = layers[i]
+        prefix = f"{adapter.layers_path}.{i}."
+        state = reader.load(_param_names(layer, prefix), dtype)
+        layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True, assign=True)
+        return layer
+
+    return load

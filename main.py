@@ -61,9 +61,6 @@ def build_config(args):
     from rptq.errors import UserError
     from rptq.runner import RunConfig
 
-    if args.multigpu:
-        raise UserError("--multigpu is not implemented yet (layer sharding is tracked in the scale issue); "
-                        "run without it on one device")
     if args.nsamples < 1:
         raise UserError(f"--nsamples must be at least 1 (got {args.nsamples})")
     if args.seqlen is not None and args.seqlen < 2:
@@ -93,7 +90,7 @@ def build_config(args):
                      limit=args.limit, nsamples=args.nsamples, seqlen=args.seqlen, calib_dataset=args.calib_dataset,
                      cache_dir=args.cache_dir, output_path=args.output_path, device=args.device,
                      offload_dir=args.offload_dir, save_quantized=args.save_quantized,
-                     load_quantized=args.load_quantized, resume=not args.no_resume, progress=not args.no_progress)
+                     load_quantized=args.load_quantized, multigpu=args.multigpu, resume=not args.no_resume, progress=not args.no_progress)
 
 
 def main(argv=None) -> int:

@@ -69,7 +69,7 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(name: str, device: torch.device, cache_dir: str | None = None):
+def load_model(name: str, device: torch.device, cache_dir: str | None = None, dtype: torch.dtype | None = None):
     """Returns (model in eval mode on ``device``, tokenizer, adapter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -79,7 +79,8 @@ def load_model(name: str, device: torch.device, cache_dir: str | None = None):
     logging.getLogger("transformers").setLevel(logging.ERROR)
     source = resolve(name)
     # fp32 on CPU: half-precision matmuls are 10-100x slower there.
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
     kwargs = {"dtype": dtype, "cache_dir": cache_dir}
     if source.kind == "hub" and not configure_hub():
         kwargs["local_files_only"] = True

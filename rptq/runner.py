@@ -33,6 +33,7 @@ class RunConfig:
     offload_dir: str | None = None
     save_quantized: str | None = None
     load_quantized: str | None = None
+    multigpu: bool = False
     resume: bool = True
     progress: bool = True
 
@@ -81,6 +82,13 @@ def _validate(cfg: RunConfig) -> None:
         from eval.tasks import check_tasks
 
         check_tasks(list(cfg.tasks), cfg.num_fewshot, cfg.tasks_source)
+    if cfg.multigpu:
+        import torch
+
+        if cfg.offload_dir or cfg.device == "cpu":
+            raise UserError("--multigpu shards over GPUs; it cannot be combined with --offload_dir or --device cpu")
+        if not torch.cuda.is_available():
+            raise UserError("--multigpu needs visible CUDA devices; none found (check CUDA_VISIBLE_DEVICES)")
     if cfg.load_quantized and (cfg.offload_dir or cfg.save_quantized):
         raise UserError("--load_quantized evaluates a saved model; drop --offload_dir/--save_quantized")
 
@@ -101,7 +109,29 @@ def _load(cfg: RunConfig, device):
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         model, reader = load_skeleton(model_dir, adapter, dtype, device)
         return model, AutoTokenizer.from_pretrained(model_dir), adapter, reader
+    if cfg.multigpu:  # load in host memory at half precision; _shard then places the layers
+        import torch
+
+        return (*load_model(cfg.model, torch.device("cpu"), cfg.cache_dir, dtype=torch.float16), None)
     return (*load_model(cfg.model, device, cfg.cache_dir), None)
+
+
+def _shard(model, adapter, nsamples: int, seqlen: int):
+    """Plan and apply the layer placement over all visible GPUs; returns (per-layer devices, device map)."""
+    from models.placement import describe, device_map, dispatch, module_bytes, plan_layers, visible_cuda_budgets
+
+    layers = adapter.layers(model)
+    itemsize = next(model.parameters()).element_size()
+    hidden = model.config.hidden_size
+    # Each device holds the calibration activations (inputs and outputs) while its layers run.
+    reserve = 2 * nsamples * seqlen * hidden * itemsize + 4 * model.config.num_attention_heads * seqlen * seqlen
+    devices, budgets = visible_cuda_budgets(reserve_bytes=reserve)
+    layer_bytes = [module_bytes(layer) for layer in layers]
+    plan = plan_layers(layer_bytes, budgets, module_bytes(model) - sum(layer_bytes))
+    print(describe(plan, devices, layer_bytes))
+    mapping = device_map(model, adapter.layers_path, plan, devices)
+    dispatch(model, mapping)
+    return [devices[p] for p in plan], mapping
 
 
 def run(cfg: RunConfig) -> dict:
@@ -114,7 +144,7 @@ def run(cfg: RunConfig) -> dict:
     from .pipeline import quantize_model
 
     _validate(cfg)
-    device = pick_device(cfg.device)
+    device = pick_device("cuda" if cfg.multigpu else cfg.device)
     if cfg.load_quantized:
         model, tokenizer, adapter, info = load_quantized(cfg.load_quantized, device)
         reader, manifest = None, info["bit_manifest"]
@@ -125,6 +155,9 @@ def run(cfg: RunConfig) -> dict:
     seqlen = cfg.seqlen or max_pos
     if seqlen > max_pos:
         raise UserError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions; use --seqlen {max_pos} or less")
+    placement, mapping = None, None
+    if cfg.multigpu:
+        placement, mapping = _shard(model, adapter, cfg.nsamples, seqlen)
 
     calibration_s, calib_summary, store = 0.0, None, None
     if cfg.offload_dir:
@@ -142,11 +175,15 @@ def run(cfg: RunConfig) -> dict:
             source = layer_loader(model, adapter, reader, next(model.parameters()).dtype)
         report = quantize_model(model, adapter, windows, cfg.quant, device, progress=cfg.progress, store=store,
                                 fingerprint=fingerprint(cfg, model, windows, seqlen), layer_source=source,
-                                offload=reader is not None)
+                                offload=reader is not None, placement=placement)
         calibration_s, calib_summary = report.total_s, report.summary()
     elif reader is not None:
         raise UserError("--offload_dir streams the layers a quantized run calibrates; for full precision load "
                         "the model normally (drop --offload_dir)")
+    if mapping is not None:  # hooks on the new blocks, so evaluation inputs follow the layers
+        from models.placement import dispatch
+
+        dispatch(model, mapping)
     if cfg.save_quantized:
         save_quantized(cfg.save_quantized, model, adapter, tokenizer,
                        {"model": cfg.model, "bit_manifest": manifest, "config": cfg.flat()},

@@ -75,7 +75,7 @@ BAD = {
                          "is a file"),
     "dir not a model": (["{tmp}"], "not a model directory"),
     "bad reorder": (["{model}", "--reorder", "16"], "--reorder"),
-    "multigpu": (["{model}", "--multigpu"], "not implemented yet"),
+    "multigpu without GPUs": (["{model}", "--multigpu"], "needs visible CUDA devices"),
     "unknown task": (["{model}", "--tasks", "piqaa"], "unknown task"),
     "task unavailable offline": (["{model}", "--tasks", "lambada_openai"], "not available offline"),
     "offline calibration mix": (["{model}", "--wbits", "4", "--abits", "16"], "unreachable"),

@@ -101,13 +101,15 @@ class ActQuantizer(nn.Module):
         spec = self.spec
         if not spec.enabled:
             return x
+        # Ranges are kept in fp32; the result goes back to the activation's dtype (fp16 on GPU).
         if not spec.dynamic:
-            return fake_quant(x, self.scale, self.zero, spec.bits)
+            return fake_quant(x, self.scale, self.zero, spec.bits).to(x.dtype)
+        xf = x.float()
         if spec.group_sizes is None:  # dynamic per token over all channels
-            scale, zero = affine_params(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), spec.bits)
-            return fake_quant(x, scale, zero, spec.bits)
-        scale, zero = group_params(x, x, spec.group_sizes, spec.bits)  # per token, per cluster
-        return fake_quant(x, scale, zero, spec.bits)
+            scale, zero = affine_params(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), spec.bits)
+        else:  # per token, per cluster
+            scale, zero = group_params(xf, xf, spec.group_sizes, spec.bits)
+        return fake_quant(xf, scale, zero, spec.bits).to(x.dtype)
 
 
 def weight_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int):

@@ -158,3 +158,18 @@ def test_generation_is_refused_not_silently_wrong(base):
     wrap_blocks(wrapped, adapter_for(wrapped.config))
     with pytest.raises(NotImplementedError, match="generate"):
         wrapped.generate(ids[:1, :8], max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_keeps_its_dtype(dtype):
+    """GPU runs are fp16: quantizers compute ranges in fp32 but hand back the activation dtype."""
+    model = tiny_opt(seed=0, hidden=64, layers=1, heads=4, ffn=128).to(dtype)
+    ids = torch.randint(4, 50000, (2, 16), generator=torch.Generator().manual_seed(0))
+    for kw in (dict(), dict(a_dynamic=True)):
+        m = copy.deepcopy(model)
+        quantize_model(m, adapter_for(m.config), ids, QuantConfig(wbits=4, abits=4, clusters=dict(SMALL_CLUSTERS), **kw),
+                       progress=False)
+        with torch.no_grad():
+            logits = m(ids).logits
+        assert logits.dtype == dtype and torch.isfinite(logits).all()
+        assert m.model.decoder.layers[0].layer.fc1.weight.dtype == dtype

@@ -33,14 +33,19 @@ def _single_thread_on_cpu(device: torch.device):
 
 
 class GPTQ:
+    """Accumulates one input Hessian; quantizes any number of weights that read that input
+    (q/k/v share theirs), factorising it once."""
+
     def __init__(self, columns: int, device: torch.device | str = "cpu"):
         self.columns = columns
+        self.device = torch.device(device)
         self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.nsamples = 0
+        self._factor: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulate H = 2/N * sum x x^T over every token row of ``inputs`` (..., columns)."""
-        x = inputs.reshape(-1, self.columns).to(self.hessian.device, torch.float32)
+        x = inputs.reshape(-1, self.columns).to(self.device, torch.float32)
         n = x.shape[0]
         self.hessian *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
@@ -49,45 +54,57 @@ class GPTQ:
 
     def permute(self, perm: torch.Tensor) -> None:
         """Reorder the input channels (the Hessian of x[perm] is H[perm][:, perm])."""
-        perm = perm.to(self.hessian.device)
+        perm = perm.to(self.device)
         self.hessian = self.hessian[perm][:, perm]
 
+    def _inverse_factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upper Cholesky factor of the damped H^-1 (row i: how column i's error spreads), and the
+        dead-input mask. Computed once; the Hessian is consumed so at most two n x n matrices live."""
+        if self._factor is None:
+            H, self.hessian = self.hessian, None
+            dead = torch.diag(H) == 0
+            H[dead, dead] = 1
+            H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+            H = torch.linalg.cholesky(H)
+            H = torch.cholesky_inverse(H)
+            self._factor = (torch.linalg.cholesky(H, upper=True), dead)
+        return self._factor
+
     def quantize(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                 blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-        """Return the fake-quantized weight; ``scale``/``zero`` have the weight's shape."""
-        with _single_thread_on_cpu(self.hessian.device):
-            return self._quantize(weight, scale, zero, bits, blocksize, percdamp)
+                 group_sizes: tuple[int, ...] | None = None, blocksize: int = 128,
+                 percdamp: float = 0.01) -> torch.Tensor:
+        """Return the fake-quantized weight.
 
-    def _quantize(self, weight, scale, zero, bits, blocksize, percdamp) -> torch.Tensor:
-        W = weight.detach().to(self.hessian.device, torch.float32).clone()
-        scale = scale.to(W.device)
-        zero = zero.to(W.device)
-        H = self.hessian.clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
+        ``scale``/``zero``: (rows, groups) for contiguous input-channel groups of ``group_sizes``
+        (None: one group), fixed before the sweep.
+        """
+        with _single_thread_on_cpu(self.device):
+            return self._quantize(weight, scale, zero, bits, group_sizes, blocksize, percdamp)
+
+    def _quantize(self, weight, scale, zero, bits, group_sizes, blocksize, percdamp) -> torch.Tensor:
+        Hinv, dead = self._inverse_factor(percdamp)
+        W = weight.detach().to(self.device, torch.float32).clone()
         W[:, dead] = 0
+        scale, zero = scale.to(W.device), zero.to(W.device)
+        sizes = torch.tensor(group_sizes if group_sizes is not None else (self.columns,), device=W.device)
+        group_of = torch.repeat_interleave(torch.arange(len(sizes), device=W.device), sizes).tolist()
 
-        damp = percdamp * torch.mean(torch.diag(H))
-        H += damp * torch.eye(self.columns, device=H.device)
-        # Upper Cholesky factor of H^-1: row i holds the update weights for column i's error.
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-
-        Q = torch.zeros_like(W)
         for start in range(0, self.columns, blocksize):
             end = min(start + blocksize, self.columns)
             W1 = W[:, start:end].clone()
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[start:end, start:end]
             for i in range(end - start):
-                col = start + i
+                g = group_of[start + i]
                 w = W1[:, i]
-                q = fake_quant(w, scale[:, col], zero[:, col], bits)
-                Q[:, col] = q
+                q = fake_quant(w, scale[:, g], zero[:, g], bits)
+                W[:, start + i] = q  # W doubles as the output: finished columns are never read again
                 err = (w - q) / Hinv1[i, i]
                 W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
                 Err1[:, i] = err
             W[:, end:] -= Err1 @ Hinv[start:end, end:]
-        return Q.to(weight.dtype)
+        return W.to(weight.dtype)
 
     def free(self) -> None:
         self.hessian = None
+        self._factor = None

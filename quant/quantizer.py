@@ -112,15 +112,23 @@ class ActQuantizer(nn.Module):
         return fake_quant(xf, scale, zero, spec.bits).to(x.dtype)
 
 
-def weight_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int):
-    """Per (output row x input group) scale/zero, expanded to the weight's shape.
+def weight_group_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int):
+    """(rows, groups) scale/zero: one range per output row and input group (None: per row).
 
-    ``group_sizes=None`` gives one range per output row. Ranges always include 0 so
-    that a zero weight stays exactly zero (GPTQ's convention).
+    Ranges always include 0 so that a zero weight stays exactly zero (GPTQ's convention).
     """
-    wmin = torch.minimum(weight, torch.zeros((), dtype=weight.dtype))
-    wmax = torch.maximum(weight, torch.zeros((), dtype=weight.dtype))
-    return group_params(wmin, wmax, group_sizes, bits)
+    sizes = group_sizes if group_sizes is not None else (weight.shape[-1],)
+    zero_ = torch.zeros((), dtype=weight.dtype)
+    wmin = group_reduce(torch.minimum(weight, zero_), sizes, "min")
+    wmax = group_reduce(torch.maximum(weight, zero_), sizes, "max")
+    return affine_params(wmin, wmax, bits)
+
+
+def weight_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int):
+    """Per (output row x input group) scale/zero, expanded to the weight's shape."""
+    scale, zero = weight_group_params(weight, group_sizes, bits)
+    sizes = group_sizes if group_sizes is not None else (weight.shape[-1],)
+    return expand_groups(scale, sizes), expand_groups(zero, sizes)
 
 
 def quantize_weight_rtn(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int) -> torch.Tensor:

@@ -14,7 +14,8 @@ from torch import nn
 
 from models.block import QuantBlock
 from models.spec import BlockSpec
-from quant.quantizer import FULL_PRECISION, ActQuantizer, QuantSpec, fake_quant, weight_params
+from quant.quantizer import (FULL_PRECISION, ActQuantizer, QuantSpec, fake_quant, weight_group_params,
+                             weight_params)
 
 from .cluster import Layout, cluster_channels, cluster_heads, head_layout, range_features
 from .config import QuantConfig, role_bits
@@ -110,11 +111,12 @@ def quantize_weights(block: QuantBlock, spec: BlockSpec, observers: dict[str, Ch
     for name, point in spec.linear_inputs.items():
         linear = block.module(name)
         groups = layouts[point].sizes if point in layouts else None
-        scale, zero = weight_params(linear.weight.data.float(), groups, bits)
         if cfg.w_quantizer == "gptq":
-            q = observers[point].gptq.quantize(linear.weight.data, scale, zero, bits,
+            scale, zero = weight_group_params(linear.weight.data.float(), groups, bits)
+            q = observers[point].gptq.quantize(linear.weight.data, scale, zero, bits, group_sizes=groups,
                                                blocksize=cfg.blocksize, percdamp=cfg.percdamp)
         else:
+            scale, zero = weight_params(linear.weight.data.float(), groups, bits)
             q = fake_quant(linear.weight.data.float(), scale, zero, bits)
         linear.weight.data = q.to(linear.weight.dtype)
 
@@ -143,6 +145,9 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
 
     if quantize_w:
         quantize_weights(block, spec, observers, layouts, cfg)
+        for observer in observers.values():
+            if observer.gptq is not None:
+                observer.gptq.free()
     t3 = time.perf_counter()
 
     block.taps = activation_quantizers(spec, observers, layouts, cfg).to(inputs.device)

@@ -3,7 +3,7 @@ import torch
 
 from quant.gptq import GPTQ
 from quant.quantizer import (ActQuantizer, QuantSpec, affine_params, fake_quant, quantize_weight_rtn,
-                             weight_params)
+                             weight_group_params, weight_params)
 
 
 def test_fake_quant_hits_grid_and_clamps():
@@ -67,7 +67,7 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     for chunk in x.split(256):
         gptq.add_batch(chunk)
     scale, zero = weight_params(w, None, 3)
-    q_gptq = gptq.quantize(w, scale, zero, 3, blocksize=8)
+    q_gptq = gptq.quantize(w, *weight_group_params(w, None, 3), 3, blocksize=8)
     q_rtn = fake_quant(w, scale, zero, 3)
     err = lambda q: ((x @ (q - w).t()) ** 2).mean().item()  # noqa: E731
     assert not torch.equal(q_gptq, w) and not torch.equal(q_rtn, w)

@@ -50,14 +50,39 @@ class CheckpointReader:
             by_file.setdefault(self.files[key], []).append((name, key))
         out = {}
         for path, pairs in by_file.items():
-            with safe_open(str(path), framework="pt") as handle:
-                for name, key in pairs:
+            for name, key in pairs:
+                # One mapping per tensor: the shard's pages leave our resident set as soon as the
+                # tensor is copied out, instead of staying mapped for the whole layer.
+                with safe_open(str(path), framework="pt") as handle:
                     out[name] = handle.get_tensor(key).to(dtype)
         return out
 
 
 def _param_names(module: nn.Module, prefix: str) -> list[str]:
     return [f"{prefix}{name}" for name, _ in module.named_parameters(remove_duplicate=False)]
+
+
+def _resident_names(model: nn.Module, adapter) -> list[str]:
+    prefix = adapter.layers_path + "."
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return [n for n in _param_names(model, "") if not n.startswith(prefix) and not (tied and n == "lm_head.weight")]
+
+
+def load_resident(model: nn.Module, adapter, reader: CheckpointReader, dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """Read the modules outside the decoder layers (embeddings, final norm, head)."""
+    model.load_state_dict(reader.load(_resident_names(model, adapter), dtype), strict=False, assign=True)
+    _move_resident(model, device)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+def release_resident(model: nn.Module, adapter) -> None:
+    """Drop the embeddings/norm/head while only decoder layers are needed (calibration)."""
+    for name in _resident_names(model, adapter):
+        module_name, _, key = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[key] = nn.Parameter(module._parameters[key].to("meta"), requires_grad=False)
 
 
 def load_skeleton(model_dir: str | Path, adapter, dtype: torch.dtype, device: torch.device):
@@ -69,14 +94,7 @@ def load_skeleton(model_dir: str | Path, adapter, dtype: torch.dtype, device: to
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     reader = CheckpointReader(model_dir)
-    prefix = adapter.layers_path + "."
-    tied = getattr(config, "tie_word_embeddings", False)
-    resident = [n for n in _param_names(model, "") if not n.startswith(prefix)
-                and not (tied and n == "lm_head.weight")]
-    model.load_state_dict(reader.load(resident, dtype), strict=False, assign=True)
-    _move_resident(model, device)
-    if tied:
-        model.tie_weights()
+    load_resident(model, adapter, reader, dtype, device)
     return model.eval(), reader
 
 

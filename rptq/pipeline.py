@@ -68,7 +68,7 @@ class CalibrationReport:
 def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig,
                    device: torch.device | str = "cpu", progress: bool = True, store=None,
                    fingerprint: str = "", layer_source=None, placement: list | None = None,
-                   offload: bool = False, on_layer_done=None) -> CalibrationReport:
+                   offload: bool = False, on_layer_done=None, captured: tuple | None = None) -> CalibrationReport:
     """Replace every decoder layer of ``model`` by its reordered, quantized block, in place.
 
     store:        a ``rptq.checkpoint.LayerStore``; each finished block and the next layer's
@@ -77,6 +77,8 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
     layer_source: ``fn(i) -> layer`` materialising layer i (out-of-core: from the checkpoint).
     placement:    the device of each layer (sharding); inputs follow the layers.
     offload:      release each block after writing it (its weights stay only in ``store``).
+    captured:     (inputs, layer kwargs) of layer 0 from :func:`capture_block_inputs`, when the
+                  caller captured them already (out of core: to drop the embeddings meanwhile).
     """
     from .checkpoint import LayerStore  # noqa: F401  (type of ``store``)
 
@@ -85,7 +87,7 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
     spec = adapter.block_spec(model.config)
     layers = adapter.layers(model)
     report = CalibrationReport()
-    inputs, layer_kwargs = capture_block_inputs(model, layers, windows, device)
+    inputs, layer_kwargs = captured or capture_block_inputs(model, layers, windows, device)
     report.capture_s = time.perf_counter() - start
     first = 0
     state = store.progress() if store is not None else None

@@ -168,14 +168,24 @@ def run(cfg: RunConfig) -> dict:
         check_dataset_name(cfg.calib_dataset, "calibration")
         windows = calibration_windows(tokenizer, cfg.calib_dataset, cfg.nsamples, seqlen, cfg.quant.seed,
                                       cfg.cache_dir)
-        source = None
-        if reader is not None:
-            from models.streaming import layer_loader
+        source = captured = None
+        run_id = fingerprint(cfg, model, windows, seqlen)
+        if reader is not None:  # out of core: only decoder layers are needed while calibrating
+            from models.streaming import layer_loader, release_resident
 
-            source = layer_loader(model, adapter, reader, next(model.parameters()).dtype)
+            from .pipeline import capture_block_inputs
+
+            dtype = next(model.parameters()).dtype
+            source = layer_loader(model, adapter, reader, dtype)
+            captured = capture_block_inputs(model, adapter.layers(model), windows, device)
+            release_resident(model, adapter)
         report = quantize_model(model, adapter, windows, cfg.quant, device, progress=cfg.progress, store=store,
-                                fingerprint=fingerprint(cfg, model, windows, seqlen), layer_source=source,
-                                offload=reader is not None, placement=placement)
+                                fingerprint=run_id, layer_source=source, offload=reader is not None,
+                                placement=placement, captured=captured)
+        if reader is not None:
+            from models.streaming import load_resident
+
+            load_resident(model, adapter, reader, dtype, device)
         calibration_s, calib_summary = report.total_s, report.summary()
     elif reader is not None:
         raise UserError("--offload_dir streams the layers a quantized run calibrates; for full precision load "

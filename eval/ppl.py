@@ -44,6 +44,7 @@ def streamed_perplexity(model, adapter, windows: torch.Tensor, block_at, device=
     ``block_at(i)`` returns block i ready to run; it is released after all windows have
     passed through it. Same numbers as :func:`perplexity` on the in-memory model.
     """
+    from models.streaming import return_freed_memory
     from rptq.calibrate import run_block
     from rptq.pipeline import capture_block_inputs
 
@@ -55,6 +56,7 @@ def streamed_perplexity(model, adapter, windows: torch.Tensor, block_at, device=
         block = block_at(i)
         hidden = run_block(block, hidden, layer_kwargs)
         block.to("meta")
+        return_freed_memory()
     total_nll, total_tokens = 0.0, 0
     for window, states in zip(windows, hidden):
         logits = adapter.head_logits(model, states.unsqueeze(0))[0, :-1].float()

@@ -168,10 +168,10 @@ def run(cfg: RunConfig) -> dict:
         check_dataset_name(cfg.calib_dataset, "calibration")
         windows = calibration_windows(tokenizer, cfg.calib_dataset, cfg.nsamples, seqlen, cfg.quant.seed,
                                       cfg.cache_dir)
-        source = captured = None
+        source = captured = trim = None
         run_id = fingerprint(cfg, model, windows, seqlen)
         if reader is not None:  # out of core: only decoder layers are needed while calibrating
-            from models.streaming import layer_loader, release_resident
+            from models.streaming import layer_loader, release_resident, return_freed_memory
 
             from .pipeline import capture_block_inputs
 
@@ -179,9 +179,10 @@ def run(cfg: RunConfig) -> dict:
             source = layer_loader(model, adapter, reader, dtype)
             captured = capture_block_inputs(model, adapter.layers(model), windows, device)
             release_resident(model, adapter)
+            trim = lambda _layer: return_freed_memory()  # noqa: E731
         report = quantize_model(model, adapter, windows, cfg.quant, device, progress=cfg.progress, store=store,
                                 fingerprint=run_id, layer_source=source, offload=reader is not None,
-                                placement=placement, captured=captured)
+                                placement=placement, captured=captured, on_layer_done=trim)
         if reader is not None:
             from models.streaming import load_resident
 

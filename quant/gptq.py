@@ -55,7 +55,9 @@ class GPTQ:
     def permute(self, perm: torch.Tensor) -> None:
         """Reorder the input channels (the Hessian of x[perm] is H[perm][:, perm])."""
         perm = perm.to(self.device)
-        self.hessian = self.hessian[perm][:, perm]
+        H, self.hessian = self.hessian, None
+        H = H.index_select(0, perm)  # rebinding frees each previous copy: two n x n matrices at most
+        self.hessian = H.index_select(1, perm)
 
     def _inverse_factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Upper Cholesky factor of the damped H^-1 (row i: how column i's error spreads), and the

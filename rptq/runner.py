@@ -100,10 +100,11 @@ def _load(cfg: RunConfig, device):
     if cfg.offload_dir:
         import torch
 
-        from models.streaming import load_skeleton
+        from models.streaming import load_skeleton, prefer_mmap_for_large_buffers
         from models.registry import adapter_for
         from transformers import AutoConfig, AutoTokenizer
 
+        prefer_mmap_for_large_buffers()  # out of core, memory must not creep with depth
         model_dir = local_model_dir(cfg.model, cfg.cache_dir)
         adapter = adapter_for(AutoConfig.from_pretrained(model_dir))
         dtype = torch.float16 if device.type == "cuda" else torch.float32

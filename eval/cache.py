@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_write
 
 DEFAULT_CACHE = Path(os.environ.get("RPTQ_CACHE", Path.home() / ".cache" / "rptq-toolkit"))
 
@@ -37,13 +38,6 @@ def cached_tensor(cache_dir: str | os.PathLike | None, key: dict, compute: Calla
     if path.is_file():
         return load_file(str(path))["data"]
     value = compute()
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"data": value.contiguous()}, tmp, metadata={"key": json.dumps(key, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file({"data": value.contiguous()}, tmp,
+                                             metadata={"key": json.dumps(key, sort_keys=True)}))
     return value

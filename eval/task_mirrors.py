@@ -17,7 +17,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import tempfile
+from eval.atomic import atomic_write
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -199,17 +199,7 @@ assert {t: (m.split, m.size) for t, m in MIRRORS.items()} == OFFICIAL_SPLITS
 
 
 # ---------------------------------------------------------------- cache (atomic writes)
-def _atomic_write(dest: Path, write: Callable[[str], None]) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+_atomic_write = atomic_write  # kept under its old name for callers and tests
 
 
 def mirror_file(task: str, cache_root: str | os.PathLike | None = None) -> Path:

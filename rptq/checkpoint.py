@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from eval.atomic import atomic_write, atomic_write_text
 from models.block import QuantBlock
 from quant.quantizer import ActQuantizer, QuantSpec
 
@@ -24,16 +24,8 @@ FORMAT = "rptq-block-v1"
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                             metadata={k: json.dumps(v) for k, v in (metadata or {}).items()}))
 
 
 def read_tensors(path: Path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
@@ -96,10 +88,7 @@ class LayerStore:
     def save_progress(self, next_layer: int, inputs: torch.Tensor, fingerprint: str) -> None:
         """Written after a layer's block file: the inputs of the next layer, then the marker."""
         atomic_save({"inputs": inputs}, self.root / "inputs.safetensors")
-        state = {"fingerprint": fingerprint, "next_layer": next_layer}
-        tmp = self.root / ".state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.root / "state.json")
+        atomic_write_text(self.root / "state.json", json.dumps({"fingerprint": fingerprint, "next_layer": next_layer}))
 
     def progress(self) -> dict | None:
         path = self.root / "state.json"
@@ -113,7 +102,7 @@ class LayerStore:
         (self.root / "inputs.safetensors").unlink(missing_ok=True)
         state = self.progress() or {}
         state["complete"] = True
-        (self.root / "state.json").write_text(json.dumps(state))
+        atomic_write_text(self.root / "state.json", json.dumps(state))
 
 
 # -- a whole quantized model ---------------------------------------------------------------
@@ -147,9 +136,9 @@ def save_quantized(out_dir: str | os.PathLike, model, adapter, tokenizer, info: 
         del config.quantization_config
     config.save_pretrained(str(store.root))
     tokenizer.save_pretrained(str(store.root))
-    tmp = store.root / ".quant.json.tmp"
-    tmp.write_text(json.dumps({"format": FORMAT, "num_layers": len(layers), **info}, indent=2))
-    os.replace(tmp, store.root / "quant.json")  # last: its presence marks a complete save
+    # Last: its presence marks a complete save.
+    atomic_write_text(store.root / "quant.json", json.dumps({"format": FORMAT, "num_layers": len(layers), **info},
+                                                           indent=2))
 
 
 def load_quantized(directory: str | os.PathLike, device: torch.device):

@@ -15,6 +15,7 @@ def atomic_write(dest: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; results and caches are meant to be shared
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

@@ -15,9 +15,9 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from eval.atomic import atomic_write_text
 from rptq.config import DEFAULT_CLUSTERS, FP, QuantConfig
 from rptq.errors import UserError
 
@@ -217,22 +217,10 @@ def render_table(runs: list[dict]) -> str:
 
 def write_atomic(path, text: str) -> None:
     """Write text to path through a temporary file in the same directory and os.replace."""
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        atomic_write_text(path, text)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc}") from exc
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a table is meant to be shared
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -32,6 +32,45 @@ def _single_thread_on_cpu(device: torch.device):
         torch.set_num_threads(threads)
 
 
+def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 16 << 20) -> None:
+    """H <- H[perm][:, perm] in place, one slab at a time.
+
+    Permuting the columns of a block of rows (or the rows of a block of columns) touches
+    nothing outside the block, so a slab-sized buffer suffices where index_select would
+    hold a second n x n copy (256 MiB for OPT-1.3b's fc2 input, 3 GiB for OPT-66B's)."""
+    n = H.shape[0]
+    step = max(1, chunk_bytes // (n * H.element_size()))
+    for start in range(0, n, step):
+        H[start:start + step] = H[start:start + step].index_select(1, perm)
+    for start in range(0, n, step):
+        H[:, start:start + step] = H[:, start:start + step].index_select(0, perm)
+
+
+def _inverse_cholesky_upper_(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), overwriting the symmetric H.
+
+    On CPU, LAPACK's potrf/potri/potrf work in the matrix's own memory; torch's
+    cholesky/cholesky_inverse allocate a second n x n matrix even with out= (measured:
+    +256 MiB peak on an 8192 x 8192 Hessian). Returns a (transposed) view of H there."""
+    if H.device.type != "cpu" or H.dtype != torch.float32:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    from scipy.linalg import lapack
+    from threadpoolctl import threadpool_limits
+
+    a = H.numpy().T  # Fortran-ordered view of the same memory; equal to H because H is symmetric
+    with threadpool_limits(limits=1):
+        a, info = lapack.spotrf(a, lower=0, clean=0, overwrite_a=1)  # H = R^T R, R in the upper triangle
+        if info == 0:
+            a, info = lapack.spotri(a, lower=0, overwrite_c=1)  # upper triangle of H^-1
+        if info == 0:
+            a, info = lapack.spotrf(a, lower=0, clean=1, overwrite_a=1)  # H^-1 = U^T U; lower triangle zeroed
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"the damped Hessian is not positive definite (LAPACK info {info})")
+    if a.ctypes.data != H.data_ptr():
+        raise RuntimeError("LAPACK did not factorise in place")
+    return H.t()  # U in Fortran order is U^T in H's row-major memory
+
+
 class GPTQ:
     """Accumulates one input Hessian; quantizes any number of weights that read that input
     (q/k/v share theirs), factorising it once."""
@@ -54,22 +93,17 @@ class GPTQ:
 
     def permute(self, perm: torch.Tensor) -> None:
         """Reorder the input channels (the Hessian of x[perm] is H[perm][:, perm])."""
-        perm = perm.to(self.device)
-        H, self.hessian = self.hessian, None
-        H = H.index_select(0, perm)  # rebinding frees each previous copy: two n x n matrices at most
-        self.hessian = H.index_select(1, perm)
+        _permute_symmetric_(self.hessian, perm.to(self.device))
 
     def _inverse_factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Upper Cholesky factor of the damped H^-1 (row i: how column i's error spreads), and the
-        dead-input mask. Computed once; the Hessian is consumed so at most two n x n matrices live."""
+        dead-input mask. Computed once, in the Hessian's own memory (one n x n matrix per input)."""
         if self._factor is None:
             H, self.hessian = self.hessian, None
             dead = torch.diag(H) == 0
             H[dead, dead] = 1
             H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
-            H = torch.linalg.cholesky(H)
-            H = torch.cholesky_inverse(H)
-            self._factor = (torch.linalg.cholesky(H, upper=True), dead)
+            self._factor = (_inverse_cholesky_upper_(H), dead)
         return self._factor
 
     def quantize(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
@@ -95,7 +129,7 @@ class GPTQ:
             end = min(start + blocksize, self.columns)
             W1 = W[:, start:end].clone()
             Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[start:end, start:end]
+            Hinv1 = Hinv[start:end, start:end].contiguous()
             for i in range(end - start):
                 g = group_of[start + i]
                 w = W1[:, i]

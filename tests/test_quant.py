@@ -1,4 +1,5 @@
 """Quantizer primitives and GPTQ, independent of any model."""
+import pytest
 import torch
 
 from quant.gptq import GPTQ
@@ -84,3 +85,25 @@ def test_gptq_hessian_permutes_with_inputs():
     a.permute(perm)
     b.add_batch(x[:, perm])
     assert torch.allclose(a.hessian, b.hessian, atol=1e-5)
+
+
+def test_hessian_permutation_and_factorisation_work_in_place():
+    from quant.gptq import _inverse_cholesky_upper_, _permute_symmetric_
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 300, generator=gen)
+    H = x.t() @ x / 600
+    H.diagonal().add_(0.01)
+    perm = torch.randperm(300, generator=gen)
+    permuted = H.clone()
+    _permute_symmetric_(permuted, perm, chunk_bytes=300 * 4 * 7)  # slabs of 7 rows/columns
+    assert torch.equal(permuted, H[perm][:, perm])
+
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    work = H.clone()
+    U = _inverse_cholesky_upper_(work)
+    assert U.data_ptr() == work.data_ptr()  # no second n x n matrix
+    assert torch.equal(U, torch.triu(U))
+    assert torch.allclose(U, reference, rtol=1e-4, atol=1e-5)
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
+        _inverse_cholesky_upper_(-torch.eye(4))

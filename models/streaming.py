@@ -79,10 +79,15 @@ def load_resident(model: nn.Module, adapter, reader: CheckpointReader, dtype: to
 
 def release_resident(model: nn.Module, adapter) -> None:
     """Drop the embeddings/norm/head while only decoder layers are needed (calibration)."""
+    released = set()
     for name in _resident_names(model, adapter):
         module_name, _, key = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        module._parameters[key] = nn.Parameter(module._parameters[key].to("meta"), requires_grad=False)
+        released.add(id(model.get_submodule(module_name)._parameters[key]))
+    # Every module holding one of them lets go, including a head tied to the embeddings.
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None and id(param) in released:
+                module._parameters[key] = nn.Parameter(param.to("meta"), requires_grad=False)
 
 
 def load_skeleton(model_dir: str | Path, adapter, dtype: torch.dtype, device: torch.device):

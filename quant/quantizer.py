@@ -118,9 +118,9 @@ def weight_group_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | Non
     Ranges always include 0 so that a zero weight stays exactly zero (GPTQ's convention).
     """
     sizes = group_sizes if group_sizes is not None else (weight.shape[-1],)
-    zero_ = torch.zeros((), dtype=weight.dtype)
-    wmin = group_reduce(torch.minimum(weight, zero_), sizes, "min")
-    wmax = group_reduce(torch.maximum(weight, zero_), sizes, "max")
+    # min(min(w), 0) == min(min(w, 0)): clamping the reduced values avoids two weight-sized copies.
+    wmin = group_reduce(weight, sizes, "min").clamp(max=0)
+    wmax = group_reduce(weight, sizes, "max").clamp(min=0)
     return affine_params(wmin, wmax, bits)
 
 

@@ -104,6 +104,12 @@ def activation_quantizers(spec: BlockSpec, observers: dict[str, ChannelObserver]
     return nn.ModuleDict(taps)
 
 
+def _last_reader(spec: BlockSpec, name: str, point: str) -> bool:
+    """Whether ``name`` is the last linear (in quantization order) reading activation ``point``."""
+    readers = [n for n, p in spec.linear_inputs.items() if p == point]
+    return readers[-1] == name
+
+
 @torch.no_grad()
 def quantize_weights(block: QuantBlock, spec: BlockSpec, observers: dict[str, ChannelObserver],
                      layouts: dict[str, Layout], cfg: QuantConfig) -> None:
@@ -119,6 +125,8 @@ def quantize_weights(block: QuantBlock, spec: BlockSpec, observers: dict[str, Ch
             scale, zero = weight_params(linear.weight.data.float(), groups, bits)
             q = fake_quant(linear.weight.data.float(), scale, zero, bits)
         linear.weight.data = q.to(linear.weight.dtype)
+        if cfg.w_quantizer == "gptq" and _last_reader(spec, name, point):
+            observers[point].gptq.free()  # its n x n factor is dead weight from here on
 
 
 def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
@@ -145,9 +153,6 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
 
     if quantize_w:
         quantize_weights(block, spec, observers, layouts, cfg)
-        for observer in observers.values():
-            if observer.gptq is not None:
-                observer.gptq.free()
     t3 = time.perf_counter()
 
     block.taps = activation_quantizers(spec, observers, layouts, cfg).to(inputs.device)

@@ -49,3 +49,22 @@ def format_summary(results: dict) -> str:
     lines.append(f"time: calibration {t['calibration_s']:.1f}s, eval {t['eval_s']:.1f}s; "
                  f"peak RSS {results['memory']['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (MiB) since it started its current program.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: on exec the kernel carries the parent's
+    high-water mark over into ru_maxrss, so a run launched by a large process (a
+    benchmark that has just written a multi-GB checkpoint) would report the parent's peak.
+    """
+    import resource
+
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 
@@ -18,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from eval.report import peak_rss_mb  # noqa: E402
 from models.registry import adapter_for  # noqa: E402
 from models.synthetic import OPT_125M_SHAPE, inject_opt_outliers, random_opt  # noqa: E402
 from rptq.config import QuantConfig  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> None:
     cfg = QuantConfig(wbits=4, abits=4, w_quantizer=args.w_quantizer)
     report = quantize_model(model, adapter_for(model.config), windows, cfg, progress=False)
     s = report.summary()
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_mb()
 
     print(f"model: OPT-125m shape, {args.layers} layers, random weights + injected outliers; "
           f"{args.windows} windows x {args.seqlen} tokens; W4A4 {args.w_quantizer}, reorder 12345, "

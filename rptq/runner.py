@@ -96,11 +96,9 @@ def _validate(cfg: RunConfig) -> None:
 
 def _load(cfg: RunConfig, device):
     """(model, tokenizer, adapter, reader): reader is set for out-of-core models."""
-    from models.loading import load_model, local_model_dir
+    from models.loading import default_dtype, load_model, local_model_dir
 
     if cfg.offload_dir:
-        import torch
-
         from models.streaming import load_skeleton, prefer_mmap_for_large_buffers
         from models.registry import adapter_for
         from transformers import AutoConfig, AutoTokenizer
@@ -108,8 +106,7 @@ def _load(cfg: RunConfig, device):
         prefer_mmap_for_large_buffers()  # out of core, memory must not creep with depth
         model_dir = local_model_dir(cfg.model, cfg.cache_dir)
         adapter = adapter_for(AutoConfig.from_pretrained(model_dir))
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        model, reader = load_skeleton(model_dir, adapter, dtype, device)
+        model, reader = load_skeleton(model_dir, adapter, default_dtype(device), device)
         return model, AutoTokenizer.from_pretrained(model_dir), adapter, reader
     if cfg.multigpu:  # load in host memory at half precision; _shard then places the layers
         import torch
@@ -198,10 +195,8 @@ def _auto_offload(cfg: RunConfig, device) -> tuple[RunConfig, bool]:
     """Switch to out-of-core calibration when the model does not fit; returns (config, switched)."""
     if cfg.offload_dir or cfg.multigpu or cfg.load_quantized:
         return cfg, False
-    import torch
-
     from models.fit import GIB, available_bytes, describe_need, estimate_need, fits_in_memory
-    from models.loading import load_config
+    from models.loading import default_dtype, load_config
     from models.registry import adapter_for
 
     config = load_config(cfg.model, cfg.cache_dir)
@@ -210,7 +205,7 @@ def _auto_offload(cfg: RunConfig, device) -> tuple[RunConfig, bool]:
     adapter = adapter_for(config)
     if not _needs_calibration(bit_manifest(cfg.quant, adapter.block_spec(config))):
         return cfg, False
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = default_dtype(device)
     need = estimate_need(config, adapter, dtype, cfg.nsamples, cfg.seqlen or adapter.max_positions(config))
     available = int(cfg.max_memory_gib * GIB) if cfg.max_memory_gib else available_bytes(device)
     if fits_in_memory(need, available):

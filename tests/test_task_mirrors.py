@@ -187,7 +187,7 @@ def test_cache_is_reused_and_atomic(tmp_path, mirror_cache):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        task_mirrors._atomic_write(dest, broken_writer)
+        task_mirrors.atomic_write(dest, broken_writer)
     assert not dest.exists() and list(dest.parent.iterdir()) == []
 
 

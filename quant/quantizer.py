@@ -1,8 +1,16 @@
-"""Asymmetric uniform fake quantization over contiguous channel groups.
+"""Uniform fake quantization over contiguous channel groups.
 
 Nothing here knows about models or methods. A *group layout* is a tuple of group
 sizes along the last dimension (RPTQ's clusters after the permutation made them
-contiguous); ``None`` means one group spanning the whole tensor (per-tensor).
+contiguous, or heads); ``None`` means one group spanning the whole last dimension.
+
+Three integer grids, named by where they come from:
+- ``full``: asymmetric, 2^b - 1 steps covering [min, max], codes 0 .. 2^b - 1 (GPTQ, DuQuant, FPTQ weights);
+- ``reference``: RPTQ's UniformAffineQuantizer: scale (max - min) / 2^b, zero point
+  round(-(max + min) / (2 scale)) on the signed codes -2^(b-1) .. 2^(b-1) - 1, so the grid's 2^b levels
+  span [min, max - scale] and the top step is clipped;
+- ``symmetric``: scale max|x| / (2^(b-1) - 1), zero point 0 (SmoothQuant, FPTQ activations).
+Every grid dequantizes as (q - zero) * scale.
 """
 from __future__ import annotations
 
@@ -12,21 +20,51 @@ import torch
 from torch import nn
 
 FULL_PRECISION = 16
+GRIDS = ("full", "reference", "symmetric")
+# A floor, not a working value: it only keeps a constant group from dividing by zero. (The RPTQ
+# reference floors at 1e-4 and clamps zero points to +-1e4, which maps a near-constant group far
+# from 0 onto the wrong value; a floor this small lets it round-trip.)
 _MIN_SCALE = 1e-8
+UNIT_LEVELS = 255  # RPTQ's softmax quantizer 'fix0to1': round(x * 255) / 255 whatever the bit width
 
 
-def affine_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int):
-    """Scale and integer zero point mapping [xmin, xmax] onto {0, ..., 2^bits - 1}."""
-    levels = 2**bits - 1
-    scale = ((xmax - xmin) / levels).clamp(min=_MIN_SCALE)
-    zero = torch.round(-xmin / scale)
-    return scale, zero
+def code_range(bits: int, grid: str = "full") -> tuple[int, int]:
+    """(qmin, qmax) of the integer codes of a grid."""
+    if grid == "full":
+        return 0, 2**bits - 1
+    if grid == "reference":
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if grid == "symmetric":
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    raise ValueError(f"unknown grid {grid!r}; one of {', '.join(GRIDS)}")
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def affine_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, grid: str = "full"):
+    """Scale and integer zero point of a grid for the range [xmin, xmax] (elementwise)."""
+    if grid == "full":
+        scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=_MIN_SCALE)
+        return scale, torch.round(-xmin / scale)
+    if grid == "reference":
+        scale = ((xmax - xmin) / 2**bits).clamp(min=_MIN_SCALE)
+        return scale, torch.round(-(xmax + xmin) / (2 * scale))
+    if grid == "symmetric":
+        absmax = torch.maximum(xmin.abs(), xmax.abs())
+        scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=_MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    raise ValueError(f"unknown grid {grid!r}; one of {', '.join(GRIDS)}")
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+               grid: str = "full") -> torch.Tensor:
     """Quantize then dequantize; scale/zero broadcast against x."""
-    q = torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+    qmin, qmax = code_range(bits, grid)
+    q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
     return (q - zero) * scale
+
+
+def unit_grid(x: torch.Tensor) -> torch.Tensor:
+    """RPTQ's fixed grid for softmax probabilities (fix0to1)."""
+    return torch.round(x * UNIT_LEVELS) / UNIT_LEVELS
 
 
 def expand_groups(values: torch.Tensor, group_sizes: tuple[int, ...]) -> torch.Tensor:
@@ -37,32 +75,50 @@ def expand_groups(values: torch.Tensor, group_sizes: tuple[int, ...]) -> torch.T
 
 def group_reduce(per_channel: torch.Tensor, group_sizes: tuple[int, ...], op: str) -> torch.Tensor:
     """Reduce the last dimension within each contiguous group with 'min' or 'max'."""
+    if len(group_sizes) == 1:
+        return per_channel.amin(-1, keepdim=True) if op == "min" else per_channel.amax(-1, keepdim=True)
+    if len(set(group_sizes)) == 1:  # equal groups (heads, fixed group size): one reshape
+        grouped = per_channel.unflatten(-1, (len(group_sizes), group_sizes[0]))
+        return grouped.amin(-1) if op == "min" else grouped.amax(-1)
     parts = per_channel.split(list(group_sizes), dim=-1)
     if op == "min":
         return torch.stack([p.amin(dim=-1) for p in parts], dim=-1)
     return torch.stack([p.amax(dim=-1) for p in parts], dim=-1)
 
 
-def group_params(cmin: torch.Tensor, cmax: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int):
+def group_params(cmin: torch.Tensor, cmax: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int,
+                 grid: str = "full", clip: float = 1.0):
     """Per-channel (scale, zero) from per-channel ranges, shared within each group.
 
-    ``cmin``/``cmax`` have the channels on the last dim (any leading dims, e.g. weight rows).
+    ``cmin``/``cmax`` have the channels on the last dim (any leading dims, e.g. tokens or rows).
+    ``clip`` scales both ends of every range towards 0 (DuQuant's clipping ratios).
     """
     if group_sizes is None:
         group_sizes = (cmin.shape[-1],)
-    gmin = group_reduce(cmin, group_sizes, "min")
-    gmax = group_reduce(cmax, group_sizes, "max")
-    scale, zero = affine_params(gmin, gmax, bits)
+    gmin = group_reduce(cmin, group_sizes, "min") * clip
+    gmax = group_reduce(cmax, group_sizes, "max") * clip
+    scale, zero = affine_params(gmin, gmax, bits, grid)
     return expand_groups(scale, group_sizes), expand_groups(zero, group_sizes)
+
+
+DYNAMIC = (None, "token", "sequence")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor point is quantized (also what the bit manifest reports)."""
+    """How one activation point is quantized (also what the bit manifest reports).
+
+    dynamic: None = static calibrated ranges; "token" = one range per token (and group);
+    "sequence" = one range per sequence (batch element) and group (RPTQ's --a_dynamic).
+    unit_grid: the fixed [0, 1] grid of RPTQ's softmax quantizer (bits only say it is on).
+    """
 
     bits: int = FULL_PRECISION
-    group_sizes: tuple[int, ...] | None = None  # None: one group (per tensor)
-    dynamic: bool = False
+    group_sizes: tuple[int, ...] | None = None  # None: one group (per tensor, or per token if dynamic)
+    dynamic: str | None = None
+    grid: str = "full"
+    clip: float = 1.0
+    unit_grid: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -70,30 +126,32 @@ class QuantSpec:
 
     @property
     def granularity(self) -> str:
-        if self.group_sizes is None:
-            return "tensor"
-        return f"cluster({len(self.group_sizes)})"
+        if self.unit_grid:
+            return "fixed [0,1] grid"
+        where = "tensor" if self.group_sizes is None else f"{len(self.group_sizes)} groups"
+        return where if self.dynamic is None else f"{where} per {self.dynamic}"
 
 
 class ActQuantizer(nn.Module):
-    """Fake-quantizes activations on the last dim, static (calibrated) or dynamic per token."""
+    """Fake-quantizes activations on the last dim: static (calibrated ranges) or dynamic."""
 
     def __init__(self, spec: QuantSpec, cmin: torch.Tensor | None = None, cmax: torch.Tensor | None = None):
         super().__init__()
         self.spec = spec
         self.register_buffer("scale", None)
         self.register_buffer("zero", None)
-        if spec.enabled and not spec.dynamic:
+        if spec.enabled and spec.dynamic is None and not spec.unit_grid:
             if cmin is None or cmax is None:
                 raise ValueError("a static activation quantizer needs calibrated per-channel ranges")
             if spec.group_sizes is None:  # per tensor: one scalar range
                 cmin, cmax = cmin.min().reshape(1), cmax.max().reshape(1)
-            self.scale, self.zero = group_params(cmin, cmax, spec.group_sizes, spec.bits)
+            self.scale, self.zero = group_params(cmin.float(), cmax.float(), spec.group_sizes, spec.bits, spec.grid,
+                                                 spec.clip)
 
     @classmethod
     def from_params(cls, spec: QuantSpec, scale: torch.Tensor | None, zero: torch.Tensor | None) -> "ActQuantizer":
         """Rebuild a calibrated quantizer from stored parameters (no ranges needed)."""
-        quantizer = cls(QuantSpec(spec.bits, spec.group_sizes, dynamic=True))
+        quantizer = cls(QuantSpec(spec.bits, spec.group_sizes, dynamic="token"))
         quantizer.spec, quantizer.scale, quantizer.zero = spec, scale, zero
         return quantizer
 
@@ -101,36 +159,82 @@ class ActQuantizer(nn.Module):
         spec = self.spec
         if not spec.enabled:
             return x
+        if spec.unit_grid:
+            return unit_grid(x.float()).to(x.dtype)
         # Ranges are kept in fp32; the result goes back to the activation's dtype (fp16 on GPU).
-        if not spec.dynamic:
-            return fake_quant(x, self.scale, self.zero, spec.bits).to(x.dtype)
+        if spec.dynamic is None:
+            return fake_quant(x, self.scale, self.zero, spec.bits, spec.grid).to(x.dtype)
         xf = x.float()
-        if spec.group_sizes is None:  # dynamic per token over all channels
-            scale, zero = affine_params(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), spec.bits)
-        else:  # per token, per cluster
-            scale, zero = group_params(xf, xf, spec.group_sizes, spec.bits)
-        return fake_quant(xf, scale, zero, spec.bits).to(x.dtype)
+        if spec.dynamic == "token":
+            lo, hi = xf, xf
+        else:  # per sequence: reduce every dim between the batch and the channels
+            flat = xf.reshape(xf.shape[0], -1, xf.shape[-1])
+            lo = flat.amin(1).reshape(xf.shape[0], *[1] * (xf.dim() - 2), xf.shape[-1])
+            hi = flat.amax(1).reshape(lo.shape)
+        scale, zero = group_params(lo, hi, spec.group_sizes, spec.bits, spec.grid, spec.clip)
+        return fake_quant(xf, scale, zero, spec.bits, spec.grid).to(x.dtype)
 
 
-def weight_group_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int):
-    """(rows, groups) scale/zero: one range per output row and input group (None: per row).
+@dataclass(frozen=True)
+class WeightSpec:
+    """How one weight is quantized: one range per output row and input-channel group.
 
-    Ranges always include 0 so that a zero weight stays exactly zero (GPTQ's convention).
+    include_zero: force 0 into every range (GPTQ's convention: a zero weight stays exactly 0);
+    RPTQ's reference uses plain min/max. fp16_scales: round every scale to an fp16 number, so
+    that codes plus fp16 scales (a packed checkpoint) reproduce the weight bit for bit.
     """
+
+    bits: int = 4
+    group_sizes: tuple[int, ...] | None = None  # None: per output row
+    grid: str = "full"
+    include_zero: bool = True
+    clip: float = 1.0
+    fp16_scales: bool = False
+
+
+def weight_group_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int,
+                        spec: WeightSpec | None = None):
+    """(rows, groups) scale/zero: one range per output row and input group (None: per row)."""
+    spec = spec or WeightSpec(bits=bits)
     sizes = group_sizes if group_sizes is not None else (weight.shape[-1],)
-    # min(min(w), 0) == min(min(w, 0)): clamping the reduced values avoids two weight-sized copies.
-    wmin = group_reduce(weight, sizes, "min").clamp(max=0)
-    wmax = group_reduce(weight, sizes, "max").clamp(min=0)
-    return affine_params(wmin, wmax, bits)
+    wmin = group_reduce(weight, sizes, "min")
+    wmax = group_reduce(weight, sizes, "max")
+    if spec.include_zero:  # min(min(w), 0) == min(min(w, 0)): no weight-sized copies
+        wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
+    if spec.clip != 1.0:
+        wmin, wmax = wmin * spec.clip, wmax * spec.clip
+    scale, zero = affine_params(wmin, wmax, bits, spec.grid)
+    if spec.fp16_scales:
+        scale = fp16_representable(scale)
+        if spec.grid == "full":  # the zero point follows the stored scale
+            zero = torch.round(-wmin / scale)
+        elif spec.grid == "reference":
+            zero = torch.round(-(wmax + wmin) / (2 * scale))
+    return scale, zero
 
 
-def weight_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int):
+def fp16_representable(scale: torch.Tensor) -> torch.Tensor:
+    """The nearest fp16 number (kept in fp32), within fp16's normal range."""
+    tiny, big = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
+    return scale.clamp(tiny, big).half().float()
+
+
+def weight_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int,
+                  spec: WeightSpec | None = None):
     """Per (output row x input group) scale/zero, expanded to the weight's shape."""
-    scale, zero = weight_group_params(weight, group_sizes, bits)
+    scale, zero = weight_group_params(weight, group_sizes, bits, spec)
     sizes = group_sizes if group_sizes is not None else (weight.shape[-1],)
     return expand_groups(scale, sizes), expand_groups(zero, sizes)
 
 
-def quantize_weight_rtn(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int) -> torch.Tensor:
-    scale, zero = weight_params(weight, group_sizes, bits)
-    return fake_quant(weight, scale, zero, bits)
+def quantize_weight_rtn(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int,
+                        spec: WeightSpec | None = None) -> torch.Tensor:
+    grid = spec.grid if spec is not None else "full"
+    scale, zero = weight_params(weight, group_sizes, bits, spec)
+    return fake_quant(weight, scale, zero, bits, grid)
+
+
+def fixed_groups(columns: int, group_size: int) -> tuple[int, ...]:
+    """Contiguous groups of ``group_size`` columns (the last one shorter if it does not divide)."""
+    full, rest = divmod(columns, group_size)
+    return (group_size,) * full + ((rest,) if rest else ())

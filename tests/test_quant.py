@@ -48,7 +48,7 @@ def test_one_cluster_equals_per_tensor():
 
 def test_dynamic_per_token_ranges_adapt():
     x = torch.tensor([[[0.0, 1.0, 2.0, 3.0], [0.0, 10.0, 20.0, 30.0]]])
-    out = ActQuantizer(QuantSpec(bits=2, group_sizes=None, dynamic=True))(x)
+    out = ActQuantizer(QuantSpec(bits=2, group_sizes=None, dynamic="token"))(x)
     assert torch.allclose(out, x)  # 4 evenly spaced values per token fit 2 bits exactly
 
 

@@ -15,18 +15,30 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rptq.methods import METHODS, POLICIES, STEPS
+    from rptq.stats import METRICS
+
     p = OneLineParser(description=__doc__)
     p.add_argument("model", help="opt-125m ... opt-175b, smollm2-135m, a hub id, or a local HF model directory")
-    p.add_argument("--wbits", type=int, default=4, choices=BITS)
-    p.add_argument("--abits", type=int, default=4, choices=BITS)
+    p.add_argument("--method", default="rptq", choices=METHODS,
+                   help="preset by paper name; expands to the settings in the README, each overridable by its flag")
+    p.add_argument("--transforms", default=None,
+                   help=f"transform steps in order, comma list of {','.join(STEPS)} (default: the method's)")
+    p.add_argument("--wbits", type=int, default=None, choices=BITS, help="default 4 (smoothquant: 8)")
+    p.add_argument("--abits", type=int, default=None, choices=BITS, help="default 4 (smoothquant, fptq: 8)")
     p.add_argument("--only_quant_kv", action="store_true", help="quantize only K and V activations")
-    p.add_argument("--abits_policy", default="rptq", choices=("rptq", "uniform"),
-                   help="rptq: LN outputs and softmax at max(8, abits); uniform: all at abits, softmax at 16")
+    p.add_argument("--abits_policy", default=None, choices=tuple(POLICIES),
+                   help="activation policy (default: the method's); rptq: LayerNorm outputs at max(8, abits), "
+                        "softmax on a fixed 1/255 grid; uniform: all at abits, softmax at 16")
     p.add_argument("--eval_ppl", action="store_true")
+    p.add_argument("--eval_base_ppl", action="store_true",
+                   help="also the perplexity of the unquantized model, in the same run")
     p.add_argument("--ppl_datasets", default="wikitext2,ptb,c4",
                    help="comma list of wikitext2, ptb, c4, wiki_leads, file:PATH")
     p.add_argument("--tasks", default="", help="comma list of lm-eval tasks, e.g. piqa,arc_easy")
     p.add_argument("--tasks_source", default="auto", choices=("auto", "hub", "local"))
+    p.add_argument("--task_bos", default="auto", choices=("auto", "on", "off"),
+                   help="BOS before lm-eval contexts; auto: none for OPT (as the reference), the model's own otherwise")
     p.add_argument("--num_fewshot", type=int, default=0)
     p.add_argument("--limit", type=int, default=-1, help="evaluate only the first N windows / documents")
     p.add_argument("--nsamples", type=int, default=128)
@@ -34,12 +46,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib_dataset", default="mix", help="mix, wikitext2, ptb, c4, wiki_leads or file:PATH")
     p.add_argument("--seed", type=int, default=2)
     for i, k in zip(range(1, 6), (32, 4, 4, 32, 32)):
-        p.add_argument(f"--R{i}_clusters", type=int, default=k)
-    p.add_argument("--reorder", default="12345", help='reorder points to cluster, e.g. 12345, 1, or "" for none')
-    p.add_argument("--metric", default="ema_minmax", choices=("ema_minmax", "minmax"))
-    p.add_argument("--a_dynamic", action="store_true", help="dynamic per-token activation ranges")
-    p.add_argument("--w_quantizer", default="gptq", choices=("gptq", "rtn"))
+        p.add_argument(f"--R{i}_clusters", type=int, default=None, help=f"default {k}")
+    p.add_argument("--reorder", default=None, help='reorder points to cluster, e.g. 12345 (default), 1, or "" for none')
+    p.add_argument("--metric", default="ema_minmax", choices=METRICS,
+                   help="static activation ranges: ema_minmax (reference: EMA of each sample's cluster extreme), "
+                        "minmax, ema_channel (EMA per channel), mse / layer_mse (clipping searches)")
+    p.add_argument("--kmeans_features", default="minmax", choices=("minmax", "metric"),
+                   help="what k-means clusters: global min/max (reference) or the --metric ranges")
+    p.add_argument("--a_dynamic", action="store_true", help="dynamic activation ranges")
+    p.add_argument("--a_dynamic_method", default="per_cluster", choices=("per_cluster", "per_token"),
+                   help="per_cluster: one range per cluster and sequence (reference); per_token: per token and cluster")
+    p.add_argument("--grid", default=None, choices=("reference", "full", "symmetric"),
+                   help="integer grid: reference (RPTQ: 2^b levels over [min, max-step]), full (2^b-1 steps over "
+                        "[min, max]), symmetric")
+    p.add_argument("--w_quantizer", default=None, choices=("gptq", "rtn", "normal", "gptqt"),
+                   help="normal = rtn (the reference's name)")
+    p.add_argument("--w_range", default=None, choices=("minmax", "with_zero"),
+                   help="weight ranges: plain min/max (reference) or forced to include 0 (GPTQ)")
+    p.add_argument("--w_group_size", type=int, default=None,
+                   help="0: per row (per input cluster where reordered); N: groups of N input channels")
+    p.add_argument("--w_clip", type=float, default=None, help="weight range clipping ratio (duquant: 0.8)")
     p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--smooth_alpha", type=float, default=None, help="SmoothQuant migration strength")
+    p.add_argument("--smooth_points", default=None, choices=("norm", "all"),
+                   help="smooth the norm-fed linear inputs (SmoothQuant) or every linear input (DuQuant)")
+    p.add_argument("--fptq_v0", type=float, default=15.0)
+    p.add_argument("--fptq_v1", type=float, default=150.0)
+    p.add_argument("--kv_bits", type=int, default=8, choices=BITS, help="FPTQ's K/V cache bits (16: off)")
+    p.add_argument("--rotation", default=None, choices=("duquant", "hadamard", "random"),
+                   help="online rotation at the linear inputs: DuQuant's (R1, zigzag, R2), block Hadamard, random")
+    p.add_argument("--rotation_block", type=int, default=128)
+    p.add_argument("--rotation_steps", type=int, default=256)
+    p.add_argument("--no_permute", action="store_true", help="DuQuant without the zigzag permutation (and R2)")
+    p.add_argument("--outlier_index", default="official", choices=("official", "paper"),
+                   help="DuQuant's greedy outlier index: the released code's rule or the paper's")
+    p.add_argument("--act_clip", type=float, default=None, help="dynamic activation clipping ratio (duquant: 0.9)")
+    p.add_argument("--inter_bits", type=int, default=0, help="GPTQT's step-1 bits (0: wbits + 1)")
     p.add_argument("--disable_w_quant", action="store_true")
     p.add_argument("--disable_a_quant", action="store_true")
     p.add_argument("--multigpu", action="store_true", help="shard decoder layers over all visible GPUs")
@@ -49,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory this run may use (default: what is free); a model that does not fit in it is "
                         "calibrated out of core automatically")
     p.add_argument("--save_quantized", default=None, help="write the fused, quantized model to this directory")
-    p.add_argument("--load_quantized", default=None, help="evaluate a --save_quantized directory (no calibration)")
+    p.add_argument("--pack_weight", action="store_true",
+                   help="the reference's flag: store packed low-bit weights (with --save_quantized)")
+    p.add_argument("--load_quantized", "--load", dest="load_quantized", default=None,
+                   help="evaluate a --save_quantized directory (no calibration); --load is the reference's name")
+    p.add_argument("--act_dist_plot", action="store_true", help="draw activation ranges before/after the transforms")
+    p.add_argument("--plot_layers", default="0,mid,-1", help="layers to draw with --act_dist_plot")
     p.add_argument("--no_resume", action="store_true",
                    help="do not keep per-layer calibration state in OUTPUT_PATH/calibration_state")
     p.add_argument("--cache_dir", default=None)
@@ -59,8 +106,81 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quant_config(args):
+    """QuantConfig from the method preset, then every flag given explicitly."""
+    import dataclasses
+
+    from rptq.config import DEFAULT_CLUSTERS, QuantConfig, RotationSettings, SmoothSettings
+    from rptq.errors import UserError
+    from rptq.methods import PRESETS, STEPS
+
+    preset = dict(PRESETS[args.method])
+    smooth = {**dataclasses.asdict(SmoothSettings()), **preset.pop("smooth", {})}
+    rotation = {**dataclasses.asdict(RotationSettings()), **preset.pop("rotation", {})}
+    base = {**dataclasses.asdict(QuantConfig()), **preset}
+    for flag in ("wbits", "abits", "abits_policy", "grid", "w_range", "w_group_size", "w_clip"):
+        if getattr(args, flag) is not None:
+            base[flag] = getattr(args, flag)
+    if args.w_quantizer is not None:
+        base["w_quantizer"] = "rtn" if args.w_quantizer == "normal" else args.w_quantizer
+    if args.transforms is not None:
+        steps = tuple(s.strip() for s in args.transforms.split(",") if s.strip())
+        unknown = [s for s in steps if s not in STEPS]
+        if unknown:
+            raise UserError(f"unknown transform step {unknown[0]!r}; steps: {', '.join(STEPS)}")
+        base["transforms"] = steps
+    transforms = base["transforms"]
+    if args.reorder is not None or any(getattr(args, f"R{i}_clusters") is not None for i in range(1, 6)):
+        if "reorder" not in transforms:
+            raise UserError(f"--reorder/--R*_clusters cluster channels, but --method {args.method} runs no reorder "
+                            f"step (its transforms: {','.join(transforms) or 'none'}); add it with --transforms")
+    if args.reorder is not None:
+        base["reorder"] = args.reorder
+    base["clusters"] = {k: getattr(args, f"{k}_clusters") or v for k, v in DEFAULT_CLUSTERS.items()}
+    if (args.smooth_alpha is not None or args.smooth_points is not None) and "smooth" not in transforms:
+        raise UserError("--smooth_alpha/--smooth_points set SmoothQuant's scales; add smooth to --transforms "
+                        f"(--method {args.method} runs: {','.join(transforms) or 'none'})")
+    if args.smooth_alpha is not None:
+        smooth["alpha"] = args.smooth_alpha
+    if args.smooth_points is not None:
+        smooth["points"] = args.smooth_points
+    if args.rotation is not None:
+        if "rotate" not in transforms:
+            raise UserError(f"--rotation needs the rotate step; --method {args.method} runs: {','.join(transforms)}")
+        rotation["kind"] = args.rotation
+    rotation.update(block_size=args.rotation_block, steps=args.rotation_steps, permute=not args.no_permute,
+                    outlier_index=args.outlier_index)
+    if args.act_clip is not None:
+        rotation["act_clip"] = args.act_clip
+    if base["abits_policy"] == "fptq" and "lae" not in transforms:
+        raise UserError("--abits_policy fptq routes each point by the lae step's decisions; add lae to --transforms")
+    if base["w_quantizer"] == "gptqt" and base["wbits"] not in (2, 3):
+        raise UserError(f"--w_quantizer gptqt makes 3- or 2-bit binary codes; use --wbits 3 or 2 "
+                        f"(got {base['wbits']})")
+    for name, value in (("--w_group_size", base["w_group_size"]), ("--rotation_block", args.rotation_block),
+                        ("--rotation_steps", args.rotation_steps)):
+        if value < 0 or (name == "--rotation_block" and value < 2):
+            raise UserError(f"{name} must be {'at least 2' if name == '--rotation_block' else 'non-negative'} "
+                            f"(got {value})")
+    for name, value in (("--w_clip", base["w_clip"]), ("--act_clip", rotation["act_clip"]),
+                        ("--smooth_alpha", smooth["alpha"])):
+        if not 0 < value <= 1:
+            raise UserError(f"{name} must be in (0, 1] (got {value})")
+    base.update(method=args.method, only_quant_kv=args.only_quant_kv, metric=args.metric,
+                kmeans_features=args.kmeans_features, a_dynamic=args.a_dynamic,
+                a_dynamic_method=args.a_dynamic_method, percdamp=args.percdamp,
+                disable_w_quant=args.disable_w_quant, disable_a_quant=args.disable_a_quant, seed=args.seed,
+                fp16_scales=args.pack_weight)
+    from rptq.config import FPTQSettings, GPTQTSettings
+
+    base["smooth"] = SmoothSettings(**smooth)
+    base["rotation"] = RotationSettings(**rotation)
+    base["fptq"] = FPTQSettings(v0=args.fptq_v0, v1=args.fptq_v1, kv_bits=args.kv_bits)
+    base["gptqt"] = GPTQTSettings(inter_bits=args.inter_bits)
+    return QuantConfig(**base)
+
+
 def build_config(args):
-    from rptq.config import QuantConfig
     from rptq.errors import UserError
     from rptq.runner import RunConfig
 
@@ -74,29 +194,31 @@ def build_config(args):
         raise UserError(f"--limit must be a positive count or -1 for all (got {args.limit})")
     if args.percdamp <= 0:
         raise UserError(f"--percdamp must be positive (got {args.percdamp})")
-    if any(c not in "12345" for c in args.reorder) or len(set(args.reorder)) != len(args.reorder):
+    if args.reorder is not None and (any(c not in "12345" for c in args.reorder)
+                                     or len(set(args.reorder)) != len(args.reorder)):
         raise UserError(f"--reorder takes distinct digits 1-5 such as 12345 or 14 (got {args.reorder!r})")
     if args.max_memory is not None and args.max_memory <= 0:
         raise UserError(f"--max_memory is in GiB and must be positive (got {args.max_memory})")
-    clusters = {f"R{i}": getattr(args, f"R{i}_clusters") for i in range(1, 6)}
-    for point, count in clusters.items():
-        if count < 1:
-            raise UserError(f"--{point}_clusters must be at least 1 (got {count})")
-    quant = QuantConfig(wbits=args.wbits, abits=args.abits, only_quant_kv=args.only_quant_kv,
-                        abits_policy=args.abits_policy, reorder=args.reorder, clusters=clusters, metric=args.metric,
-                        a_dynamic=args.a_dynamic, w_quantizer=args.w_quantizer, percdamp=args.percdamp,
-                        disable_w_quant=args.disable_w_quant, disable_a_quant=args.disable_a_quant, seed=args.seed)
+    for i in range(1, 6):
+        count = getattr(args, f"R{i}_clusters")
+        if count is not None and count < 1:
+            raise UserError(f"--R{i}_clusters must be at least 1 (got {count})")
+    if args.pack_weight and not args.save_quantized:
+        raise UserError("--pack_weight stores packed weights in a --save_quantized directory; pass --save_quantized DIR")
+    quant = quant_config(args)
     split = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())  # noqa: E731
     ppl_datasets = split(args.ppl_datasets)
-    if args.eval_ppl and not ppl_datasets:
+    if (args.eval_ppl or args.eval_base_ppl) and not ppl_datasets:
         raise UserError("--eval_ppl needs at least one dataset in --ppl_datasets (e.g. ptb)")
-    return RunConfig(model=args.model, quant=quant, eval_ppl=args.eval_ppl, ppl_datasets=ppl_datasets,
-                     tasks=split(args.tasks), tasks_source=args.tasks_source, num_fewshot=args.num_fewshot,
+    return RunConfig(model=args.model, quant=quant, eval_ppl=args.eval_ppl, eval_base_ppl=args.eval_base_ppl,
+                     ppl_datasets=ppl_datasets, tasks=split(args.tasks), tasks_source=args.tasks_source,
+                     task_bos=args.task_bos, num_fewshot=args.num_fewshot,
                      limit=args.limit, nsamples=args.nsamples, seqlen=args.seqlen, calib_dataset=args.calib_dataset,
                      cache_dir=args.cache_dir, output_path=args.output_path, device=args.device,
                      offload_dir=args.offload_dir, save_quantized=args.save_quantized,
                      load_quantized=args.load_quantized, multigpu=args.multigpu, max_memory_gib=args.max_memory,
-                     resume=not args.no_resume, progress=not args.no_progress)
+                     resume=not args.no_resume, progress=not args.no_progress, act_dist_plot=args.act_dist_plot,
+                     plot_layers=args.plot_layers)
 
 
 def main(argv=None) -> int:

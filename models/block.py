@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rptq.transforms import OnlineTransforms
+
 from .spec import BlockSpec
 
 
@@ -20,11 +22,20 @@ class QuantBlock(nn.Module):
         self.layer = layer
         self.spec = spec
         self.taps = nn.ModuleDict({point: nn.Identity() for point in spec.points})
+        # Per point: channel transforms that could not be folded into weights (rotations after a
+        # norm, DuQuant's permutation between rotations), applied before the tap.
+        self.online = nn.ModuleDict({point: OnlineTransforms() for point in spec.points})
         # Per norm-output point: a channel gather applied to the norm's input (RPTQ R1/R4).
         self.gathers: dict[str, torch.Tensor | None] = {edge.point: None for edge in spec.norm_edges}
+        # Per linear: how its weight was quantized (scale/zero per row x group, bits, grid, groups),
+        # what a packed checkpoint stores next to the integer codes.
+        self.weight_codes: dict[str, dict] = {}
 
     # -- helpers the architecture's forward uses -------------------------------------------------
     def tap(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        online = self.online[point]
+        if len(online):
+            x = online(x)
         return self.taps[point](x)
 
     def norm_out(self, point: str, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,8 @@ def llama_block_spec(config) -> BlockSpec:
         qk_edge=QKEdge("R2", "self_attn.q_proj", "self_attn.k_proj", "q", "k"),
         linear_edges=(
             LinearEdge("R3", ("self_attn.v_proj",), "self_attn.o_proj", "o_in", per_head=True,
-                       value_point="v"),
-            LinearEdge("R5", _GATE_UP, "mlp.down_proj", "down_in"),
+                       value_point="v", scalable=("self_attn.v_proj",)),
+            LinearEdge("R5", _GATE_UP, "mlp.down_proj", "down_in", scalable=("mlp.up_proj",)),
         ),
         points={"qkv_in": LN_OUT, "q": QUERY, "k": KEY, "v": VALUE, "p": PROBS,
                 "o_in": LINEAR_IN, "gate_up_in": LN_OUT, "down_in": LINEAR_IN},

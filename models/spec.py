@@ -44,6 +44,9 @@ class QKEdge:
     k: str
     q_point: str
     k_point: str
+    # The query tap sees q_proj's output times head_dim^-0.5 (OPT scales q before the scores);
+    # RPTQ's reference clusters on q_proj's own output, so features are unscaled first.
+    q_prescaled: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,11 @@ class LinearEdge:
     ``per_head``: the channels live inside attention heads, so permutations stay within
     a head (v_proj -> out_proj, R3); ``value_point`` is then the V activation whose
     channels follow the producer rows. Otherwise a free permutation (fc1 -> fc2, R5).
+
+    ``scalable``: the producers whose rows (and bias) a positive per-channel scale can be
+    folded into, because what lies between them and the consumer is positively homogeneous
+    in that producer: ReLU after fc1, the linear ``up`` factor of SwiGLU (not ``gate``), the
+    attention's P V for v_proj.
     """
 
     reorder: str
@@ -61,6 +69,7 @@ class LinearEdge:
     point: str
     per_head: bool = False
     value_point: str | None = None
+    scalable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,3 +84,13 @@ class BlockSpec:
 
     def linears(self) -> tuple[str, ...]:
         return tuple(self.linear_inputs)
+
+    def readers(self, point: str) -> tuple[str, ...]:
+        """The linears whose input is activation ``point`` (in quantization order)."""
+        return tuple(name for name, p in self.linear_inputs.items() if p == point)
+
+    def norm_edge(self, point: str) -> NormEdge | None:
+        return next((e for e in self.norm_edges if e.point == point), None)
+
+    def linear_edge(self, point: str) -> LinearEdge | None:
+        return next((e for e in self.linear_edges if e.point == point), None)

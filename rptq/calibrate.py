@@ -1,11 +1,16 @@
-"""RPTQ on one decoder block: observe, cluster, fuse, quantize, produce the next inputs.
+"""One decoder block: observe, transform, quantize, produce the next inputs.
 
-Two passes over the calibration set per block: one in full precision that gathers
-every statistic (ranges for clustering and activation quantizers, GPTQ Hessians),
-and one through the quantized block that yields the next block's inputs.
+Two passes over the calibration set per block: one in full precision that gathers every
+statistic (ranges, GPTQ Hessians, token samples) and the block's FP outputs, and one
+through the quantized block that yields the next block's inputs and, against the FP
+outputs, the block's quantization error. Between them the method's transform steps run
+on the statistics (re-expressed, never re-measured), then weights and activation
+quantizers are built.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -13,24 +18,32 @@ import torch
 from torch import nn
 
 from models.block import QuantBlock
-from models.spec import BlockSpec
-from quant.quantizer import (FULL_PRECISION, ActQuantizer, QuantSpec, fake_quant, weight_group_params,
+from models.spec import PROBS
+from quant.quantizer import (FULL_PRECISION, ActQuantizer, expand_groups, fake_quant, weight_group_params,
                              weight_params)
+from quant.search import mse_clip_ranges
 
-from .cluster import Layout, cluster_channels, cluster_heads, head_layout, range_features
-from .config import QuantConfig, role_bits
-from .reorder import fuse_linear_edge, fuse_norm_edge, fuse_qk_edge
-from .stats import ChannelObserver
+from . import methods
+from .config import QuantConfig
+from .context import BlockContext
+from .stats import ChannelObserver, sample_per_call
+
+ERROR_SAMPLE_TOKENS = 256  # token rows kept per linear input to measure weight-only error
+LAYER_MSE_WINDOWS = 4  # calibration windows the layer_mse search scores on
+LAYER_MSE_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 
 
 @dataclass
 class BlockTiming:
     stats_s: float = 0.0
-    kmeans_s: float = 0.0
+    transform_s: float = 0.0
     weights_s: float = 0.0
     output_s: float = 0.0
     passes: int = 0
-    layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # point -> channel groups (clusters)
+    decisions: dict[str, dict] = field(default_factory=dict)
+    placements: list[dict] = field(default_factory=list)
+    errors: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -41,124 +54,162 @@ def run_block(block: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, batch_
     return outputs
 
 
-def _head_features(ranges: tuple[torch.Tensor, torch.Tensor], heads_per_group: int, kv_heads: int,
-                   head_dim: int) -> torch.Tensor:
-    """(kv_heads, head_dim, 2 * heads_per_group) features of the heads sharing each kv head."""
-    feats = range_features(*ranges).reshape(kv_heads, heads_per_group, head_dim, 2)
-    return feats.permute(0, 2, 1, 3).reshape(kv_heads, head_dim, heads_per_group * 2)
-
-
-def plan_layouts(spec: BlockSpec, observers: dict[str, ChannelObserver], cfg: QuantConfig) -> dict[str, Layout]:
-    """Cluster every reorder point named in ``cfg.reorder``; returns activation point -> layout."""
-    heads = spec.heads
-    layouts: dict[str, Layout] = {}
-    for edge in spec.norm_edges:
-        if cfg.reorders(edge.reorder):
-            feats = range_features(*observers[edge.point].ranges(cfg.metric))
-            layouts[edge.point] = cluster_channels(feats, cfg.clusters[edge.reorder], cfg.seed)
-    qk = spec.qk_edge
-    if cfg.reorders(qk.reorder):
-        q = _head_features(observers[qk.q_point].ranges(cfg.metric), heads.group, heads.num_kv_heads,
-                           heads.head_dim)
-        k = _head_features(observers[qk.k_point].ranges(cfg.metric), 1, heads.num_kv_heads, heads.head_dim)
-        local = cluster_heads(torch.cat([q, k], dim=-1), heads, cfg.clusters[qk.reorder], cfg.seed,
-                              rope=heads.rope)
-        layouts[qk.q_point] = head_layout(local, heads.group, heads.head_dim)
-        layouts[qk.k_point] = head_layout(local, 1, heads.head_dim)
-    for edge in spec.linear_edges:
-        if not cfg.reorders(edge.reorder):
+def _observers(spec, cfg: QuantConfig, samples: int, layer: int) -> dict[str, ChannelObserver]:
+    """What the FP pass records at each point. Softmax outputs need nothing (a fixed grid or FP)."""
+    quantize_w = cfg.weight_bits < FULL_PRECISION
+    hessian = quantize_w and cfg.w_quantizer in ("gptq", "gptqt")
+    linear_points = set(spec.linear_inputs.values())
+    observers = {}
+    for i, (point, role) in enumerate(spec.points.items()):
+        if role == PROBS:
             continue
-        ranges = observers[edge.point].ranges(cfg.metric)
-        if edge.per_head:
-            feats = _head_features(ranges, heads.group, heads.num_kv_heads, heads.head_dim)
-            local = cluster_heads(feats, heads, cfg.clusters[edge.reorder], cfg.seed, rope=False)
-            layouts[edge.point] = head_layout(local, heads.group, heads.head_dim)
-            layouts[edge.value_point] = head_layout(local, 1, heads.head_dim)
-        else:
-            layouts[edge.point] = cluster_channels(range_features(*ranges), cfg.clusters[edge.reorder], cfg.seed)
-    return layouts
+        tokens = ERROR_SAMPLE_TOKENS if point in linear_points else 0
+        if cfg.metric == "mse":
+            tokens = max(tokens, 2048)
+        if "rotate" in cfg.transforms and point in linear_points:
+            tokens = max(tokens, cfg.rotation.sample_tokens)
+        observers[point] = ChannelObserver(hessian=hessian and point in linear_points,
+                                           sample_per_call=sample_per_call(tokens, samples),
+                                           seed=cfg.seed * 1009 + layer * 101 + i)
+    return observers
 
 
-def apply_layouts(block: QuantBlock, spec: BlockSpec, layouts: dict[str, Layout]) -> None:
-    for edge in spec.norm_edges:
-        if edge.point in layouts:
-            fuse_norm_edge(block, edge, layouts[edge.point])
-    qk = spec.qk_edge
-    if qk.q_point in layouts:
-        fuse_qk_edge(block, qk, layouts[qk.q_point], layouts[qk.k_point])
-    for edge in spec.linear_edges:
-        if edge.point in layouts:
-            fuse_linear_edge(block, edge, layouts[edge.point], layouts.get(edge.value_point))
+class MeasuredTap(nn.Module):
+    """A quantizer that also sums its squared error and its input's energy (the quantized pass)."""
+
+    def __init__(self, quantizer: nn.Module):
+        super().__init__()
+        self.quantizer, self.err, self.energy = quantizer, 0.0, 0.0
+
+    def forward(self, x):
+        y = self.quantizer(x)
+        self.err += float((y.float() - x.float()).pow(2).sum())
+        self.energy += float(x.float().pow(2).sum())
+        return y
 
 
-def activation_quantizers(spec: BlockSpec, observers: dict[str, ChannelObserver], layouts: dict[str, Layout],
-                          cfg: QuantConfig) -> nn.ModuleDict:
+def activation_quantizers(ctx: BlockContext) -> dict[str, ActQuantizer]:
+    policy = methods.policy(ctx.cfg)
     taps = {}
-    for point, role in spec.points.items():
-        groups = layouts[point].sizes if point in layouts else None
-        qspec = QuantSpec(bits=role_bits(cfg, role), group_sizes=groups, dynamic=cfg.a_dynamic)
-        cmin = cmax = None
-        if qspec.enabled and not qspec.dynamic:
-            cmin, cmax = observers[point].ranges(cfg.metric)
+    for point, role in ctx.spec.points.items():
+        qspec, metric = policy.activation(ctx, point, role)
+        if not qspec.enabled or qspec.dynamic is not None or qspec.unit_grid:
+            taps[point] = ActQuantizer(qspec)
+            continue
+        obs = ctx.observers[point]
+        channels = obs.maxes[0].shape[-1]
+        sizes = qspec.group_sizes or (channels,)
+        gmin, gmax = obs.group_ranges(metric, sizes)
+        if metric == "mse":
+            gmin, gmax = mse_clip_ranges(obs.sample(), gmin, gmax, sizes, qspec.bits, qspec.grid)
+        cmin, cmax = expand_groups(gmin, sizes), expand_groups(gmax, sizes)
         taps[point] = ActQuantizer(qspec, cmin, cmax)
-    return nn.ModuleDict(taps)
-
-
-def _last_reader(spec: BlockSpec, name: str, point: str) -> bool:
-    """Whether ``name`` is the last linear (in quantization order) reading activation ``point``."""
-    readers = [n for n, p in spec.linear_inputs.items() if p == point]
-    return readers[-1] == name
+        taps[point].ranges = (cmin, cmax)  # what layer_mse's search clips
+    return taps
 
 
 @torch.no_grad()
-def quantize_weights(block: QuantBlock, spec: BlockSpec, observers: dict[str, ChannelObserver],
-                     layouts: dict[str, Layout], cfg: QuantConfig) -> None:
+def quantize_weights(ctx: BlockContext) -> dict[str, float]:
+    """Quantize every linear of the block; returns each one's weight-only relative output error
+    on the token rows its input point kept (in the transformed basis)."""
+    cfg, spec, block = ctx.cfg, ctx.spec, ctx.block
     bits = cfg.weight_bits
+    errors = {}
     for name, point in spec.linear_inputs.items():
         linear = block.module(name)
-        groups = layouts[point].sizes if point in layouts else None
+        W = linear.weight.data.float()
+        wspec = methods.weight_spec(cfg, W.shape[1], ctx.groups.get(point))
+        groups = wspec.group_sizes
+        obs = ctx.observers[point]
         if cfg.w_quantizer == "gptq":
-            scale, zero = weight_group_params(linear.weight.data.float(), groups, bits)
-            q = observers[point].gptq.quantize(linear.weight.data, scale, zero, bits, group_sizes=groups,
-                                               blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+            scale, zero = weight_group_params(W, groups, bits, wspec)
+            q = obs.gptq.quantize(W, scale, zero, bits, group_sizes=groups, blocksize=cfg.blocksize,
+                                  percdamp=cfg.percdamp, grid=wspec.grid)
         else:
-            scale, zero = weight_params(linear.weight.data.float(), groups, bits)
-            q = fake_quant(linear.weight.data.float(), scale, zero, bits)
+            scale, zero = weight_group_params(W, groups, bits, wspec)
+            full_scale, full_zero = weight_params(W, groups, bits, wspec)
+            q = fake_quant(W, full_scale, full_zero, bits, wspec.grid)
+        block.weight_codes[name] = {"scale": scale.cpu(), "zero": zero.cpu(), "bits": bits, "grid": wspec.grid,
+                                    "group_sizes": groups}
+        if obs.samples:
+            x = obs.sample().to(W.device)
+            ref = x @ W.t()
+            errors[name] = float((x @ (q - W).t()).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
         linear.weight.data = q.to(linear.weight.dtype)
-        if cfg.w_quantizer == "gptq" and _last_reader(spec, name, point):
-            observers[point].gptq.free()  # its n x n factor is dead weight from here on
+        if cfg.w_quantizer == "gptq" and spec.readers(point)[-1] == name:
+            obs.gptq.free()  # its n x n factor is dead weight from here on
+    return errors
 
 
-def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
-                    cfg: QuantConfig) -> tuple[torch.Tensor, BlockTiming]:
-    """Reorder and quantize ``block`` in place; return its quantized outputs on ``inputs``."""
+@torch.no_grad()
+def layer_mse_search(block: QuantBlock, taps: dict, inputs: torch.Tensor, fp_out: torch.Tensor,
+                     layer_kwargs: dict) -> dict[str, float]:
+    """--metric layer_mse: per static point, in forward order, the clipping ratio of its ranges
+    that minimises the block's output MSE on the first few calibration windows (greedy)."""
+    k = min(LAYER_MSE_WINDOWS, inputs.shape[0])
+    chosen = {}
+
+    def loss() -> float:
+        return float((run_block(block, inputs[:k], layer_kwargs) - fp_out[:k]).float().pow(2).mean())
+
+    block.taps = nn.ModuleDict(taps)
+    for point, tap in taps.items():
+        if not tap.spec.enabled or tap.spec.dynamic is not None or tap.spec.unit_grid:
+            continue
+        cmin, cmax = tap.ranges
+        best = (loss(), 1.0, tap)
+        for ratio in LAYER_MSE_RATIOS[1:]:
+            candidate = ActQuantizer(dataclasses.replace(tap.spec, clip=ratio), cmin, cmax)
+            block.taps[point] = candidate
+            value = loss()
+            if value < best[0]:
+                best = (value, ratio, candidate)
+        block.taps[point] = taps[point] = best[2]
+        chosen[point] = best[1]
+    return chosen
+
+
+def _sqnr_db(rel_mse: float) -> float:
+    return math.inf if rel_mse <= 0 else -10 * math.log10(rel_mse)
+
+
+def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict, cfg: QuantConfig,
+                    layer: int = 0) -> tuple[torch.Tensor, BlockTiming]:
+    """Transform and quantize ``block`` in place; return its quantized outputs on ``inputs``."""
     spec = block.spec
     timing = BlockTiming()
-    quantize_w = cfg.weight_bits < FULL_PRECISION
-    hessian_points = set(spec.linear_inputs.values()) if quantize_w and cfg.w_quantizer == "gptq" else set()
-
     t0 = time.perf_counter()
-    observers = {p: ChannelObserver(hessian=p in hessian_points) for p in spec.points}
-    block.taps = nn.ModuleDict(observers)
-    run_block(block, inputs, layer_kwargs)
+    observers = _observers(spec, cfg, inputs.shape[0], layer)
+    block.taps = nn.ModuleDict({p: observers.get(p, nn.Identity()) for p in spec.points})
+    fp_out = run_block(block, inputs, layer_kwargs)
     timing.passes += 1
     t1 = time.perf_counter()
 
-    layouts = plan_layouts(spec, observers, cfg)
-    apply_layouts(block, spec, layouts)
-    for point, layout in layouts.items():
-        observers[point].permute(layout.perm)
-    timing.layouts = {p: lay.sizes for p, lay in layouts.items()}
+    ctx = BlockContext(block, observers, cfg, layer)
+    for name in cfg.transforms:
+        methods.step(name)(ctx)
     t2 = time.perf_counter()
 
-    if quantize_w:
-        quantize_weights(block, spec, observers, layouts, cfg)
+    weight_errors = quantize_weights(ctx) if cfg.weight_bits < FULL_PRECISION else {}
     t3 = time.perf_counter()
 
-    block.taps = activation_quantizers(spec, observers, layouts, cfg).to(inputs.device)
-    del observers
+    taps = activation_quantizers(ctx)
+    del observers, ctx.observers
+    if cfg.metric == "layer_mse":
+        timing.decisions["layer_mse_clip"] = layer_mse_search(block, taps, inputs, fp_out, layer_kwargs)
+    measured = {p: MeasuredTap(t) for p, t in taps.items()}
+    block.taps = nn.ModuleDict(measured).to(inputs.device)
     outputs = run_block(block, inputs, layer_kwargs)
+    block.taps = nn.ModuleDict({p: m.quantizer for p, m in measured.items()})
     timing.passes += 1
     t4 = time.perf_counter()
-    timing.stats_s, timing.kmeans_s, timing.weights_s, timing.output_s = t1 - t0, t2 - t1, t3 - t2, t4 - t3
+
+    rel = float((outputs.float() - fp_out.float()).pow(2).sum() / fp_out.float().pow(2).sum().clamp(min=1e-30))
+    timing.errors = {"block_rel_mse": rel, "block_sqnr_db": _sqnr_db(rel), "weights": weight_errors,
+                     "points": {p: m.err / max(m.energy, 1e-30) for p, m in measured.items()
+                                if m.quantizer.spec.enabled}}
+    timing.layouts = dict(ctx.groups)
+    timing.decisions.update(ctx.decisions)
+    timing.placements = ctx.placements
+    timing.stats_s, timing.transform_s, timing.weights_s, timing.output_s = t1 - t0, t2 - t1, t3 - t2, t4 - t3
     return outputs, timing

@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 from eval.atomic import atomic_write, atomic_write_text
 from models.block import QuantBlock
 from quant.quantizer import ActQuantizer, QuantSpec
+from rptq.transforms import transform_from_state
 
-FORMAT = "rptq-block-v1"
+FORMAT = "rptq-block-v2"
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -42,11 +43,17 @@ def save_block(block: QuantBlock, path: Path) -> None:
     for point, tap in block.taps.items():
         if isinstance(tap, ActQuantizer):
             spec = tap.spec
-            taps[point] = {"bits": spec.bits, "dynamic": spec.dynamic,
+            taps[point] = {"bits": spec.bits, "dynamic": spec.dynamic, "grid": spec.grid, "clip": spec.clip,
+                           "unit_grid": spec.unit_grid,
                            "group_sizes": list(spec.group_sizes) if spec.group_sizes is not None else None}
             if tap.scale is not None:
                 tensors[f"tap.{point}.scale"], tensors[f"tap.{point}.zero"] = tap.scale, tap.zero
-    atomic_save(tensors, path, {"format": FORMAT, "taps": taps})
+    online = {}
+    for point, steps in block.online.items():
+        online[point] = [t.kind for t in steps.steps]
+        for i, t in enumerate(steps.steps):
+            tensors.update({f"online.{point}.{i}.{name}": value for name, value in t.state().items()})
+    atomic_save(tensors, path, {"format": FORMAT, "taps": taps, "online": online})
 
 
 def load_block(block: QuantBlock, path: Path, device="cpu") -> QuantBlock:
@@ -63,9 +70,14 @@ def load_block(block: QuantBlock, path: Path, device="cpu") -> QuantBlock:
             setattr(block, name[len("buffer."):], value)
     for point, spec in meta["taps"].items():
         groups = tuple(spec["group_sizes"]) if spec["group_sizes"] is not None else None
-        block.taps[point] = ActQuantizer.from_params(QuantSpec(spec["bits"], groups, spec["dynamic"]),
-                                                     tensors.get(f"tap.{point}.scale"),
+        qspec = QuantSpec(spec["bits"], groups, spec["dynamic"], spec["grid"], spec["clip"], spec["unit_grid"])
+        block.taps[point] = ActQuantizer.from_params(qspec, tensors.get(f"tap.{point}.scale"),
                                                      tensors.get(f"tap.{point}.zero"))
+    for point, kinds in meta.get("online", {}).items():
+        for i, kind in enumerate(kinds):
+            prefix = f"online.{point}.{i}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            block.online[point].steps.append(transform_from_state(kind, state))
     return block.to(device)
 
 

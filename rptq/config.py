@@ -1,4 +1,8 @@
-"""The method's settings and the bit policy that turns them into per-point bit widths."""
+"""The quantization settings of a run, as small frozen dataclasses.
+
+``QuantConfig`` holds what every method shares (bits, grid, weight quantizer, seed) plus one
+sub-dataclass per method family; ``rptq.methods.PRESETS`` fills them by paper name.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,34 +15,92 @@ DEFAULT_CLUSTERS = {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32}
 
 
 @dataclass(frozen=True)
+class SmoothSettings:
+    """SmoothQuant's migration strength and where it applies ("norm": the norm-fed inputs, as
+    SmoothQuant; "all": every linear input, as DuQuant)."""
+
+    alpha: float = 0.5
+    points: str = "norm"
+    floor: float = 1e-5  # DuQuant floors its smoothing scales at 1e-2 (set by its preset)
+
+
+@dataclass(frozen=True)
+class FPTQSettings:
+    """FPTQ's layerwise activation rule: r = max|X| <= v0 static; <= v1 (norm-fed) LAE + static;
+    else per-token dynamic. KV: per-token, per-head dynamic at kv_bits (16 = off)."""
+
+    v0: float = 15.0
+    v1: float = 150.0
+    kv_bits: int = 8
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    """DuQuant's online rotations at the linear inputs (and the plain-rotation baseline)."""
+
+    kind: str = "duquant"  # duquant (greedy R1, zigzag P, R2) | hadamard | random
+    block_size: int = 128  # a channel count it does not divide uses the largest power of two that does
+    steps: int = 256
+    permute: bool = True
+    outlier_index: str = "official"  # the released code's row-index rule, or "paper"
+    act_clip: float = 0.9
+    sample_tokens: int = 2048  # calibration token rows the search sees (DuQuant: one 2048-token sequence)
+
+
+@dataclass(frozen=True)
+class GPTQTSettings:
+    inter_bits: int = 0  # step-1 bits; 0 = wbits + 1
+    variant: str = "B"
+    gammas: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(21))
+
+
+@dataclass(frozen=True)
 class QuantConfig:
+    method: str = "rptq"
+    transforms: tuple[str, ...] = ("reorder",)
     wbits: int = 4
     abits: int = 4
     only_quant_kv: bool = False
-    abits_policy: str = "rptq"  # "rptq": LN outputs and P at max(8, abits); "uniform": all at abits, P at 16
+    abits_policy: str = "rptq"  # activation policy: rptq | uniform | smoothquant | fptq | duquant
     reorder: str = "12345"  # which of R1..R5 are clustered; "" = per-tensor baseline
     clusters: dict = field(default_factory=lambda: dict(DEFAULT_CLUSTERS))
     metric: str = "ema_minmax"
+    kmeans_features: str = "minmax"  # minmax (reference: global extremes) | metric (the --metric ranges)
     a_dynamic: bool = False
+    a_dynamic_method: str = "per_cluster"  # per_cluster: per sequence and cluster (reference) | per_token
+    grid: str = "reference"
     w_quantizer: str = "gptq"
+    w_range: str = "minmax"  # minmax (reference) | with_zero (GPTQ's convention)
+    w_group_size: int = 0  # 0: per row, per input cluster where the input is reordered; N: groups of N
+    w_clip: float = 1.0
+    fp16_scales: bool = False  # weight scales on fp16 numbers (packed checkpoints are then exact)
     percdamp: float = 0.01
     blocksize: int = 128
     disable_w_quant: bool = False
     disable_a_quant: bool = False
     seed: int = 2
+    smooth: SmoothSettings = field(default_factory=SmoothSettings)
+    fptq: FPTQSettings = field(default_factory=FPTQSettings)
+    rotation: RotationSettings = field(default_factory=RotationSettings)
+    gptqt: GPTQTSettings = field(default_factory=GPTQTSettings)
 
     def reorders(self, point: str) -> bool:
         """Whether reorder point 'R1'..'R5' is clustered."""
-        return point[1] in self.reorder
+        return "reorder" in self.transforms and point[1] in self.reorder
 
     @property
     def weight_bits(self) -> int:
         return FP if self.disable_w_quant else self.wbits
 
+    @property
+    def act_bits(self) -> int:
+        return FP if self.disable_a_quant else self.abits
+
 
 def role_bits(cfg: QuantConfig, role: str) -> int:
-    """Bit width of an activation point of the given role (see the README's manifest table)."""
-    if cfg.disable_a_quant or cfg.abits >= FP:
+    """Bit width of an activation point of the given role under the rptq/uniform policies
+    (see the README's manifest table)."""
+    if cfg.act_bits >= FP:
         return FP
     if cfg.only_quant_kv:
         return cfg.abits if role in (KEY, VALUE) else FP
@@ -64,27 +126,9 @@ def point_reorder(spec: BlockSpec) -> dict[str, str]:
 
 def bit_manifest(cfg: QuantConfig, spec: BlockSpec) -> dict[str, dict]:
     """Per tensor point: bits, granularity, static or dynamic (stored in results.json)."""
-    owner = point_reorder(spec)
-    manifest = {}
-    for point, role in spec.points.items():
-        bits = role_bits(cfg, role)
-        reorder = owner.get(point)
-        if bits >= FP:
-            gran = "none"
-        elif reorder and cfg.reorders(reorder):
-            per_head = reorder in ("R2", "R3")
-            gran = f"cluster({reorder}={cfg.clusters[reorder]}{' per head' if per_head else ''})"
-        else:
-            gran = "tensor"
-        manifest[point] = {"bits": bits, "granularity": gran, "static": bits < FP and not cfg.a_dynamic}
+    from .methods import describe_activation, describe_weight
+
+    manifest = {point: describe_activation(cfg, spec, point, role) for point, role in spec.points.items()}
     for linear, point in spec.linear_inputs.items():
-        reorder = owner.get(point)
-        bits = cfg.weight_bits
-        if bits >= FP:
-            gran = "none"
-        elif reorder and cfg.reorders(reorder):
-            gran = f"row x cluster({reorder})"
-        else:
-            gran = "row"
-        manifest[f"weight:{linear}"] = {"bits": bits, "granularity": gran, "static": True}
+        manifest[f"weight:{linear}"] = describe_weight(cfg, spec, point)
     return manifest

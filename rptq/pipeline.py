@@ -59,10 +59,22 @@ class CalibrationReport:
     capture_s: float = 0.0
     total_s: float = 0.0
 
+    first_layer: int = 0  # layers before it were finished by an earlier (resumed) run
+
     def summary(self) -> dict:
-        sums = {k: sum(getattr(t, k) for t in self.layers) for k in ("stats_s", "kmeans_s", "weights_s", "output_s")}
+        sums = {k: sum(getattr(t, k) for t in self.layers) for k in ("stats_s", "transform_s", "weights_s", "output_s")}
         return {"capture_s": self.capture_s, "total_s": self.total_s, **sums,
                 "passes_per_layer": max((t.passes for t in self.layers), default=0)}
+
+    def layer_errors(self) -> list[dict]:
+        """Per calibrated layer: the quantized block's output error against the FP block on the same
+        inputs, each quantized point's activation error and each linear's weight-only error."""
+        return [{"layer": self.first_layer + i, **t.errors} for i, t in enumerate(self.layers)]
+
+    def decisions(self) -> list[dict]:
+        """Per calibrated layer: what the method decided (clusters, FPTQ's strategies, where transforms went)."""
+        return [{"layer": self.first_layer + i, "groups": {p: len(g) for p, g in t.layouts.items()},
+                 "points": t.decisions, "placements": t.placements} for i, t in enumerate(self.layers)]
 
 
 def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig,
@@ -96,6 +108,7 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
             raise UserError(f"the calibration state in {store.root} was written by a different model, data, seed "
                             "or quantization settings; delete that directory or choose another one")
         first = state["next_layer"]
+        report.first_layer = first
         if first < len(layers):
             inputs = store.load_inputs(device)
     for i in tqdm(range(len(layers)), desc="calibrating layers", disable=not progress):
@@ -108,7 +121,7 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
             continue
         block = block.to(layer_device)
         inputs, timing = calibrate_block(block, inputs.to(layer_device), layer_kwargs_on(layer_kwargs, layer_device),
-                                         cfg)
+                                         cfg, layer=i)
         report.layers.append(timing)
         if store is not None:
             store.save_block(i, block)

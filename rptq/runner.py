@@ -19,9 +19,11 @@ class RunConfig:
     model: str
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval_ppl: bool = False
+    eval_base_ppl: bool = False
     ppl_datasets: tuple[str, ...] = ("wikitext2", "ptb", "c4")
     tasks: tuple[str, ...] = ()
     tasks_source: str = "auto"
+    task_bos: str = "auto"
     num_fewshot: int = 0
     limit: int = -1
     nsamples: int = 128
@@ -37,6 +39,8 @@ class RunConfig:
     max_memory_gib: float | None = None  # None: what the device has free when the run starts
     resume: bool = True
     progress: bool = True
+    act_dist_plot: bool = False
+    plot_layers: str = "0,mid,-1"
 
     def flat(self) -> dict:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "quant"}
@@ -92,6 +96,12 @@ def _validate(cfg: RunConfig) -> None:
             raise UserError("--multigpu needs visible CUDA devices; none found (check CUDA_VISIBLE_DEVICES)")
     if cfg.load_quantized and (cfg.offload_dir or cfg.save_quantized):
         raise UserError("--load_quantized evaluates a saved model; drop --offload_dir/--save_quantized")
+    if cfg.eval_base_ppl and (cfg.offload_dir or cfg.load_quantized):
+        raise UserError("--eval_base_ppl needs the unquantized model in memory; drop --offload_dir/--load_quantized "
+                        "(or run the FP16 row separately with --wbits 16 --abits 16)")
+    if cfg.act_dist_plot:
+        raise UserError("--act_dist_plot is not implemented yet in this version; the per-layer errors are in "
+                        "results.json (layer_errors)")
 
 
 def _load(cfg: RunConfig, device):
@@ -167,15 +177,16 @@ def _calibrate(cfg: RunConfig, model, tokenizer, adapter, reader, device, seqlen
         from models.streaming import load_resident
 
         load_resident(model, adapter, reader, dtype, device)
-    return report.total_s, report.summary()
+    return report.total_s, report.summary(), report
 
 
-def _perplexities(cfg: RunConfig, model, tokenizer, adapter, reader, store, device, seqlen: int, limit) -> dict:
+def _perplexities(cfg: RunConfig, model, tokenizer, adapter, reader, store, device, seqlen: int, limit,
+                  wanted: bool | None = None) -> dict:
     from eval.data import eval_windows
     from eval.ppl import perplexity, streamed_perplexity
 
     ppl = {}
-    for name in cfg.ppl_datasets if cfg.eval_ppl else ():
+    for name in cfg.ppl_datasets if (cfg.eval_ppl if wanted is None else wanted) else ():
         windows = eval_windows(tokenizer, name, seqlen, cfg.cache_dir)
         if reader is not None:
             spec = adapter.block_spec(model.config)
@@ -189,6 +200,16 @@ def _perplexities(cfg: RunConfig, model, tokenizer, adapter, reader, store, devi
         else:
             ppl[name] = perplexity(model, windows, device, limit=limit, progress=cfg.progress, desc=f"ppl {name}")
     return ppl
+
+
+def _method_info(quant: QuantConfig) -> dict:
+    """The method and what its preset expanded to, with the assumptions it rests on."""
+    from rptq.methods import ASSUMPTIONS
+
+    return {"name": quant.method, "transforms": list(quant.transforms), "activation_policy": quant.abits_policy,
+            "weight_quantizer": quant.w_quantizer, "grid": quant.grid,
+            "assumptions": [text for step in (*quant.transforms, quant.abits_policy, quant.w_quantizer)
+                            for text in ASSUMPTIONS.get(step, ())]}
 
 
 def _auto_offload(cfg: RunConfig, device) -> tuple[RunConfig, bool]:
@@ -256,14 +277,18 @@ def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
     if cfg.multigpu:
         placement, mapping = _shard(model, adapter, cfg.nsamples, seqlen)
 
-    calibration_s, calib_summary, store = 0.0, None, None
+    calibration_s, calib_summary, store, report = 0.0, None, None, None
+    base_ppl = {}
+    if cfg.eval_base_ppl:  # before calibration changes the model in place
+        base_ppl = _perplexities(cfg, model, tokenizer, adapter, None, None, device, seqlen,
+                                 cfg.limit if cfg.limit > 0 else None, wanted=True)
     if cfg.offload_dir:
         store = LayerStore(cfg.offload_dir)
     elif cfg.output_path and cfg.resume:
         store = LayerStore(Path(cfg.output_path) / "calibration_state")
     if not cfg.load_quantized and _needs_calibration(manifest):
-        calibration_s, calib_summary = _calibrate(cfg, model, tokenizer, adapter, reader, device, seqlen, store,
-                                                  placement)
+        calibration_s, calib_summary, report = _calibrate(cfg, model, tokenizer, adapter, reader, device, seqlen,
+                                                          store, placement)
     elif reader is not None:
         raise UserError("--offload_dir streams the layers a quantized run calibrates; for full precision load "
                         "the model normally (drop --offload_dir)")
@@ -291,11 +316,15 @@ def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
     results = {
         "model": cfg.model,
         "config": {**cfg.flat(), "seqlen": seqlen},
+        "method": _method_info(cfg.quant),
         "bit_manifest": manifest,
         "ppl": ppl,
+        "ppl_base": base_ppl,
         "tasks": tasks,
         "timing": {"calibration_s": calibration_s, "eval_s": eval_s},
         "calibration": calib_summary,
+        "layer_errors": report.layer_errors() if report is not None else [],
+        "decisions": report.decisions() if report is not None else [],
         "memory": {"peak_rss_mb": peak_rss_mb(),
                    "out_of_core": "auto" if auto_offload else "requested" if cfg.offload_dir else None},
         "versions": versions(),

@@ -53,7 +53,7 @@ def main() -> None:
     print(f"passes over the calibration set per layer: {s['passes_per_layer']}")
     print(f"capture layer-0 inputs   {s['capture_s']:7.2f} s")
     print(f"stats pass (FP)          {s['stats_s']:7.2f} s")
-    print(f"k-means + fusion         {s['kmeans_s']:7.2f} s")
+    print(f"transforms (k-means...) {s['transform_s']:7.2f} s")
     print(f"weights ({args.w_quantizer:<4})            {s['weights_s']:7.2f} s")
     print(f"output pass (quantized)  {s['output_s']:7.2f} s")
     print(f"calibration total        {s['total_s']:7.2f} s")

@@ -96,7 +96,7 @@ def main() -> None:
     rss = res["memory"]["peak_rss_mb"] * 2**20
     calib = res["calibration"]
     print(f"calibration: {calib['total_s']:.0f} s total, {calib['total_s'] / args.layers:.1f} s per layer "
-          f"(stats {calib['stats_s']:.0f} s, k-means {calib['kmeans_s']:.0f} s, GPTQ {calib['weights_s']:.0f} s, "
+          f"(stats {calib['stats_s']:.0f} s, transforms {calib['transform_s']:.0f} s, GPTQ {calib['weights_s']:.0f} s, "
           f"output {calib['output_s']:.0f} s); layer-by-layer ppl eval {res['timing']['eval_s']:.0f} s")
     print(f"peak RSS of the calibrating process: {rss / 2**30:.2f} GiB = {rss / size:.3f} x checkpoint size "
           f"(target <= 0.25)")

@@ -22,7 +22,8 @@ from rptq.cluster import Layout, head_layout  # noqa: E402
 from rptq.config import QuantConfig  # noqa: E402
 from rptq.errors import UserError  # noqa: E402
 from rptq.pipeline import quantize_model, wrap_blocks  # noqa: E402
-from rptq.reorder import fuse_linear_edge, fuse_norm_edge, fuse_qk_edge, permute_out_channels  # noqa: E402
+from rptq.fold import place, place_qk  # noqa: E402
+from rptq.transforms import Permutation  # noqa: E402
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 1000, 64, 4, 2, 16, 96
 SMALL_CLUSTERS = {"R1": 4, "R2": 2, "R3": 2, "R4": 4, "R5": 4}
@@ -183,7 +184,7 @@ def test_rmsnorm_gather_exact(bias):
     for block in blocks:
         for edge in block.spec.norm_edges:
             for _ in range(2):  # a second gather composes with the first
-                fuse_norm_edge(block, edge, Layout(torch.randperm(HIDDEN, generator=gen), (HIDDEN,)))
+                place(block, edge.point, Permutation(torch.randperm(HIDDEN, generator=gen)))
     assert (logits(own, ids) - ref).abs().max() < TOL
 
 
@@ -196,7 +197,7 @@ def test_qk_rope_permutation_exact(bias, kv_heads):
     own, blocks = wrapped(model)
     for block in blocks:
         for _ in range(2):  # the rotary-table gathers compose
-            fuse_qk_edge(block, block.spec.qk_edge, *qk_layouts(gen, kv_heads))
+            place_qk(block, *(Permutation(lay.perm) for lay in qk_layouts(gen, kv_heads)))
         assert block.q_rope_index.shape == (HEADS, HEAD_DIM)
         assert block.k_rope_index.shape == (kv_heads, HEAD_DIM)
     assert (logits(own, ids) - ref).abs().max() < TOL
@@ -212,7 +213,8 @@ def test_value_o_proj_permutation_exact_under_gqa(bias):
         edge = next(e for e in block.spec.linear_edges if e.per_head)
         # Free within-head orders (no RoPE on V), shared by the query heads of a group.
         local = [Layout(torch.randperm(HEAD_DIM, generator=gen), (HEAD_DIM,)) for _ in range(KV_HEADS)]
-        fuse_linear_edge(block, edge, head_layout(local, HEADS // KV_HEADS, HEAD_DIM), head_layout(local, 1, HEAD_DIM))
+        place(block, edge.point, Permutation(head_layout(local, HEADS // KV_HEADS, HEAD_DIM).perm),
+              producer_form=Permutation(head_layout(local, 1, HEAD_DIM).perm))
     assert (logits(own, ids) - ref).abs().max() < TOL
 
 
@@ -225,7 +227,7 @@ def test_swiglu_permutation_exact(bias):
     for block in blocks:
         edge = next(e for e in block.spec.linear_edges if not e.per_head)
         assert edge.producers == ("mlp.gate_proj", "mlp.up_proj")
-        fuse_linear_edge(block, edge, Layout(torch.randperm(FFN, generator=gen), (FFN,)))
+        place(block, edge.point, Permutation(torch.randperm(FFN, generator=gen)))
     assert (logits(own, ids) - ref).abs().max() < TOL
 
 
@@ -240,9 +242,10 @@ def test_qk_permutation_without_rotary_tables_is_not_exact():
     for naive_block, fused_block in zip(naive_blocks, fused_blocks):
         edge = naive_block.spec.qk_edge
         # Same rows moved, but the rotary tables left alone: pairs rotate at the wrong frequency.
-        permute_out_channels(naive_block.module(edge.q), q_layout.perm)
-        permute_out_channels(naive_block.module(edge.k), k_layout.perm)
-        fuse_qk_edge(fused_block, edge, q_layout, k_layout)
+        for name, lay in ((edge.q, q_layout), (edge.k, k_layout)):
+            linear = naive_block.module(name)
+            linear.weight.data = linear.weight.data[lay.perm]
+        place_qk(fused_block, Permutation(q_layout.perm), Permutation(k_layout.perm))
     assert (logits(fused, ids) - ref).abs().max() < TOL
     assert (logits(naive, ids) - ref).abs().max() > 100 * TOL
 

@@ -1,0 +1,46 @@
+"""What a method sees of one block while it plans its transforms."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from models.block import QuantBlock
+from models.spec import BlockSpec
+
+from .config import QuantConfig
+from .fold import place, place_qk
+from .stats import ChannelObserver
+from .transforms import ChannelTransform
+
+
+@dataclass
+class BlockContext:
+    block: QuantBlock
+    observers: dict[str, ChannelObserver]
+    cfg: QuantConfig
+    layer: int = 0
+    groups: dict[str, tuple[int, ...]] = field(default_factory=dict)  # point -> contiguous channel groups
+    decisions: dict[str, dict] = field(default_factory=dict)  # point -> what a method decided (reported)
+    placements: list[dict] = field(default_factory=list)  # every transform placed, in order
+
+    @property
+    def spec(self) -> BlockSpec:
+        return self.block.spec
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """Seeded by the run's seed and the layer: same seed, same transforms."""
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.layer * 7919 + salt)
+
+    def apply(self, point: str, t: ChannelTransform, producer_form: ChannelTransform | None = None,
+              step: str = "") -> str:
+        where = place(self.block, point, t, self.observers, producer_form)
+        self.placements.append({"point": point, "transform": t.kind, "where": where, "step": step})
+        return where
+
+    def apply_qk(self, tq: ChannelTransform, tk: ChannelTransform, step: str = "") -> str:
+        where = place_qk(self.block, tq, tk, self.observers)
+        qk = self.spec.qk_edge
+        for point, t in ((qk.q_point, tq), (qk.k_point, tk)):
+            self.placements.append({"point": point, "transform": t.kind, "where": where, "step": step})
+        return where

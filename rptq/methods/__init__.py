@@ -1,0 +1,103 @@
+"""The methods of the family, as choices of transforms and quantizers on one mechanism.
+
+A method is a preset by paper name (``PRESETS``) that expands to settings of QuantConfig:
+the transform steps run in order on each block (``STEPS``: each re-expresses activation
+points through rptq.fold and records its decisions), the activation policy (``POLICIES``:
+point -> QuantSpec), and the weight quantizer. Individual flags override a preset, so
+methods compose (``--transforms smooth,reorder``: SmoothQuant's scales before RPTQ's
+clusters). No method names a model's modules: they read the block declaration.
+"""
+from __future__ import annotations
+
+import importlib
+
+from quant.quantizer import WeightSpec, fixed_groups
+
+from ..config import FP, QuantConfig, point_reorder
+
+# step name -> (module, function)
+STEPS = {"reorder": ("rptq", "reorder_step"), "smooth": ("smoothquant", "smooth_step"), "lae": ("fptq", "lae_step"),
+         "rotate": ("duquant", "rotate_step"), "qk_rotate": ("duquant", "qk_rotate_step")}
+# activation policy -> module with activation(ctx, point, role) and describe(cfg, spec, point, role)
+POLICIES = {"rptq": "rptq", "uniform": "rptq", "smoothquant": "smoothquant", "fptq": "fptq", "duquant": "duquant"}
+
+# Settings each preset implies; a flag given on the command line wins. Documented in the README.
+PRESETS: dict[str, dict] = {
+    "rptq": dict(transforms=("reorder",), abits_policy="rptq", grid="reference", w_quantizer="gptq",
+                 w_range="minmax", w_group_size=0, w_clip=1.0),
+    "smoothquant": dict(transforms=("smooth",), abits_policy="smoothquant", grid="symmetric", w_quantizer="rtn",
+                        w_range="minmax", w_group_size=0, w_clip=1.0, wbits=8, abits=8,
+                        smooth=dict(alpha=0.5, points="norm")),
+    "fptq": dict(transforms=("lae",), abits_policy="fptq", grid="full", w_quantizer="rtn", w_range="minmax",
+                 w_group_size=128, w_clip=1.0, wbits=4, abits=8),
+    "duquant": dict(transforms=("smooth", "rotate", "qk_rotate"), abits_policy="duquant", grid="full",
+                    w_quantizer="rtn", w_range="minmax", w_group_size=0, w_clip=0.8, wbits=4, abits=4,
+                    smooth=dict(alpha=0.6, points="all", floor=1e-2), rotation=dict(kind="duquant")),
+    "rotation": dict(transforms=("rotate", "qk_rotate"), abits_policy="duquant", grid="full", w_quantizer="rtn",
+                     w_range="minmax", w_group_size=0, w_clip=0.8, wbits=4, abits=4,
+                     rotation=dict(kind="hadamard")),
+}
+METHODS = tuple(PRESETS)
+
+
+def _module(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def step(name: str):
+    module, function = STEPS[name]
+    return getattr(_module(module), function)
+
+
+def policy(cfg: QuantConfig):
+    return _module(POLICIES[cfg.abits_policy])
+
+
+def describe_activation(cfg: QuantConfig, spec, point: str, role: str) -> dict:
+    return policy(cfg).describe(cfg, spec, point, role)
+
+
+def weight_groups(cfg: QuantConfig, columns: int, point_groups: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """Input-channel groups of a weight: fixed groups of --w_group_size, or the input point's
+    clusters (RPTQ: one range per output row and input cluster), or one per row."""
+    if cfg.w_group_size > 0:
+        return fixed_groups(columns, cfg.w_group_size)
+    return point_groups
+
+
+def weight_spec(cfg: QuantConfig, columns: int, point_groups: tuple[int, ...] | None) -> WeightSpec:
+    return WeightSpec(bits=cfg.weight_bits, group_sizes=weight_groups(cfg, columns, point_groups), grid=cfg.grid,
+                      include_zero=cfg.w_range == "with_zero", clip=cfg.w_clip, fp16_scales=cfg.fp16_scales)
+
+
+def describe_weight(cfg: QuantConfig, spec, point: str) -> dict:
+    bits = cfg.weight_bits
+    if bits >= FP:
+        gran = "none"
+    elif cfg.w_group_size > 0:
+        gran = f"row x group({cfg.w_group_size})"
+    else:
+        reorder = point_reorder(spec).get(point)
+        gran = f"row x cluster({reorder})" if reorder and cfg.reorders(reorder) else "row"
+    if bits < FP and cfg.w_quantizer == "gptqt":
+        gran += " binary-coded"
+    return {"bits": bits, "granularity": gran, "static": True}
+
+
+# What a step or policy assumes where its paper or code is silent (the method specs in shared/methods/);
+# stored in results.json and listed in the README.
+ASSUMPTIONS: dict[str, tuple[str, ...]] = {
+    "lae": ("FPTQ: the strategy of each point is decided on the unmodified FP statistics, before LAE",
+            "FPTQ: a point with v0 < r <= v1 that no norm feeds (out_proj/o_proj, fc2/down_proj) runs per-token "
+            "dynamic"),
+    "fptq": ("FPTQ: K and V quantized per token and head, dynamic, symmetric INT8 (--kv_bits); Q, softmax and "
+             "the attention products stay FP",
+             "FPTQ: activations symmetric INT8, static scales = calibration max|X| / 127 with no clipping search",
+             "FPTQ: weights INT4 asymmetric min-max RTN in groups of 128 (--w_group_size)"),
+    "rotate": ("DuQuant: the rotation search runs on a seeded sample of calibration token rows of the point "
+               "(--rotation_block, 2048 rows) from the FP pass, not on the block's output for the mean input "
+               "sequence as the official code does",),
+    "gptqt": ("GPTQT: intermediate bits n = k + 1; level sets on the n-bit integer grid; re-explore gammas "
+              "0.50..1.50 scored by the Hessian-diagonal-weighted error; variant B (GPTQ compensates the final "
+              "rounding)",),
+}

@@ -1,0 +1,108 @@
+"""RPTQ: cluster channels by their ranges, reorder them so clusters are contiguous, and give
+each cluster its own quantization range (Yuan et al., arXiv 2304.01089)."""
+from __future__ import annotations
+
+import torch
+
+from models.spec import PROBS
+from quant.quantizer import QuantSpec
+
+from ..cluster import cluster_channels, cluster_heads, head_layout, range_features
+from ..config import FP, QuantConfig, point_reorder, role_bits
+from ..context import BlockContext
+from ..transforms import Permutation
+
+
+def _feature_ranges(ctx: BlockContext, point: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (min, max) that k-means sees: the running global extremes over every calibration
+    token (the reference, whatever --metric is) or the --metric ranges (``kmeans_features metric``)."""
+    obs = ctx.observers[point]
+    if ctx.cfg.kmeans_features == "minmax" or ctx.cfg.metric in ("mse", "layer_mse"):
+        return obs.channel_minmax()
+    channels = obs.maxes[0].shape[-1]
+    return obs.group_ranges(ctx.cfg.metric, (1,) * channels)
+
+
+def _head_features(ranges, heads_per_group: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """(kv_heads, head_dim, 2 * heads_per_group) features of the heads sharing each kv head."""
+    feats = range_features(*ranges).reshape(kv_heads, heads_per_group, head_dim, 2)
+    return feats.permute(0, 2, 1, 3).reshape(kv_heads, head_dim, heads_per_group * 2)
+
+
+def qk_feature_ranges(ctx: BlockContext):
+    """R2's per-channel ranges of q and k; q as q_proj's output, before the 1/sqrt(d) scaling an
+    architecture may apply at its tap (the reference hooks q_proj itself)."""
+    qk, heads = ctx.spec.qk_edge, ctx.spec.heads
+    qmin, qmax = _feature_ranges(ctx, qk.q_point)
+    if qk.q_prescaled:
+        unscale = heads.head_dim ** 0.5
+        qmin, qmax = qmin * unscale, qmax * unscale
+    return (qmin, qmax), _feature_ranges(ctx, qk.k_point)
+
+
+def reorder_step(ctx: BlockContext) -> None:
+    """Cluster every reorder point named in ``--reorder`` and fold the permutations (R1..R5)."""
+    cfg, spec = ctx.cfg, ctx.spec
+    heads = spec.heads
+    for edge in spec.norm_edges:
+        if cfg.reorders(edge.reorder):
+            layout = cluster_channels(range_features(*_feature_ranges(ctx, edge.point)), cfg.clusters[edge.reorder],
+                                      cfg.seed)
+            ctx.apply(edge.point, Permutation(layout.perm), step="reorder")
+            ctx.groups[edge.point] = layout.sizes
+    qk = spec.qk_edge
+    if cfg.reorders(qk.reorder):
+        q_ranges, k_ranges = qk_feature_ranges(ctx)
+        q = _head_features(q_ranges, heads.group, heads.num_kv_heads, heads.head_dim)
+        k = _head_features(k_ranges, 1, heads.num_kv_heads, heads.head_dim)
+        local = cluster_heads(torch.cat([q, k], dim=-1), heads, cfg.clusters[qk.reorder], cfg.seed, rope=heads.rope)
+        q_layout, k_layout = head_layout(local, heads.group, heads.head_dim), head_layout(local, 1, heads.head_dim)
+        ctx.apply_qk(Permutation(q_layout.perm), Permutation(k_layout.perm), step="reorder")
+        ctx.groups[qk.q_point], ctx.groups[qk.k_point] = q_layout.sizes, k_layout.sizes
+    for edge in spec.linear_edges:
+        if not cfg.reorders(edge.reorder):
+            continue
+        ranges = _feature_ranges(ctx, edge.point)
+        if edge.per_head:
+            feats = _head_features(ranges, heads.group, heads.num_kv_heads, heads.head_dim)
+            local = cluster_heads(feats, heads, cfg.clusters[edge.reorder], cfg.seed, rope=False)
+            layout, value = head_layout(local, heads.group, heads.head_dim), head_layout(local, 1, heads.head_dim)
+            ctx.apply(edge.point, Permutation(layout.perm), producer_form=Permutation(value.perm), step="reorder")
+            ctx.groups[edge.point], ctx.groups[edge.value_point] = layout.sizes, value.sizes
+        else:
+            layout = cluster_channels(range_features(*ranges), cfg.clusters[edge.reorder], cfg.seed)
+            ctx.apply(edge.point, Permutation(layout.perm), step="reorder")
+            ctx.groups[edge.point] = layout.sizes
+
+
+def dynamic_kind(cfg: QuantConfig) -> str | None:
+    if not cfg.a_dynamic:
+        return None
+    return "sequence" if cfg.a_dynamic_method == "per_cluster" else "token"
+
+
+def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str]:
+    """The rptq and uniform policies: per-cluster ranges (static under --metric, or dynamic);
+    the softmax output on RPTQ's fixed [0, 1] grid of 1/255 steps."""
+    cfg = ctx.cfg
+    bits = role_bits(cfg, role)
+    if role == PROBS:
+        return QuantSpec(bits=bits, unit_grid=bits < FP), cfg.metric
+    return QuantSpec(bits=bits, group_sizes=ctx.groups.get(point), dynamic=dynamic_kind(cfg), grid=cfg.grid), cfg.metric
+
+
+def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
+    bits = role_bits(cfg, role)
+    reorder = point_reorder(spec).get(point)
+    if bits >= FP:
+        gran = "none"
+    elif role == PROBS:
+        gran = "fixed [0,1] grid (1/255)"
+    elif reorder and cfg.reorders(reorder):
+        per_head = reorder in ("R2", "R3")
+        gran = f"cluster({reorder}={cfg.clusters[reorder]}{' per head' if per_head else ''})"
+    else:
+        gran = "tensor"
+    if bits < FP and role != PROBS and cfg.a_dynamic:
+        gran += " per sequence" if cfg.a_dynamic_method == "per_cluster" else " per token"
+    return {"bits": bits, "granularity": gran, "static": bits < FP and (role == PROBS or not cfg.a_dynamic)}

@@ -1,0 +1,172 @@
+"""Channel transforms: re-express an activation's channel basis, give its consumers the inverse.
+
+Every method of the family is a choice of transforms at activation points of the block
+declaration: RPTQ permutes channels, SmoothQuant and FPTQ scale them, DuQuant rotates and
+permutes them. With x' = x M for an invertible M, a consumer computing x W^T gets W' such that
+x' W'^T = x W^T. Each transform here knows how to act on
+
+- activations (``apply``, applied online at the point when it cannot be folded),
+- a consumer's input columns (``consumer``),
+- a producer's output rows and bias (``producer``; permutations and positive scales only),
+- a norm's affine parameters (``norm``; permutations and scales; rotations do not pass a norm),
+- per-channel ranges (``ranges``; None when the new basis mixes channels),
+- a Hessian of the point's inputs (``hessian``: H' = M^T H M),
+
+so statistics measured once in the full-precision pass are re-expressed, not measured again.
+Transforms are modules (their tensors are buffers that follow ``.to(device)``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ChannelTransform(nn.Module):
+    kind = "abstract"
+    foldable = True  # can live in a producer (norm or linear rows) instead of running online
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply(x)
+
+    def consumer(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def producer(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        raise ValueError(f"a {self.kind} cannot be folded into a producer")
+
+    def norm(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        return self.producer(weight, bias)  # a norm's affine parameters act like one output row each
+
+    def ranges(self, cmin: torch.Tensor, cmax: torch.Tensor):
+        return None
+
+    def hessian(self, H: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: buf for name, buf in self.named_buffers()}
+
+
+class Permutation(ChannelTransform):
+    """New channel i is old channel perm[i]."""
+
+    kind = "permutation"
+
+    def __init__(self, perm: torch.Tensor):
+        super().__init__()
+        self.register_buffer("perm", perm.long())
+
+    def apply(self, x):
+        return x.index_select(-1, self.perm.to(x.device))
+
+    def consumer(self, weight):
+        return weight.index_select(1, self.perm.to(weight.device))
+
+    def producer(self, weight, bias):
+        perm = self.perm.to(weight.device)
+        return weight.index_select(0, perm), None if bias is None else bias.index_select(0, perm)
+
+    def ranges(self, cmin, cmax):
+        return cmin[..., self.perm], cmax[..., self.perm]
+
+    def hessian(self, H):
+        from quant.gptq import _permute_symmetric_
+
+        _permute_symmetric_(H, self.perm.to(H.device))  # in place: no second n x n copy
+        return H
+
+    def inverse(self) -> torch.Tensor:
+        return torch.argsort(self.perm)
+
+
+class Scale(ChannelTransform):
+    """x' = x / s for a positive per-channel s (SmoothQuant, FPTQ's LAE, DuQuant's smoothing)."""
+
+    kind = "scale"
+
+    def __init__(self, s: torch.Tensor):
+        super().__init__()
+        if not bool((s > 0).all()):
+            raise ValueError("a channel scale must be positive (it has to commute with ReLU and keep ranges' order)")
+        self.register_buffer("s", s.float())
+
+    def apply(self, x):
+        return (x / self.s.to(x.device)).to(x.dtype)
+
+    def consumer(self, weight):
+        return (weight.float() * self.s.to(weight.device)).to(weight.dtype)
+
+    def producer(self, weight, bias):
+        s = self.s.to(weight.device)
+        rows = (weight.float() / s.unsqueeze(1)).to(weight.dtype)
+        return rows, None if bias is None else (bias.float() / s).to(bias.dtype)
+
+    def norm(self, weight, bias):
+        s = self.s.to(weight.device)
+        return (weight.float() / s).to(weight.dtype), None if bias is None else (bias.float() / s).to(bias.dtype)
+
+    def ranges(self, cmin, cmax):
+        return cmin / self.s, cmax / self.s
+
+    def hessian(self, H):
+        s = self.s.to(H.device)
+        H /= s.unsqueeze(1)
+        H /= s.unsqueeze(0)
+        return H
+
+
+class BlockRotation(ChannelTransform):
+    """x' = x blockdiag(R, ..., R): the same orthogonal n x n block on every n channels.
+
+    Orthogonal, so a consumer gets W' = W blockdiag(R) (x R R^T W^T = x W^T). It mixes
+    channels, so it runs online at its point (it cannot pass a norm or a nonlinearity)."""
+
+    kind = "rotation"
+    foldable = False
+
+    def __init__(self, R: torch.Tensor):
+        super().__init__()
+        self.register_buffer("R", R.float())
+
+    @property
+    def block(self) -> int:
+        return self.R.shape[0]
+
+    def apply(self, x):
+        R = self.R.to(x.device)
+        return (x.float().unflatten(-1, (-1, self.block)) @ R).flatten(-2).to(x.dtype)
+
+    def consumer(self, weight):
+        return self.apply(weight)  # rows of W are transformed like tokens
+
+    def hessian(self, H):
+        H.copy_(self.apply(self.apply(H).t()).t())  # B^T H B for symmetric H
+        return H
+
+
+KINDS = {cls.kind: cls for cls in (Permutation, Scale, BlockRotation)}
+
+
+def transform_from_state(kind: str, state: dict[str, torch.Tensor]) -> ChannelTransform:
+    cls = KINDS[kind]
+    (tensor,) = state.values()
+    return cls(tensor)
+
+
+class OnlineTransforms(nn.Module):
+    """The transforms applied at an activation point at run time, in order."""
+
+    def __init__(self, transforms=()):
+        super().__init__()
+        self.steps = nn.ModuleList(transforms)
+
+    def forward(self, x):
+        for step in self.steps:
+            x = step.apply(x)
+        return x
+
+    def __len__(self):
+        return len(self.steps)

@@ -11,6 +11,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	@# headless Chromium renders the HTML report in tests/test_plots.py; installed only as root, never fatal
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "note: chromium not installed (needs root and apt-get); the report's browser test will be skipped"
 	touch $(STAMP)
 
 install: $(STAMP)

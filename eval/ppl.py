@@ -1,10 +1,12 @@
 """Perplexity over non-overlapping windows (GPTQ/RPTQ protocol).
 
 ppl = exp(sum of next-token NLL / number of predicted tokens). Each window of
-``seqlen`` tokens predicts its last ``seqlen - 1`` tokens. (GPTQ's script divides
-by ``nwindows * seqlen`` instead, a bias of about 1/seqlen in the exponent, and
-with ``--limit`` the RPTQ reference divided by the full window count: both are
-avoided here.)
+``seqlen`` tokens predicts its last ``seqlen - 1`` tokens. GPTQ's script (reused by
+RPTQ) computes exp(sum_w loss_w * seqlen / (nwindows * seqlen)), where loss_w is
+window w's mean NLL over its ``seqlen - 1`` predictions: that is the mean over windows
+of each window's mean NLL, the same number as ours because every window has the same
+length. (With ``--limit`` the RPTQ reference divided by the full window count; here
+the count is that of the windows evaluated.)
 """
 from __future__ import annotations
 

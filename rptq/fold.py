@@ -45,7 +45,13 @@ def _rows_foldable(block: QuantBlock, point: str, t: ChannelTransform, producer_
         return ()
     if edge.per_head and block.spec.heads.group > 1 and producer_form is None:
         return ()  # grouped K/V heads: only a transform tied across each group reaches v_proj
+    if edge.per_head and isinstance(t, Permutation) and not _within_heads(t.perm, block.spec.heads.head_dim):
+        return ()  # attention mixes tokens per head: a channel may not change heads
     return edge.producers if isinstance(t, Permutation) else edge.scalable
+
+
+def _within_heads(perm: torch.Tensor, head_dim: int) -> bool:
+    return bool(torch.equal(perm.cpu() // head_dim, torch.arange(perm.numel()) // head_dim))
 
 
 @torch.no_grad()

@@ -136,8 +136,9 @@ class BlockRotation(ChannelTransform):
         return self.R.shape[0]
 
     def apply(self, x):
-        R = self.R.to(x.device)
-        return (x.float().unflatten(-1, (-1, self.block)) @ R).flatten(-2).to(x.dtype)
+        from quant.rotation import apply_block_rotation
+
+        return apply_block_rotation(x.float(), self.R).to(x.dtype)
 
     def consumer(self, weight):
         return self.apply(weight)  # rows of W are transformed like tokens

@@ -48,9 +48,7 @@ class BinaryCoded:
     def from_patterns(patterns: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor,
                       group_sizes: tuple[int, ...]) -> "BinaryCoded":
         """Split integer sign patterns (rows, cols) (bit i set <=> b_i = +1) into bit planes."""
-        k = alpha.shape[-1]
-        shifts = torch.arange(k, device=patterns.device)[:, None, None]
-        bits = ((patterns.long()[None] >> shifts) & 1).bool()
+        bits = torch.stack([((patterns >> i) & 1).bool() for i in range(alpha.shape[-1])])
         return BinaryCoded(bits, alpha, offset, tuple(group_sizes))
 
     def levels(self) -> torch.Tensor:
@@ -77,8 +75,8 @@ def _greedy(x: torch.Tensor, k: int):
     (the optimal scale for those signs)."""
     offset = x.mean(dim=1)
     r = x - offset[:, None]
-    alpha = torch.empty(x.shape[0], k, dtype=x.dtype)
-    patterns = torch.zeros(x.shape, dtype=torch.long)
+    alpha = x.new_empty(x.shape[0], k)
+    patterns = torch.zeros(x.shape, dtype=torch.long, device=x.device)
     for i in range(k):
         pos = r >= 0
         alpha[:, i] = r.abs().mean(dim=1)
@@ -90,7 +88,7 @@ def _greedy(x: torch.Tensor, k: int):
 def _refit(x: torch.Tensor, patterns: torch.Tensor, k: int):
     """Least-squares (offset, alpha) for fixed signs, batched over rows; pinv handles constant planes."""
     planes = [torch.ones_like(x)] + [((patterns >> i) & 1).to(x.dtype) * 2 - 1 for i in range(k)]
-    normal = torch.empty(x.shape[0], k + 1, k + 1, dtype=x.dtype)
+    normal = x.new_empty(x.shape[0], k + 1, k + 1)
     for i in range(k + 1):
         for j in range(i, k + 1):
             normal[:, i, j] = normal[:, j, i] = (planes[i] * planes[j]).sum(dim=1)
@@ -101,7 +99,7 @@ def _refit(x: torch.Tensor, patterns: torch.Tensor, k: int):
 
 def _assign(x: torch.Tensor, offset: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Nearest of the 2^k levels for every weight (sorted levels + midpoints: no rows x cols x 2^k)."""
-    levels = offset[:, None] + alpha @ sign_patterns(alpha.shape[1], x.dtype).t()
+    levels = offset[:, None] + alpha @ sign_patterns(alpha.shape[1], x.dtype, x.device).t()
     ordered, order = levels.sort(dim=1)
     mids = (ordered[:, 1:] + ordered[:, :-1]) / 2
     return order.gather(1, torch.searchsorted(mids.contiguous(), x.contiguous()))
@@ -116,7 +114,7 @@ def bcq_quantize(weight: torch.Tensor, bits: int, group_sizes: tuple[int, ...] |
     """
     sizes = resolve_groups(group_sizes, weight.shape[1])
     offsets, alphas, patterns = [], [], []
-    for x in weight.detach().cpu().double().split(list(sizes), dim=1):
+    for x in weight.detach().double().split(list(sizes), dim=1):
         offset, alpha, pattern = _greedy(x, bits)
         for _ in range(iters):
             offset, alpha = _refit(x, pattern, bits)
@@ -124,6 +122,6 @@ def bcq_quantize(weight: torch.Tensor, bits: int, group_sizes: tuple[int, ...] |
         offsets.append(offset)
         alphas.append(alpha)
         patterns.append(pattern)
-    coded = BinaryCoded.from_patterns(torch.cat(patterns, dim=1), torch.stack(alphas, dim=1),
+    coded = BinaryCoded.from_patterns(torch.cat(patterns, dim=1).to(torch.uint8), torch.stack(alphas, dim=1),
                                       torch.stack(offsets, dim=1), sizes)
-    return coded.dequantize().to(weight.device), coded
+    return coded.dequantize(), coded

@@ -22,7 +22,7 @@ from .gptq import GPTQ
 from .quantizer import affine_params, expand_groups, group_reduce
 
 GAMMAS = tuple(round(0.5 + 0.05 * i, 2) for i in range(21))  # 0.50, 0.55, ..., 1.50
-_CHUNK_ELEMS = 1 << 22  # re-explore works on slabs of rows of about this many weights
+_CHUNK_ELEMS = 1 << 22  # per-row work runs on slabs of rows of about this many weights (or costs)
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class GPTQTConfig:
     gammas: tuple[float, ...] = GAMMAS  # re-explore range factors (ASSUMPTION, §5); (1.0,) disables
     variant: str = "B"  # "A" or "B" (§6)
     hessian_weighted: bool = True  # histogram and score weights h_j = H_jj (else 1)
+    score: str = "diag"  # re-explore objective (ASSUMPTION, §5): "diag" sum_j H_jj e_j^2, or "full" e H e^T
     convert: bool = True  # False: stop after step 1 (n-bit uniform, exactly GPTQ/RTN at n bits)
     blocksize: int = 128
     percdamp: float = 0.01
@@ -109,14 +110,19 @@ def codes_of(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int) -
 
 
 def histograms(codes: torch.Tensor, h: torch.Tensor, group_sizes: tuple[int, ...], n: int) -> torch.Tensor:
-    """(rows, groups, 2^n) fp64: per row and group, the h-weighted count of each code."""
+    """(rows, groups, 2^n) fp64: per row and group, the h-weighted count of each code.
+
+    Accumulated in int64 fixed point (h scaled so that a whole row sums to at most 2^52): integer adds
+    commute, so the counts and the argmins after them are the same on every device and run (an fp64
+    scatter_add on CUDA is not), at a resolution of cols * 2^-52 of max h."""
     rows, cols = codes.shape
+    unit = (h.double().max() * cols / 2**52).clamp(min=torch.finfo(torch.float64).tiny)
     group_of = torch.repeat_interleave(torch.arange(len(group_sizes), device=codes.device),
                                        torch.tensor(group_sizes, device=codes.device))
     index = codes + group_of * 2**n
-    hist = torch.zeros(rows, len(group_sizes) * 2**n, dtype=torch.float64, device=codes.device)
-    hist.scatter_add_(1, index, h.double().expand(rows, cols))
-    return hist.view(rows, len(group_sizes), 2**n)
+    hist = torch.zeros(rows, len(group_sizes) * 2**n, dtype=torch.long, device=codes.device)
+    hist.scatter_add_(1, index, torch.round(h.double() / unit).long().expand(rows, cols))
+    return hist.view(rows, len(group_sizes), 2**n).double() * unit
 
 
 def choose_candidates(hist: torch.Tensor, sets: LevelSets) -> torch.Tensor:
@@ -131,14 +137,24 @@ def reconstruct(codes, cand, scale, zero, sets: LevelSets, group_sizes) -> torch
     return (lvl.to(scale.dtype) - expand_groups(zero, group_sizes)) * expand_groups(scale, group_sizes)
 
 
-def merge(codes, cand, scale, zero, sets: LevelSets, group_sizes) -> BinaryCoded:
+def patterns_of(codes, cand, sets: LevelSets, group_sizes) -> torch.Tensor:
+    """(rows, cols) uint8: the sign pattern of each code's level (bit i set <=> b_i = +1)."""
+    return sets.nearest[expand_groups(cand, group_sizes), codes].to(torch.uint8)
+
+
+def merge(patterns, cand, scale, zero, sets: LevelSets, group_sizes) -> BinaryCoded:
     """§4: alpha_i = Delta u_i / 2, offset = Delta (l0 + sum(u)/2 - z); the signs pick the level."""
     u = sets.u[cand].double()  # (rows, G, k)
     step = scale.double()
     alpha = step[..., None] * u / 2
     offset = step * (sets.l0[cand].double() + u.sum(-1) / 2 - zero.double())
-    patterns = sets.nearest[expand_groups(cand, group_sizes), codes]
     return BinaryCoded.from_patterns(patterns, alpha, offset, group_sizes)
+
+
+def _row_slabs(rows: int, group_sizes, sets: LevelSets):
+    """Row slices small enough for rows x cols temporaries and the rows x groups x candidates costs."""
+    step = max(1, _CHUNK_ELEMS // max(sum(group_sizes), len(group_sizes) * sets.cost.shape[0]))
+    return [slice(r, r + step) for r in range(0, rows, step)]
 
 
 @dataclass(frozen=True)
@@ -146,29 +162,40 @@ class Step1:
     scale: torch.Tensor  # (rows, G) fp32
     zero: torch.Tensor  # (rows, G)
     cand: torch.Tensor  # (rows, G) level set chosen on the RTN codes at this scale
-    objective: torch.Tensor  # (rows, G) fp64: sum_j h_j (w_j - w_hat_j)^2 after conversion
+    objective: torch.Tensor  # (rows, G) fp64: the score of the chosen gamma
+
+
+def _scores(err: torch.Tensor, h: torch.Tensor, hessian: torch.Tensor | None, group_sizes) -> torch.Tensor:
+    """(rows, G) fp64: sum_j h_j e_j^2 per group, or e_g H_gg e_g^T (the exact e H e^T when G = 1)."""
+    parts, start = [], 0
+    for e, size in zip(err.split(list(group_sizes), dim=-1), group_sizes):
+        if hessian is None:
+            parts.append((e.double() ** 2 * h[start:start + size]).sum(-1))
+        else:
+            parts.append(((e @ hessian[start:start + size, start:start + size]) * e).double().sum(-1))
+        start += size
+    return torch.stack(parts, dim=-1)
 
 
 def reexplore(weight: torch.Tensor, h: torch.Tensor, sets: LevelSets, gammas: tuple[float, ...],
-              group_sizes: tuple[int, ...]) -> Step1:
+              group_sizes: tuple[int, ...], hessian: torch.Tensor | None = None) -> Step1:
     """§5: for each gamma, range [gamma*xmin, gamma*xmax] -> n-bit RTN codes -> conversion; keep per
-    (row, group) the gamma with the lowest h-weighted error (first gamma on ties). gamma = 1 is the
-    min-max range of quantizer.weight_group_params (0 always inside)."""
+    (row, group) the gamma with the lowest score (first gamma on ties): h-weighted squared error, or
+    with the full ``hessian`` the output error of each group. gamma = 1 is the min-max range of
+    quantizer.weight_group_params (0 always inside). ``h`` also weights the conversion histograms."""
     rows, cols = weight.shape
     w = weight.detach().float()
     gmin = group_reduce(w, group_sizes, "min").clamp(max=0)
     gmax = group_reduce(w, group_sizes, "max").clamp(min=0)
-    step = max(1, _CHUNK_ELEMS // max(cols, len(group_sizes) * sets.cost.shape[0]))
     parts = []
-    for r in range(0, rows, step):
-        x, lo, hi = w[r:r + step], gmin[r:r + step], gmax[r:r + step]
+    for rs in _row_slabs(rows, group_sizes, sets):
+        x, lo, hi = w[rs], gmin[rs], gmax[rs]
         best = None
         for gamma in gammas:
             scale, zero = affine_params(gamma * lo, gamma * hi, sets.n)
             codes = codes_of(x, expand_groups(scale, group_sizes), expand_groups(zero, group_sizes), sets.n)
             cand = choose_candidates(histograms(codes, h, group_sizes, sets.n), sets)
-            err = (x - reconstruct(codes, cand, scale, zero, sets, group_sizes)).double() ** 2 * h.double()
-            obj = torch.stack([e.sum(-1) for e in err.split(list(group_sizes), dim=-1)], dim=-1)
+            obj = _scores(x - reconstruct(codes, cand, scale, zero, sets, group_sizes), h, hessian, group_sizes)
             if best is None:
                 best = [scale, zero, cand, obj]
             else:
@@ -185,7 +212,7 @@ class _CodeRecorder:
     def __init__(self, step1: Step1, cand: torch.Tensor, sets: LevelSets, shape, device):
         self.scale, self.zero = step1.scale.to(device), step1.zero.to(device)
         self.cand, self.sets = cand.to(device), sets.to(device)
-        self.codes = torch.empty(shape, dtype=torch.uint8 if sets.n <= 8 else torch.long, device=device)
+        self.codes = torch.empty(shape, dtype=torch.uint8, device=device)
 
     def __call__(self, w: torch.Tensor, column: int, group: int) -> torch.Tensor:
         scale, zero = self.scale[:, group], self.zero[:, group]
@@ -196,13 +223,14 @@ class _CodeRecorder:
 
 
 def gptqt_quantize(weight: torch.Tensor, gptq: GPTQ | None, cfg: GPTQTConfig,
-                   group_sizes: tuple[int, ...] | None = None, hdiag: torch.Tensor | None = None,
+                   group_sizes: tuple[int, ...] | None = None, hessian: torch.Tensor | None = None,
                    sets: LevelSets | None = None) -> tuple[torch.Tensor, BinaryCoded]:
     """Quantize one (rows, cols) weight; returns (fake-quantized weight, its binary code), with
     coded.dequantize() bit-identical to the weight.
 
-    ``gptq`` None: no error feedback (RTN-style). ``hdiag``: H_jj; read from ``gptq`` while its
-    Hessian is still unfactorised, so pass it explicitly for a second weight on the same input.
+    ``gptq`` None: no error feedback (RTN-style). ``hessian``: the layer-input Hessian, (cols, cols), or
+    just its diagonal (cols,) when cfg.score is "diag"; None reads ``gptq.hessian``, which GPTQ frees
+    when it factorises, so pass it for a second weight on the same input (q/k/v).
     ``sets``: enumerate_level_sets(cfg.n, cfg.bits), built here when not given.
     """
     rows, cols = weight.shape
@@ -211,29 +239,47 @@ def gptqt_quantize(weight: torch.Tensor, gptq: GPTQ | None, cfg: GPTQTConfig,
         sets = uniform_level_sets(cfg.n)
     elif sets is None:
         sets = enumerate_level_sets(cfg.n, cfg.bits)
+    if not 1 <= cfg.bits <= cfg.n <= 8:
+        raise ValueError(f"need 1 <= bits <= inter_bits <= 8, got bits={cfg.bits}, inter_bits={cfg.n}")
     if (sets.n, sets.k) != ((cfg.n, cfg.bits) if cfg.convert else (cfg.n, cfg.n)):
         raise ValueError(f"level sets are for (n={sets.n}, k={sets.k}), the config asks for n={cfg.n}, k={cfg.bits}")
-    h = torch.ones(cols, dtype=torch.float64)
-    if cfg.hessian_weighted and (gptq is not None or hdiag is not None):
-        if hdiag is None and gptq.hessian is None:
-            raise ValueError("the GPTQ Hessian is already factorised: pass hdiag (its diagonal, read before)")
-        h = (hdiag if hdiag is not None else gptq.hessian.diagonal()).double().cpu()
-    w = weight.detach().float().cpu()
-    step1 = reexplore(w, h, sets, cfg.gammas, sizes)
-    cand = step1.cand
-    if gptq is None:
-        codes = codes_of(w, expand_groups(step1.scale, sizes), expand_groups(step1.zero, sizes), sets.n)
-        w_hat = reconstruct(codes, cand, step1.scale, step1.zero, sets, sizes)
-    else:
+    if hessian is None and gptq is not None and (cfg.hessian_weighted or cfg.score == "full"):
+        if gptq.hessian is None:
+            raise ValueError("the GPTQ Hessian is already factorised: pass hessian (or its diagonal), read before")
+        hessian = gptq.hessian
+    if cfg.score not in ("diag", "full") or (cfg.score == "full" and (hessian is None or hessian.dim() != 2)):
+        raise ValueError(f"score {cfg.score!r} needs 'diag', or 'full' with a (cols, cols) Hessian")
+    device = gptq.device if gptq is not None else weight.device
+    sets = sets.to(device)
+    h = torch.ones(cols, dtype=torch.float64, device=device)
+    if cfg.hessian_weighted and hessian is not None:
+        h = (hessian.diagonal() if hessian.dim() == 2 else hessian).to(device, torch.float64)
+    w = weight.detach().to(device, torch.float32)
+    full = hessian.to(device, torch.float32) if cfg.score == "full" else None
+    step1 = reexplore(w, h, sets, cfg.gammas, sizes, full)
+    cand, w_hat, codes = step1.cand.clone(), None, None
+    if gptq is not None:
         if cfg.variant not in ("A", "B"):
             raise ValueError(f"variant must be 'A' or 'B', got {cfg.variant!r}")
         grid = sets if cfg.variant == "B" else uniform_level_sets(sets.n)
         hook = _CodeRecorder(step1, cand if cfg.variant == "B" else torch.zeros_like(cand), grid, (rows, cols),
-                             gptq.device)
+                             device)
         w_hat = gptq.quantize(weight, step1.scale, step1.zero, sets.n, group_sizes, cfg.blocksize, cfg.percdamp,
-                              column_quantizer=hook).cpu().float()
-        codes = hook.codes.long().cpu()
-        if cfg.variant == "A":  # convert GPTQ's final n-bit codes (§6 A)
-            cand = choose_candidates(histograms(codes, h, sizes, sets.n), sets)
-            w_hat = reconstruct(codes, cand, step1.scale, step1.zero, sets, sizes)
-    return w_hat.to(weight.dtype), merge(codes, cand, step1.scale, step1.zero, sets, sizes)
+                              column_quantizer=hook).float()
+        codes = hook.codes
+    patterns = torch.empty(rows, cols, dtype=torch.uint8, device=device)
+    rebuild = gptq is None or cfg.variant == "A"
+    if rebuild:
+        w_hat = torch.empty(rows, cols, dtype=torch.float32, device=device)
+    for rs in _row_slabs(rows, sizes, sets):  # per-row conversion, a slab of rows at a time
+        scale, zero = step1.scale[rs], step1.zero[rs]
+        if codes is None:  # no GPTQ: the RTN codes at the re-explored scale
+            c = codes_of(w[rs], expand_groups(scale, sizes), expand_groups(zero, sizes), sets.n)
+        else:
+            c = codes[rs].long()
+        if gptq is not None and cfg.variant == "A":  # convert GPTQ's final n-bit codes (§6 A)
+            cand[rs] = choose_candidates(histograms(c, h, sizes, sets.n), sets)
+        if rebuild:
+            w_hat[rs] = reconstruct(c, cand[rs], scale, zero, sets, sizes)
+        patterns[rs] = patterns_of(c, cand[rs], sets, sizes)
+    return w_hat.to(weight.dtype), merge(patterns, cand, step1.scale, step1.zero, sets, sizes)

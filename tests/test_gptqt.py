@@ -8,7 +8,7 @@ import torch
 from quant.bcq import bcq_quantize, sign_patterns
 from quant.gptq import GPTQ
 from quant.gptqt import (GAMMAS, GPTQTConfig, choose_candidates, codes_of, enumerate_level_sets, gptqt_quantize,
-                         histograms, merge, reconstruct, reexplore)
+                         histograms, merge, patterns_of, reconstruct, reexplore)
 from quant.quantizer import expand_groups, fake_quant, quantize_weight_rtn, weight_group_params
 
 
@@ -67,7 +67,7 @@ def test_merge_identity_is_exact():
     zero = torch.randint(0, 16, (7, 3), generator=gen).float()
     cand = torch.randint(0, 441, (7, 3), generator=gen)
     codes = torch.randint(0, 16, (7, 32), generator=gen)
-    coded = merge(codes, cand, scale, zero, sets, sizes)
+    coded = merge(patterns_of(codes, cand, sets, sizes), cand, scale, zero, sets, sizes)
     q_hat = sets.level_of_code[expand_groups(cand, sizes), codes]
     exact = (q_hat.double() - expand_groups(zero, sizes).double()) * expand_groups(scale, sizes).double()
     deq = coded.dequantize()
@@ -81,7 +81,8 @@ def test_at_most_2k_levels_all_decodable(small, variant, k):
     w, x = small
     sizes = (16, 48)
     gptq = None if variant == "rtn" else gptq_for(x)
-    w_hat, coded = gptqt_quantize(w, gptq, GPTQTConfig(bits=k, variant=variant if gptq else "B"), sizes)
+    cfg = GPTQTConfig(bits=k, variant=variant if gptq else "B", gammas=(0.7, 0.9, 1.0))
+    w_hat, coded = gptqt_quantize(w, gptq, cfg, sizes)
     assert torch.equal(w_hat, coded.dequantize()) and coded.bits.shape == (k, 24, 64)
     levels = coded.levels()  # (rows, groups, 2^k)
     tol = 1e-6 * coded.alpha.abs().max()
@@ -154,14 +155,32 @@ def test_reexplore_grid_of_one_is_min_max_and_more_gammas_never_hurt(small):
     scale, zero = weight_group_params(w, sizes, 4)
     assert torch.equal(one.scale, scale) and torch.equal(one.zero, zero)
     codes = codes_of(w, expand_groups(scale, sizes), expand_groups(zero, sizes), 4)
-    cand = choose_candidates(histograms(codes, h, sizes, 4), sets)
+    hist = histograms(codes, h, sizes, 4)
+    direct = torch.stack([torch.stack([(h[c0:c1] * (codes[:, c0:c1] == v)).sum(1) for v in range(16)], -1)
+                          for c0, c1 in ((0, 24), (24, 64))], 1)
+    assert (hist - direct).abs().max() <= h.max() * 64 * 64 / 2**52  # fixed-point resolution
+    cand = choose_candidates(hist, sets)
     assert torch.equal(one.cand, cand)
-    w_hat, _ = gptqt_quantize(w, None, GPTQTConfig(bits=3, gammas=(1.0,)), sizes, hdiag=h)
+    w_hat, _ = gptqt_quantize(w, None, GPTQTConfig(bits=3, gammas=(1.0,)), sizes, hessian=h)
     assert torch.equal(w_hat, reconstruct(codes, cand, scale, zero, sets, sizes))
     coarse = reexplore(w, h, sets, (0.8, 1.0, 1.2), sizes)
     full = reexplore(w, h, sets, GAMMAS, sizes)
     assert (coarse.objective <= one.objective).all() and (full.objective <= coarse.objective).all()
     assert (full.objective < one.objective).float().mean() > 0.5
+
+
+def test_full_hessian_score_is_the_row_output_error(small):
+    w, x = small
+    H = gptq_for(x).hessian
+    sets = enumerate_level_sets(3, 2)
+    step1 = reexplore(w, H.diagonal().double(), sets, GAMMAS, (64,), hessian=H)
+    w_hat, _ = gptqt_quantize(w, None, GPTQTConfig(bits=2, score="full"), hessian=H)
+    e = (w - w_hat).double()
+    assert torch.allclose(step1.objective[:, 0], torch.einsum("rc,cd,rd->r", e, H.double(), e), rtol=1e-4)
+    one = reexplore(w, H.diagonal().double(), sets, (1.0,), (64,), hessian=H)
+    assert (step1.objective <= one.objective).all()
+    with pytest.raises(ValueError):
+        gptqt_quantize(w, None, GPTQTConfig(bits=2, score="full"), hessian=H.diagonal())
 
 
 @pytest.mark.parametrize("variant", ["A", "B"])
@@ -222,3 +241,20 @@ def test_synthetic_layer_error_ordering():
     gptq2 = err(gptq_for(x).quantize(w, *weight_group_params(w, None, 2), 2))
     var_b2 = err(gptqt_quantize(w, gptq_for(x), GPTQTConfig(bits=2))[0])
     assert var_b2 < 0.5 * gptq2
+
+
+@pytest.mark.parametrize("variant", ["rtn", "A", "B"])
+def test_row_slabs_do_not_change_the_result(small, variant, monkeypatch):
+    import quant.gptqt as gptqt_mod
+
+    w, x = small
+    cfg = GPTQTConfig(bits=2, variant="B" if variant == "rtn" else variant, gammas=(0.8, 1.0))
+
+    def run():
+        return gptqt_quantize(w, None if variant == "rtn" else gptq_for(x), cfg, (16, 48))
+
+    whole, coded = run()
+    monkeypatch.setattr(gptqt_mod, "_CHUNK_ELEMS", 100)  # 1 row per slab
+    sliced, coded_sliced = run()
+    assert torch.equal(whole, sliced) and torch.equal(coded.bits, coded_sliced.bits)
+    assert torch.equal(coded.alpha, coded_sliced.alpha) and torch.equal(coded.offset, coded_sliced.offset)

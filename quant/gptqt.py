@@ -109,20 +109,35 @@ def codes_of(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int) -
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**n - 1).long()
 
 
+def _per_column(values: torch.Tensor, group_sizes: tuple[int, ...]) -> torch.Tensor:
+    """(rows, G) -> broadcastable against (rows, cols); one group needs no copy."""
+    return values if len(group_sizes) == 1 else expand_groups(values, group_sizes)
+
+
+def _table_index(codes: torch.Tensor, group_sizes: tuple[int, ...], n: int) -> torch.Tensor:
+    """codes + 2^n * group: each weight's entry in its row's flattened (groups, 2^n) tables."""
+    if len(group_sizes) == 1:
+        return codes
+    group_of = torch.repeat_interleave(torch.arange(len(group_sizes), device=codes.device),
+                                       torch.tensor(group_sizes, device=codes.device))
+    return codes + group_of * 2**n
+
+
+def _histograms(index: torch.Tensor, h: torch.Tensor, groups: int, n: int) -> torch.Tensor:
+    rows, cols = index.shape
+    unit = (h.double().max() * cols / 2**52).clamp(min=torch.finfo(torch.float64).tiny)
+    hist = torch.zeros(rows, groups * 2**n, dtype=torch.long, device=index.device)
+    hist.scatter_add_(1, index, torch.round(h.double() / unit).long().expand(rows, cols))
+    return hist.view(rows, groups, 2**n).double() * unit
+
+
 def histograms(codes: torch.Tensor, h: torch.Tensor, group_sizes: tuple[int, ...], n: int) -> torch.Tensor:
     """(rows, groups, 2^n) fp64: per row and group, the h-weighted count of each code.
 
     Accumulated in int64 fixed point (h scaled so that a whole row sums to at most 2^52): integer adds
     commute, so the counts and the argmins after them are the same on every device and run (an fp64
     scatter_add on CUDA is not), at a resolution of cols * 2^-52 of max h."""
-    rows, cols = codes.shape
-    unit = (h.double().max() * cols / 2**52).clamp(min=torch.finfo(torch.float64).tiny)
-    group_of = torch.repeat_interleave(torch.arange(len(group_sizes), device=codes.device),
-                                       torch.tensor(group_sizes, device=codes.device))
-    index = codes + group_of * 2**n
-    hist = torch.zeros(rows, len(group_sizes) * 2**n, dtype=torch.long, device=codes.device)
-    hist.scatter_add_(1, index, torch.round(h.double() / unit).long().expand(rows, cols))
-    return hist.view(rows, len(group_sizes), 2**n).double() * unit
+    return _histograms(_table_index(codes, group_sizes, n), h, len(group_sizes), n)
 
 
 def choose_candidates(hist: torch.Tensor, sets: LevelSets) -> torch.Tensor:
@@ -130,16 +145,21 @@ def choose_candidates(hist: torch.Tensor, sets: LevelSets) -> torch.Tensor:
     return (hist @ sets.cost.t()).argmin(dim=-1)
 
 
+def value_tables(cand, scale, zero, sets: LevelSets) -> torch.Tensor:
+    """(rows, G, 2^n) fp32: the dequantized value of every code, (level - z) * Delta."""
+    return (sets.level_of_code[cand].to(scale.dtype) - zero[..., None]) * scale[..., None]
+
+
 def reconstruct(codes, cand, scale, zero, sets: LevelSets, group_sizes) -> torch.Tensor:
     """(level - z) * Delta in fp32: bit-identical to the merged offset + sum alpha_i b_i (the fp64
     sum is exact, both round the same real number once), and to fake_quant when level == code."""
-    lvl = sets.level_of_code[expand_groups(cand, group_sizes), codes]
-    return (lvl.to(scale.dtype) - expand_groups(zero, group_sizes)) * expand_groups(scale, group_sizes)
+    return value_tables(cand, scale, zero, sets).flatten(1).gather(1, _table_index(codes, group_sizes, sets.n))
 
 
 def patterns_of(codes, cand, sets: LevelSets, group_sizes) -> torch.Tensor:
     """(rows, cols) uint8: the sign pattern of each code's level (bit i set <=> b_i = +1)."""
-    return sets.nearest[expand_groups(cand, group_sizes), codes].to(torch.uint8)
+    table = sets.nearest[cand].to(torch.uint8).flatten(1)
+    return table.gather(1, _table_index(codes, group_sizes, sets.n))
 
 
 def merge(patterns, cand, scale, zero, sets: LevelSets, group_sizes) -> BinaryCoded:
@@ -167,12 +187,14 @@ class Step1:
 
 def _scores(err: torch.Tensor, h: torch.Tensor, hessian: torch.Tensor | None, group_sizes) -> torch.Tensor:
     """(rows, G) fp64: sum_j h_j e_j^2 per group, or e_g H_gg e_g^T (the exact e H e^T when G = 1)."""
+    if hessian is None:
+        e2h = err.double().square_().mul_(h)
+        if len(set(group_sizes)) == 1:  # equal groups: one reshape instead of a loop
+            return e2h.view(err.shape[0], len(group_sizes), group_sizes[0]).sum(-1)
+        return torch.stack([p.sum(-1) for p in e2h.split(list(group_sizes), dim=-1)], dim=-1)
     parts, start = [], 0
     for e, size in zip(err.split(list(group_sizes), dim=-1), group_sizes):
-        if hessian is None:
-            parts.append((e.double() ** 2 * h[start:start + size]).sum(-1))
-        else:
-            parts.append(((e @ hessian[start:start + size, start:start + size]) * e).double().sum(-1))
+        parts.append(((e @ hessian[start:start + size, start:start + size]) * e).double().sum(-1))
         start += size
     return torch.stack(parts, dim=-1)
 
@@ -193,9 +215,11 @@ def reexplore(weight: torch.Tensor, h: torch.Tensor, sets: LevelSets, gammas: tu
         best = None
         for gamma in gammas:
             scale, zero = affine_params(gamma * lo, gamma * hi, sets.n)
-            codes = codes_of(x, expand_groups(scale, group_sizes), expand_groups(zero, group_sizes), sets.n)
-            cand = choose_candidates(histograms(codes, h, group_sizes, sets.n), sets)
-            obj = _scores(x - reconstruct(codes, cand, scale, zero, sets, group_sizes), h, hessian, group_sizes)
+            codes = codes_of(x, _per_column(scale, group_sizes), _per_column(zero, group_sizes), sets.n)
+            index = _table_index(codes, group_sizes, sets.n)
+            cand = choose_candidates(_histograms(index, h, len(group_sizes), sets.n), sets)
+            w_hat = value_tables(cand, scale, zero, sets).flatten(1).gather(1, index)
+            obj = _scores(x - w_hat, h, hessian, group_sizes)
             if best is None:
                 best = [scale, zero, cand, obj]
             else:
@@ -274,7 +298,7 @@ def gptqt_quantize(weight: torch.Tensor, gptq: GPTQ | None, cfg: GPTQTConfig,
     for rs in _row_slabs(rows, sizes, sets):  # per-row conversion, a slab of rows at a time
         scale, zero = step1.scale[rs], step1.zero[rs]
         if codes is None:  # no GPTQ: the RTN codes at the re-explored scale
-            c = codes_of(w[rs], expand_groups(scale, sizes), expand_groups(zero, sizes), sets.n)
+            c = codes_of(w[rs], _per_column(scale, sizes), _per_column(zero, sizes), sets.n)
         else:
             c = codes[rs].long()
         if gptq is not None and cfg.variant == "A":  # convert GPTQ's final n-bit codes (§6 A)

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default=None, choices=("reference", "full", "symmetric"),
                    help="integer grid: reference (RPTQ: 2^b levels over [min, max-step]), full (2^b-1 steps over "
                         "[min, max]), symmetric")
-    p.add_argument("--w_quantizer", default=None, choices=("gptq", "rtn", "normal", "gptqt"),
-                   help="normal = rtn (the reference's name)")
+    p.add_argument("--w_quantizer", default=None, choices=("gptq", "rtn", "normal", "gptqt", "bcq"),
+                   help="normal = rtn (the reference's name); gptqt: GPTQT binary codes (3/2 bits); bcq: plain "
+                        "binary coding (greedy + alternating)")
     p.add_argument("--w_range", default=None, choices=("minmax", "with_zero"),
                    help="weight ranges: plain min/max (reference) or forced to include 0 (GPTQ)")
     p.add_argument("--w_group_size", type=int, default=None,
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DuQuant's greedy outlier index: the released code's rule or the paper's")
     p.add_argument("--act_clip", type=float, default=None, help="dynamic activation clipping ratio (duquant: 0.9)")
     p.add_argument("--inter_bits", type=int, default=0, help="GPTQT's step-1 bits (0: wbits + 1)")
+    p.add_argument("--gptqt_variant", default="B", choices=("A", "B"),
+                   help="GPTQT: B = GPTQ compensates the binary-coded rounding; A = convert GPTQ's final codes")
     p.add_argument("--disable_w_quant", action="store_true")
     p.add_argument("--disable_a_quant", action="store_true")
     p.add_argument("--multigpu", action="store_true", help="shard decoder layers over all visible GPUs")
@@ -154,8 +157,8 @@ def quant_config(args):
         rotation["act_clip"] = args.act_clip
     if base["abits_policy"] == "fptq" and "lae" not in transforms:
         raise UserError("--abits_policy fptq routes each point by the lae step's decisions; add lae to --transforms")
-    if base["w_quantizer"] == "gptqt" and base["wbits"] not in (2, 3):
-        raise UserError(f"--w_quantizer gptqt makes 3- or 2-bit binary codes; use --wbits 3 or 2 "
+    if base["w_quantizer"] in ("gptqt", "bcq") and base["wbits"] not in (2, 3):
+        raise UserError(f"--w_quantizer {base['w_quantizer']} makes 3- or 2-bit binary codes; use --wbits 3 or 2 "
                         f"(got {base['wbits']})")
     for name, value in (("--w_group_size", base["w_group_size"]), ("--rotation_block", args.rotation_block),
                         ("--rotation_steps", args.rotation_steps)):
@@ -176,7 +179,9 @@ def quant_config(args):
     base["smooth"] = SmoothSettings(**smooth)
     base["rotation"] = RotationSettings(**rotation)
     base["fptq"] = FPTQSettings(v0=args.fptq_v0, v1=args.fptq_v1, kv_bits=args.kv_bits)
-    base["gptqt"] = GPTQTSettings(inter_bits=args.inter_bits)
+    if args.inter_bits and args.inter_bits <= base["wbits"]:
+        raise UserError(f"--inter_bits must exceed --wbits (GPTQT quantizes to more bits first); got {args.inter_bits}")
+    base["gptqt"] = GPTQTSettings(inter_bits=args.inter_bits, variant=args.gptqt_variant)
     return QuantConfig(**base)
 
 

@@ -108,16 +108,20 @@ class GPTQ:
 
     def quantize(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                  group_sizes: tuple[int, ...] | None = None, blocksize: int = 128,
-                 percdamp: float = 0.01, grid: str = "full") -> torch.Tensor:
+                 percdamp: float = 0.01, grid: str = "full", column_quantizer=None) -> torch.Tensor:
         """Return the fake-quantized weight.
 
         ``scale``/``zero``: (rows, groups) for contiguous input-channel groups of ``group_sizes``
         (None: one group), fixed before the sweep; ``grid`` names their integer grid (quant.quantizer).
+        ``column_quantizer(w_col, column, group) -> q_col``, when given, replaces the uniform
+        rounding of each column (a non-uniform grid, e.g. GPTQT's binary-coding levels).
         """
         with _single_thread_on_cpu(self.device):
-            return self._quantize(weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid)
+            return self._quantize(weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid,
+                                  column_quantizer)
 
-    def _quantize(self, weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid) -> torch.Tensor:
+    def _quantize(self, weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid="full",
+                  column_quantizer=None) -> torch.Tensor:
         Hinv, dead = self._inverse_factor(percdamp)
         W = weight.detach().to(self.device, torch.float32).clone()
         W[:, dead] = 0
@@ -133,7 +137,10 @@ class GPTQ:
             for i in range(end - start):
                 g = group_of[start + i]
                 w = W1[:, i]
-                q = fake_quant(w, scale[:, g], zero[:, g], bits, grid)
+                if column_quantizer is None:
+                    q = fake_quant(w, scale[:, g], zero[:, g], bits, grid)
+                else:
+                    q = column_quantizer(w, start + i, g)
                 W[:, start + i] = q  # W doubles as the output: finished columns are never read again
                 err = (w - q) / Hinv1[i, i]
                 W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)

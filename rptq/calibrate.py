@@ -108,6 +108,11 @@ def activation_quantizers(ctx: BlockContext) -> dict[str, ActQuantizer]:
     return taps
 
 
+def _binary_codes(coded) -> dict:
+    return {"kind": "binary", "planes": coded.bits.cpu(), "alpha": coded.alpha.cpu(), "offset": coded.offset.cpu(),
+            "group_sizes": coded.group_sizes}
+
+
 @torch.no_grad()
 def quantize_weights(ctx: BlockContext) -> dict[str, float]:
     """Quantize every linear of the block; returns each one's weight-only relative output error
@@ -115,28 +120,46 @@ def quantize_weights(ctx: BlockContext) -> dict[str, float]:
     cfg, spec, block = ctx.cfg, ctx.spec, ctx.block
     bits = cfg.weight_bits
     errors = {}
+    level_sets = hessian_diag = None
+    if cfg.w_quantizer == "gptqt":
+        from quant.gptqt import GPTQTConfig, enumerate_level_sets, gptqt_quantize
+
+        gcfg = GPTQTConfig(bits=bits, inter_bits=cfg.gptqt.inter_bits or bits + 1, gammas=cfg.gptqt.gammas,
+                           variant=cfg.gptqt.variant, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+        level_sets, hessian_diag = enumerate_level_sets(gcfg.n, gcfg.bits), {}
     for name, point in spec.linear_inputs.items():
         linear = block.module(name)
         W = linear.weight.data.float()
         wspec = methods.weight_spec(cfg, W.shape[1], ctx.groups.get(point))
         groups = wspec.group_sizes
         obs = ctx.observers[point]
-        if cfg.w_quantizer == "gptq":
-            scale, zero = weight_group_params(W, groups, bits, wspec)
-            q = obs.gptq.quantize(W, scale, zero, bits, group_sizes=groups, blocksize=cfg.blocksize,
-                                  percdamp=cfg.percdamp, grid=wspec.grid)
+        if cfg.w_quantizer == "gptqt":  # the Hessian is factorised by the first reader: keep its diagonal
+            if point not in hessian_diag:
+                hessian_diag[point] = obs.gptq.hessian.diagonal().clone()
+            q, coded = gptqt_quantize(W, obs.gptq, gcfg, groups, hessian=hessian_diag[point], sets=level_sets)
+            block.weight_codes[name] = _binary_codes(coded)
+        elif cfg.w_quantizer == "bcq":
+            from quant.bcq import bcq_quantize
+
+            q, coded = bcq_quantize(W, bits, groups)
+            q = q.float()
+            block.weight_codes[name] = _binary_codes(coded)
         else:
             scale, zero = weight_group_params(W, groups, bits, wspec)
-            full_scale, full_zero = weight_params(W, groups, bits, wspec)
-            q = fake_quant(W, full_scale, full_zero, bits, wspec.grid)
-        block.weight_codes[name] = {"scale": scale.cpu(), "zero": zero.cpu(), "bits": bits, "grid": wspec.grid,
-                                    "group_sizes": groups}
+            if cfg.w_quantizer == "gptq":
+                q = obs.gptq.quantize(W, scale, zero, bits, group_sizes=groups, blocksize=cfg.blocksize,
+                                      percdamp=cfg.percdamp, grid=wspec.grid)
+            else:
+                full_scale, full_zero = weight_params(W, groups, bits, wspec)
+                q = fake_quant(W, full_scale, full_zero, bits, wspec.grid)
+            block.weight_codes[name] = {"kind": "affine", "scale": scale.cpu(), "zero": zero.cpu(), "bits": bits,
+                                        "grid": wspec.grid, "group_sizes": groups}
         if obs.samples:
             x = obs.sample().to(W.device)
             ref = x @ W.t()
             errors[name] = float((x @ (q - W).t()).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
         linear.weight.data = q.to(linear.weight.dtype)
-        if cfg.w_quantizer == "gptq" and spec.readers(point)[-1] == name:
+        if obs.gptq is not None and spec.readers(point)[-1] == name:
             obs.gptq.free()  # its n x n factor is dead weight from here on
     return errors
 

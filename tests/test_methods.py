@@ -144,3 +144,27 @@ def test_rptq_kmeans_sees_global_minmax_and_unscaled_q():
     unscale = block.spec.heads.head_dim ** 0.5  # OPT's tap sees q_proj(h) / sqrt(head_dim)
     assert torch.allclose(qmin, tap_min * unscale) and torch.allclose(qmax, tap_max * unscale)
     assert torch.equal(kmax, obs["k"].channel_minmax()[1])
+
+
+def test_gptqt_in_the_pipeline_binary_levels_and_lower_error_than_gptq():
+    model = _opt()
+    calib = torch.randint(4, 1000, (8, 64), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(4, 1000, (4, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(ids).logits
+    errs = {}
+    for wq in ("gptq", "gptqt", "bcq"):
+        quant = copy.deepcopy(model)
+        cfg = QuantConfig(wbits=3, abits=16, w_quantizer=wq, transforms=(), grid="full", w_range="minmax")
+        quantize_model(quant, adapter_for(quant.config), calib, cfg, progress=False)
+        with torch.no_grad():
+            errs[wq] = float(((quant(ids).logits - ref) ** 2).mean())
+        block = quant.model.decoder.layers[0]
+        w = block.layer.fc1.weight
+        if wq != "gptq":
+            assert all(row.unique().numel() <= 8 for row in w)  # 2^3 binary-coded levels per row
+            codes = block.weight_codes["fc1"]
+            signs = codes["planes"].double() * 2 - 1  # (k, rows, cols)
+            rebuilt = codes["offset"][:, :1] + (signs.permute(1, 2, 0) * codes["alpha"][:, :1, :]).sum(-1)
+            assert torch.allclose(rebuilt.float(), w, atol=1e-6)
+    assert errs["gptqt"] < errs["gptq"], errs

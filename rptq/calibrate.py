@@ -60,6 +60,7 @@ def _observers(spec, cfg: QuantConfig, samples: int, layer: int) -> dict[str, Ch
     quantize_w = cfg.weight_bits < FULL_PRECISION
     hessian = quantize_w and cfg.w_quantizer in ("gptq", "gptqt")
     linear_points = set(spec.linear_inputs.values())
+    qk_points = {spec.qk_edge.q_point, spec.qk_edge.k_point}
     observers = {}
     for i, (point, role) in enumerate(spec.points.items()):
         if role == PROBS:
@@ -68,6 +69,8 @@ def _observers(spec, cfg: QuantConfig, samples: int, layer: int) -> dict[str, Ch
         if cfg.metric == "mse":
             tokens = max(tokens, 2048)
         if "rotate" in cfg.transforms and point in linear_points:
+            tokens = max(tokens, cfg.rotation.sample_tokens)
+        if "qk_rotate" in cfg.transforms and point in qk_points:  # mixed channels: later steps read the sample
             tokens = max(tokens, cfg.rotation.sample_tokens)
         observers[point] = ChannelObserver(hessian=hessian and point in linear_points,
                                            sample_per_call=sample_per_call(tokens, samples),

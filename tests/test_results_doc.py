@@ -2,14 +2,19 @@
 re-computed on the real SmolLM2-135M."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from eval import methods_doc, results_doc
 from eval.results_doc import task_section
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "results.md"
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_results_doc.sh"
 REF = re.compile(r"<!--\s*fp16_ptb_ppl_5x512:\s*([0-9.]+)\s*-->")
 ROWS = ("FP16", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV")
 
@@ -72,3 +77,185 @@ def test_reference_perplexity_matches_doc():
     windows = eval_windows(tokenizer, "ptb", 512)
     got = perplexity(model, windows, limit=5, progress=False)
     assert got == pytest.approx(expected, rel=0.01), f"FP16 PTB ppl on 5x512 = {got:.4f}, doc says {expected:.4f}"
+
+
+# ---------------------------------------------------------------- side-by-side sections, on fake runs
+def fake_run(wbits=4, abits=4, ppl=None, method=None, decisions=None, layer_errors=None, calib_s=5.0, **cfg):
+    config = {"model": "m", "limit": 8, "nsamples": 16, "seqlen": 512, "calib_dataset": "ptb", "seed": 2,
+              "wbits": wbits, "abits": abits, "only_quant_kv": False, "abits_policy": "rptq", "reorder": "12345",
+              "metric": "ema_minmax", "kmeans_features": "minmax", "a_dynamic": False,
+              "a_dynamic_method": "per_cluster", "grid": "reference", "w_range": "minmax", "w_quantizer": "gptq",
+              "w_group_size": 0, "percdamp": 0.01, "clusters": {"R1": 32}, "rotation": {"kind": "duquant",
+                                                                                        "steps": 64},
+              "fptq": {"v0": 15.0, "v1": 150.0}, **cfg}
+    method = {"name": "rptq", "transforms": ["reorder"], "activation_policy": config["abits_policy"],
+              "weight_quantizer": config["w_quantizer"], "grid": config["grid"], **(method or {})}
+    return {"config": config, "method": method, "ppl": ppl or {"ptb": 60.0, "wiki_leads": 20.0},
+            "timing": {"calibration_s": calib_s, "eval_s": 1.0}, "calibration": {"s": calib_s},
+            "decisions": decisions or [], "layer_errors": layer_errors or [], "tasks": {}, "versions": {}}
+
+
+def _rows(lines) -> dict[str, list[str]]:
+    """Markdown table rows keyed by their first cell."""
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")]
+                                             for ln in lines if ln.startswith("| "))}
+
+
+def _fptq_decisions():
+    return [{"layer": 0, "points": {"qkv_in": {"r": 10.0, "strategy": "static"},
+                                    "down_in": {"r": 400.0, "strategy": "dynamic"}}},
+            {"layer": 1, "points": {"qkv_in": {"r": 100.0, "strategy": "lae+static", "r_after": 6.0},
+                                    "down_in": {"r": 200.0, "strategy": "dynamic"}, "layer_mse_clip": {}}}]
+
+
+def _rotate(before, after):
+    return {"rotate": {"kind": "duquant", "range_ratio_before": before, "range_ratio_after": after}}
+
+
+def _methods_runs():
+    runs = {key: fake_run(ppl={"ptb": 60.0 + i, "wiki_leads": 20.0 + i}) for i, (key, _) in
+            enumerate(methods_doc.METHOD_ROWS)}
+    runs["ppl/FP16"] = fake_run(16, 16, ppl={"ptb": 50.0, "wiki_leads": 10.0}, calib_s=0.0)
+    runs["methods/W8A8-smoothquant"] = fake_run(
+        8, 8, ppl={"ptb": 55.0, "wiki_leads": 12.5}, abits_policy="smoothquant", grid="symmetric", w_quantizer="rtn",
+        method={"name": "smoothquant", "transforms": ["smooth"]})
+    runs["methods/W8A8-smoothquant-per-token"] = fake_run(8, 8, abits_policy="smoothquant", a_dynamic=True,
+                                                          method={"name": "smoothquant", "transforms": ["smooth"]})
+    runs["methods/W4A8-fptq"] = fake_run(4, 8, decisions=_fptq_decisions(), w_group_size=128)
+    runs["methods/W4A4-duquant"] = fake_run(ppl={"ptb": 70.0, "wiki_leads": 30.0}, decisions=[
+        {"layer": 0, "points": {"qkv_in": _rotate(10.0, 2.0), "down_in": _rotate(40.0, 3.0)}},
+        {"layer": 1, "points": {"qkv_in": _rotate(20.0, 4.0), "down_in": _rotate(60.0, 5.0)}}])
+    runs["methods/W4A4-rotation"] = fake_run(decisions=[{"layer": 0, "points": {"qkv_in": _rotate(9.0, 3.0)}}],
+                                             rotation={"kind": "hadamard", "steps": 64})
+    return runs
+
+
+def test_methods_section_reads_ppl_ratios_decisions_and_rotation_ranges():
+    lines = methods_doc.methods_section(_methods_runs())
+    rows = _rows(lines)
+    assert rows["FP16"][:5] == ["50.00", "×1.00", "10.00", "×1.00", "0"]
+    assert rows["W8A8 SmoothQuant (static per-tensor activations)"] == [
+        "55.00", "×1.10", "12.50", "×1.25", "5",
+        "smoothquant: transforms smooth; acts smoothquant; weights rtn symmetric per row/cluster"]
+    assert rows["W8A8 SmoothQuant, per-token dynamic activations"][-1].startswith(
+        "smoothquant: transforms smooth; acts smoothquant dynamic per token; weights gptq")
+    assert rows["W4A4 DuQuant"][:4] == ["70.00", "×1.40", "30.00", "×3.00"]
+    assert "- Lowest W4A4 ptb perplexity: W4A4 plain block-Hadamard rotation 60.00 (×1.20 FP16)." in lines
+    assert "- Lowest W4A4 wiki_leads perplexity: W4A4 plain block-Hadamard rotation 20.00 (×2.00 FP16)." in lines
+    # FPTQ: per point, layers per strategy, then mean and max r
+    assert lines[lines.index("| point | static | lae+static | dynamic | mean r | max r |") + 2:][:3] == [
+        "| qkv_in | 1 | 1 | 0 | 55.0 | 100.0 |", "| down_in | 0 | 0 | 2 | 300.0 | 400.0 |", "| all | 1 | 1 | 2 |  |  |"]
+    # rotation: mean over layers of the ratio before -> after; a run without the point shows –
+    assert rows["qkv_in"] == ["15.0 → 3.0", "9.0 → 3.0", "–"] and rows["down_in"] == ["50.0 → 4.0", "–", "–"]
+    assert any("W4A4-duquant 64 greedy steps, W4A4-rotation hadamard, no search" in ln for ln in lines)
+    assert any(ln.startswith("DuQuant ran 64 greedy rotation steps") for ln in lines)
+
+
+def test_weights_section_labels_from_config_and_gptqt_vs_gptq():
+    runs = {"ppl/FP16": fake_run(16, 16, ppl={"ptb": 50.0, "wiki_leads": 10.0})}
+    for key in methods_doc.WEIGHT_RUNS:
+        bits, q = int(key.split("/W")[1][0]), key.split("-", 1)[1]
+        runs[key] = fake_run(bits, 16, ppl={"ptb": 100.0 * (4 - bits) + q.startswith("gptqt"), "wiki_leads": 40.0},
+                             w_quantizer=q.split("-")[0], w_group_size=128 if q.endswith("g128") else 0,
+                             grid="full", reorder="")
+    lines = methods_doc.weights_section(runs, caveat=True)
+    table = [ln for ln in lines if ln.startswith("| W")]
+    assert table[0] == "| W3A16 | 3 | RTN | per row | 100.00 | ×2.00 | 40.00 | ×4.00 | 5 |"
+    assert table[5] == "| W3A16 | 3 | GPTQT | 128 | 101.00 | ×2.02 | 40.00 | ×4.00 | 5 |"
+    assert "- 2-bit per row: GPTQT vs GPTQ ptb 201.00 vs 200.00 (×1.00); wiki_leads 40.00 vs 40.00 (×1.00)." in lines
+    assert any("GGUF Q4_1" in ln for ln in lines)
+    assert not any("Q4_1" in ln for ln in methods_doc.weights_section(runs, caveat=False))
+
+
+def test_diffs_section_flags_from_config_ratios_and_point_errors():
+    errors = [{"layer": i, "block_rel_mse": 0.1, "block_sqnr_db": 10.0 + i,
+               "points": {"qkv_in": 0.001 * (i + 1), "down_in": 0.1 * (i + 1)},
+               "weights": {"mlp.down_proj": 0.02, "self_attn.q_proj": 0.01}} for i in range(2)]
+    runs = {"ppl/W4A4": fake_run(ppl={"ptb": 100.0}, layer_errors=errors),
+            "ppl/W4A3KV": fake_run(4, 3, ppl={"ptb": 80.0}, only_quant_kv=True)}
+    for config, _ in methods_doc.DIFF_CONFIGS:
+        runs[f"diffs/{config}-grid-full"] = fake_run(ppl={"ptb": 120.0}, grid="full")
+        runs[f"diffs/{config}-a-dynamic"] = fake_run(ppl={"ptb": 90.0}, a_dynamic=True)
+        runs[f"diffs/{config}-a-dynamic-per-token"] = fake_run(ppl={"ptb": 45.0}, a_dynamic=True,
+                                                               a_dynamic_method="per_token")
+    lines = methods_doc.diffs_section(runs)
+    table = [ln for ln in lines if ln.startswith("| W4A")]
+    assert table[0] == ("| W4A4 | integer grid | 2^b levels over [min, max − step] (`grid=reference`) | "
+                        "`--grid full` | 100.00 | 120.00 | ×1.20 |")
+    assert table[2].endswith("| `--metric ?` | 100.00 | – | – |")  # a run not there yet
+    assert table[7] == ("| W4A4 | dynamic ranges (`--a_dynamic`) | one range per cluster and sequence "
+                        "(`--a_dynamic, a_dynamic_method=per_cluster`) | `--a_dynamic --a_dynamic_method per_token` "
+                        "| 90.00 | 45.00 | ×0.50 |")
+    assert table[8].startswith("| W4A3KV | integer grid |") and table[8].endswith("| 80.00 | 120.00 | ×1.50 |")
+    assert any("W4A4 90.00 vs 100.00 (×0.90); W4A3KV 90.00 vs 80.00 (×1.12)" in ln for ln in lines)
+    rows = _rows(lines)
+    assert rows["down_in"] == ["1.50e-01", "2.00e-01", "1"]  # sorted first: the largest mean rel MSE
+    assert lines.index("| down_in | 1.50e-01 | 2.00e-01 | 1 |") < lines.index("| qkv_in | 1.50e-03 | 2.00e-03 | 1 |")
+    assert rows["mlp.down_proj"] == ["2.00e-02", "2.00e-02", "0"]
+    assert "mean 10.5 dB, min 10.0 dB over 2 layers" in lines[-1]
+
+
+def _write_out_dir(out: Path, runs: dict[str, dict]) -> None:
+    for key, run in runs.items():
+        (out / key).mkdir(parents=True, exist_ok=True)
+        (out / key / "results.json").write_text(json.dumps(run))
+    (out / "commands.txt").write_text("main.py ...\n")
+    (out / "steps.tsv").write_text("ppl/FP16\t30\t2026-01-01T00:00:00Z\t1\t2\nref/fp16-5x512\t9\t2026\t\n")
+    for sub in ("ppl", "tasks"):
+        (out / sub / "table.md").write_text(f"| {sub} table |\n")
+
+
+def _all_runs() -> dict[str, dict]:
+    runs = {key: fake_run() for keys in methods_doc.SECTION_RUNS.values() for key in keys}
+    runs.update(_methods_runs())
+    runs["ppl/FP16"] = fake_run(16, 16, ppl={"ptb": 50.0, "wiki_leads": 10.0})
+    for key in methods_doc.SECTION_RUNS["tasks"]:
+        runs[key] = fake_run(limit=40, ppl={}) | {"tasks": {"piqa": {"acc_norm": 0.5, "acc_norm_stderr": 0.1}}}
+    runs["ref/fp16-5x512"] = fake_run(16, 16, limit=5, ppl={"ptb": 63.25})
+    return runs
+
+
+def test_results_doc_main_renders_every_section_from_an_out_dir(tmp_path):
+    _write_out_dir(tmp_path, _all_runs())
+    doc = tmp_path / "results.md"
+    assert results_doc.main(["--out-dir", str(tmp_path), "--doc", str(doc), "--model", "tiny",
+                             "--ppl-limit", "8", "--task-limit", "40"]) == 0
+    text = doc.read_text()
+    for heading in ("## Methods side by side", "## Weight-only: binary coding (GPTQT)",
+                    "## Differences from the reference", "## Zero-shot accuracy", "## Wall time"):
+        assert heading in text
+    assert "not generated yet" not in text and "<!-- fp16_ptb_ppl_5x512: 63.2500 -->" in text
+    assert "| ppl/FP16 | 5.0 | 1.0 | 30 | 1 | 2 |" in text and "| ref/fp16-5x512 | 5.0 | 1.0 | 9 | unset | 1 |" in text
+    assert "Whole generation: 39 s" in text
+
+
+def test_results_doc_main_refuses_incomplete_sections_and_other_windows(tmp_path, capsys):
+    runs = _all_runs()
+    del runs["weights/W2-bcq"]
+    runs["methods/W4A8-fptq"]["config"]["nsamples"] = 32
+    _write_out_dir(tmp_path, runs)
+    args = ["--out-dir", str(tmp_path), "--doc", str(tmp_path / "d.md"), "--model", "tiny"]
+    assert results_doc.main(args + ["--sections", "weights"]) == 2
+    assert "runs missing: ['weights/W2-bcq']" in capsys.readouterr().err
+    assert results_doc.main(args + ["--sections", "methods"]) == 2
+    assert "differ in nsamples" in capsys.readouterr().err
+    runs["methods/W4A8-fptq"]["config"]["nsamples"] = 16
+    _write_out_dir(tmp_path, runs)
+    assert results_doc.main(args + ["--sections", "methods", "--ppl-limit", "8"]) == 0
+    text = (tmp_path / "d.md").read_text()
+    assert "(not generated yet: run `SECTIONS=weights scripts/make_results_doc.sh`)" in text
+    assert results_doc.main(args + ["--ppl-limit", "24", "--sections", "ref"]) == 2
+    assert "used another --limit than PPL_LIMIT=24" in capsys.readouterr().err
+
+
+def test_script_plan_matches_the_runs_each_section_renders():
+    """make_results_doc.sh (PLAN_ONLY=1) plans, for every section, exactly the runs eval.methods_doc reads."""
+    out = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "PLAN_ONLY": "1"}, capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    planned: dict[str, set[str]] = {}
+    for line in filter(None, out):
+        *sections, name = line.split()
+        for s in sections:
+            planned.setdefault(s, set()).add(name)
+    assert planned == {s: set(keys) for s, keys in methods_doc.SECTION_RUNS.items()}
+    assert len({n for names in planned.values() for n in names}) == 52

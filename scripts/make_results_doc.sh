@@ -52,6 +52,7 @@ PPL_ARGS=(--ppl_datasets ptb,wiki_leads "${CALIB[@]}" --limit "$PPL_LIMIT")
 DIFF_ARGS=(--ppl_datasets ptb "${CALIB[@]}" --limit "$PPL_LIMIT")  # the diffs table compares ptb only
 TASK_ARGS=(--tasks piqa,arc_easy,arc_challenge,openbookqa,boolq --tasks_source local "${CALIB[@]}"
            --limit "$TASK_LIMIT")
+PLOT_ARGS=(--act_dist_plot --plot_layers mid)
 REF_ARGS=(--wbits 16 --abits 16 --eval_ppl --ppl_datasets ptb --limit 5 --seqlen 512 --seed 2 --no_progress)
 
 mkdir -p "$OUT/logs"
@@ -90,9 +91,13 @@ for row in $PAPER_ROWS; do
         W4A3KV) users="paper diffs" ;;
         *) users=paper ;;
     esac
-    plan "$users" "ppl/$row" env ROWS="$row" OUT="$OUT/ppl" scripts/reproduce_table.sh "$MODEL" "${PPL_ARGS[@]}"
+    extra=()
+    [[ $row == W4A4 ]] && extra=("${PLOT_ARGS[@]}")  # the figures docs/results.md embeds
+    plan "$users" "ppl/$row" env ROWS="$row" OUT="$OUT/ppl" scripts/reproduce_table.sh "$MODEL" "${PPL_ARGS[@]}" \
+        "${extra[@]}"
 done
-main_run "paper methods" ppl/W4A4-per-tensor --wbits 4 --abits 4 --reorder "" --eval_ppl "${PPL_ARGS[@]}"
+main_run "paper methods" ppl/W4A4-per-tensor --wbits 4 --abits 4 --reorder "" --eval_ppl "${PPL_ARGS[@]}" \
+    "${PLOT_ARGS[@]}"
 main_run "paper methods" ppl/W4A4-uniform --wbits 4 --abits 4 --abits_policy uniform --eval_ppl "${PPL_ARGS[@]}"
 main_run paper ppl/W4A4-uniform-per-tensor --wbits 4 --abits 4 --abits_policy uniform --reorder "" \
     --eval_ppl "${PPL_ARGS[@]}"

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from eval.methods_doc import PAPER, SECTION_RUNS, diffs_section, methods_section, weights_section
+from eval.methods_doc import PAPER, SECTION_RUNS, diffs_section, figures_section, methods_section, weights_section
 from eval.table import _task_columns, load_runs, method_notes, row_label, write_atomic
 
 REF_KEY, SETS, SCRIPT = "fp16_ptb_ppl_5x512", ("ptb", "wiki_leads"), "scripts/make_results_doc.sh"
@@ -223,6 +223,12 @@ def main(argv=None) -> int:
          "Each item where this toolkit offers an alternative to the RPTQ reference code's behaviour (our default "
          "follows the reference): the default run against the same run with one flag changed, ptb perplexity.", "",
          *section(runs, "diffs", lambda: diffs_section(runs)), "",
+         "## Figures", "",
+         "Per-channel activation ranges over the calibration tokens of the middle layer, before and after "
+         "RPTQ's reordering (red: each cluster's quantization range; `--act_dist_plot --plot_layers mid`), and "
+         "the per-layer error of the quantized block against the FP block on the same inputs (results.json "
+         "`layer_errors`, from the two calibration passes).", "",
+         *section(runs, "paper", lambda: figures_section(runs, Path(args.doc))), "",
          "## Zero-shot accuracy (higher is better)", "",
          *section(runs, "tasks", lambda: [read("tasks/table.md"), "", *task_section(tasks)]), "",
          "## Reference figure", "",

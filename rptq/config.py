@@ -113,6 +113,16 @@ def role_bits(cfg: QuantConfig, role: str) -> int:
     raise ValueError(f"unknown activation role {role!r}")
 
 
+def linear_and_qkv_bits(cfg: QuantConfig, role: str) -> int:
+    """Every linear input and Q/K/V at abits, the softmax output FP (SmoothQuant's and DuQuant's
+    policies); with --only_quant_kv just K and V."""
+    if cfg.act_bits >= FP:
+        return FP
+    if cfg.only_quant_kv:
+        return cfg.abits if role in (KEY, VALUE) else FP
+    return cfg.abits if role in (LN_OUT, LINEAR_IN, QUERY, KEY, VALUE) else FP
+
+
 def point_reorder(spec: BlockSpec) -> dict[str, str]:
     """Activation point -> the reorder point (R1..R5) whose clusters give its groups."""
     owner = {edge.point: edge.reorder for edge in spec.norm_edges}

@@ -4,17 +4,7 @@ import json
 import pytest
 
 import main as cli
-from tests.helpers import save_tiny_opt_dir
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_opt_dir(tmp_path_factory.mktemp("tiny-opt"), seed=0, max_pos=256)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+from tests.test_cli import cache, model_dir  # noqa: F401  (shared fixtures)
 
 
 def run(args, capsys):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from models.spec import KEY, LINEAR_IN, LN_OUT, QUERY, VALUE
+from models.spec import KEY, QUERY, VALUE
 from quant.quantizer import QuantSpec
 from quant.rotation import (duquant_base, duquant_transform, largest_pow2_block, random_orthogonal,
                             sylvester_hadamard)
 
-from ..config import FP, QuantConfig
+from ..config import FP, QuantConfig, linear_and_qkv_bits
 from ..context import BlockContext
 from ..transforms import BlockRotation, Permutation
 
@@ -64,12 +64,7 @@ def qk_rotate_step(ctx: BlockContext) -> None:
     ctx.apply_qk(BlockRotation(R), BlockRotation(R), step="qk_rotate")
 
 
-def _bits(cfg: QuantConfig, role: str) -> int:
-    if cfg.act_bits >= FP:
-        return FP
-    if cfg.only_quant_kv:
-        return cfg.abits if role in (KEY, VALUE) else FP
-    return cfg.abits if role in (LN_OUT, LINEAR_IN, QUERY, KEY, VALUE) else FP
+_bits = linear_and_qkv_bits
 
 
 def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from models.spec import KEY, LINEAR_IN, LN_OUT, QUERY, VALUE
 from quant.quantizer import QuantSpec
 
-from ..config import FP, QuantConfig
+from ..config import FP, QuantConfig, linear_and_qkv_bits
 from ..context import BlockContext
 from ..transforms import Scale
 
@@ -50,12 +49,7 @@ def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str
     return QuantSpec(bits=bits, dynamic="token" if cfg.a_dynamic else None, grid="symmetric"), "minmax"
 
 
-def _bits(cfg: QuantConfig, role: str) -> int:
-    if cfg.act_bits >= FP:
-        return FP
-    if cfg.only_quant_kv:
-        return cfg.abits if role in (KEY, VALUE) else FP
-    return cfg.abits if role in (LN_OUT, LINEAR_IN, QUERY, KEY, VALUE) else FP
+_bits = linear_and_qkv_bits
 
 
 def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:

@@ -39,7 +39,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes outside [0, {2**bits}) for {bits}-bit packing")
     rows, cols = codes.shape
     nbytes = packed_row_bytes(cols, bits)
-    word = torch.uint8 if bits <= 8 else torch.int64  # bytes move 8x less memory than int64
+    if bits == 8:
+        return codes.to(torch.uint8)
+    if bits < 8:  # 8 codes = ``bits`` bytes = one int64 word (<= 56 bits used): a few vector ops
+        words = torch.nn.functional.pad(codes.to(torch.int64), (0, -cols % 8)).reshape(rows, -1, 8)
+        words = (words << (torch.arange(8, device=codes.device) * bits)).sum(-1, keepdim=True)
+        out = (words >> (torch.arange(bits, device=codes.device) * 8)) & 0xFF
+        return out.reshape(rows, -1)[:, :nbytes].to(torch.uint8)
+    word = torch.int64
     shifts = torch.arange(bits, dtype=word, device=codes.device)
     stream = ((codes.to(word).unsqueeze(-1) >> shifts) & 1).to(torch.uint8)
     stream = torch.nn.functional.pad(stream.reshape(rows, cols * bits), (0, nbytes * 8 - cols * bits))
@@ -59,6 +66,17 @@ def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         raise ValueError(f"packed codes have {packed.shape[1]} bytes per row, {cols} {bits}-bit codes "
                          f"need {packed_row_bytes(cols, bits)}")
     rows = packed.shape[0]
+    if bits == 8:
+        return packed.to(torch.int64)
+    if bits < 8:  # the inverse of pack_codes' word path
+        groups = -(-cols // 8)
+        data = torch.nn.functional.pad(packed.to(torch.int64), (0, groups * bits - packed.shape[1]))
+        words = (data.reshape(rows, groups, bits) << (torch.arange(bits, device=packed.device) * 8)).sum(
+            -1, keepdim=True)
+        codes = ((words >> (torch.arange(8, device=packed.device) * bits)) & (2**bits - 1)).reshape(rows, -1)
+        if codes[:, cols:].any():
+            raise ValueError("packed codes have non-zero padding bits (corrupt data)")
+        return codes[:, :cols].contiguous()
     stream = ((packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1)
     stream = stream.reshape(rows, -1)
     if stream[:, cols * bits:].any():

@@ -10,8 +10,10 @@ Storage choices (all recorded in a small JSON-able ``meta`` dict):
 
 * codes: ``b`` bits per weight, packed densely along each row (3-bit: 8 codes in 3
   bytes), little-endian bit order, each row padded to a whole byte;
-* zero points: per tensor, ``zero - min(zero)`` packed at the fewest bits that hold
-  the spread (b bits when all zeros lie on the code grid, the common case);
+* zero points: per tensor, ``zero - zero_base`` packed at ``zero_bits`` bits, the window
+  [zero_base, zero_base + 2^zero_bits) chosen to minimise bytes; the few zeros outside it
+  (a constant group -- a one-channel cluster -- gets scale 1e-8 and a zero point ~1e8 on
+  a grid that excludes 0) are stored exactly beside it as (index, value) exceptions;
 * scales: ``sf8`` (1 byte: 4-bit exponent, 4-bit mantissa, plus one int8 exponent
   base per row) when every scale lies on that grid, else fp16 when exactly
   representable, else fp32. Only scales produced by :func:`snap_scales_sf8` are sf8;
@@ -55,6 +57,30 @@ def _recover_codes(w_hat: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
             return None
         q[r, c] = levels[hit.to(torch.uint8).argmax(-1)]
     return q
+
+
+_EXCEPTION_BYTES = 8  # an int32 flat index + the fp32 zero point
+
+
+def _zero_window(z: torch.Tensor, rows: int, groups: int) -> tuple[int, int]:
+    """(zero_bits, zero_base) minimising the packed zeros plus the exceptions outside the window.
+
+    The full spread (no exceptions) is one candidate, so this is never worse than packing
+    every zero point at the width of the widest.
+    """
+    zs = z.flatten().to(torch.int64).sort().values
+    if zs.numel() == 0:
+        return 1, 0
+    spread_bits = max(1, int(zs[-1] - zs[0]).bit_length())
+    best = (rows * packed_row_bytes(groups, spread_bits), spread_bits, int(zs[0]))
+    bases = zs.unique_consecutive()
+    for bits in range(1, spread_bits):
+        inside = torch.searchsorted(zs, bases + 2**bits) - torch.searchsorted(zs, bases)
+        i = int(inside.argmax())  # the first (lowest) base among the best windows
+        cost = rows * packed_row_bytes(groups, bits) + (zs.numel() - int(inside[i])) * _EXCEPTION_BYTES
+        if cost < best[0]:
+            best = (cost, bits, int(bases[i]))
+    return best[1], best[2]
 
 
 # -- containers ----------------------------------------------------------------------------
@@ -114,6 +140,8 @@ class PackedAffine:
     bits: int
     shape: tuple[int, int]
     qmin: int = 0
+    zero_fix_index: torch.Tensor | None = None  # int32 (n,): flat row * groups + group of each exception
+    zero_fix_value: torch.Tensor | None = None  # fp32 (n,): its zero point (an fp32 integer: exact)
 
     @classmethod
     def from_quantized(cls, weight_hat: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
@@ -133,14 +161,18 @@ class PackedAffine:
         q = _recover_codes(w_hat, expand_groups(s, sizes), expand_groups(z, sizes), bits, qmin)
         if q is None:
             raise ValueError(f"weight is not on its {bits}-bit grid (no code in range reproduces it)")
-        zmin = int(z.min()) if z.numel() else 0
-        zero_bits = max(1, (int(z.max()) - zmin).bit_length()) if z.numel() else 1
+        zero_bits, zmin = _zero_window(z, *s.shape)
         if zero_bits > MAX_CODE_BITS:
             raise ValueError(f"zero points spread over {zero_bits} bits; at most {MAX_CODE_BITS} are supported")
+        zi = z.to(torch.int64)
+        outside = (zi < zmin) | (zi >= zmin + 2**zero_bits)
+        fix_index = outside.flatten().nonzero().flatten()
+        fixes = (fix_index.to(torch.int32), z.flatten()[fix_index]) if fix_index.numel() else (None, None)
         sf8 = sf8_encode(s)
         stored_scale, base = sf8 if sf8 is not None else (compact_float(s), None)
         packed = cls(pack_codes((q - qmin).to(torch.int64), bits), stored_scale, base,
-                     pack_codes(z.to(torch.int64) - zmin, zero_bits), zero_bits, zmin, sizes, bits, shape, qmin)
+                     pack_codes(torch.where(outside, 0, zi - zmin), zero_bits), zero_bits, zmin, sizes, bits, shape,
+                     qmin, *fixes)
         if not bitwise_equal(packed.dequantize(w_hat.dtype), w_hat):  # belt and braces: the stored form
             raise ValueError("weight does not dequantize bitwise from its stored codes and grid")
         return packed
@@ -157,7 +189,14 @@ class PackedAffine:
 
     def group_zero(self) -> torch.Tensor:
         """(rows, groups) fp32 integer zero points."""
-        return (unpack_codes(self.zero, self.zero_bits, len(self.group_sizes)) + self.zero_base).float()
+        zero = (unpack_codes(self.zero, self.zero_bits, len(self.group_sizes)) + self.zero_base).float()
+        if self.zero_fix_index is not None:
+            zero.view(-1)[self.zero_fix_index.to(torch.int64)] = self.zero_fix_value
+        return zero
+
+    @property
+    def zero_exceptions(self) -> int:
+        return 0 if self.zero_fix_index is None else self.zero_fix_index.numel()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(q - zero) * scale in fp32, then cast: fake_quant's own arithmetic, so bitwise equal."""
@@ -169,12 +208,14 @@ class PackedAffine:
     def meta(self) -> dict:
         return {"kind": "affine", "version": VERSION, "bits": self.bits, "shape": list(self.shape),
                 "group_sizes": list(self.group_sizes), "qmin": self.qmin, "scale_format": self.scale_format,
-                "zero_bits": self.zero_bits, "zero_base": self.zero_base}
+                "zero_bits": self.zero_bits, "zero_base": self.zero_base, "zero_exceptions": self.zero_exceptions}
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.codes": self.codes, f"{prefix}.scale": self.scale, f"{prefix}.zero": self.zero}
         if self.scale_base is not None:
             out[f"{prefix}.scale_base"] = self.scale_base
+        if self.zero_fix_index is not None:
+            out[f"{prefix}.zero_fix_index"], out[f"{prefix}.zero_fix_value"] = self.zero_fix_index, self.zero_fix_value
         return out
 
     @classmethod
@@ -182,7 +223,8 @@ class PackedAffine:
         """Validate names, dtypes and shapes against ``meta``; ValueError naming the first problem."""
         _check_meta(meta, "affine")
         try:
-            bits, qmin, zero_bits, zero_base = (int(meta[k]) for k in ("bits", "qmin", "zero_bits", "zero_base"))
+            bits, qmin, zero_bits, zero_base, fixes = (int(meta[k]) for k in ("bits", "qmin", "zero_bits", "zero_base",
+                                                                             "zero_exceptions"))
             shape, sizes = _check_layout(tuple(meta["shape"]), meta["group_sizes"])
             fmt = meta["scale_format"]
         except (KeyError, TypeError) as err:
@@ -199,7 +241,13 @@ class PackedAffine:
             raise ValueError(f"packed weight {prefix}: unknown scale format {fmt!r}")
         scale = _require(tensors, f"{prefix}.scale", dtypes[fmt], (rows, groups))
         base = _require(tensors, f"{prefix}.scale_base", torch.int8, (rows,)) if fmt == "sf8" else None
-        return cls(codes, scale, base, zero, zero_bits, zero_base, sizes, bits, shape, qmin)
+        fix_index = fix_value = None
+        if fixes:
+            fix_index = _require(tensors, f"{prefix}.zero_fix_index", torch.int32, (fixes,))
+            fix_value = _require(tensors, f"{prefix}.zero_fix_value", torch.float32, (fixes,))
+            if int(fix_index.min()) < 0 or int(fix_index.max()) >= rows * groups:
+                raise ValueError(f"packed weight {prefix}: zero exception index outside ({rows}, {groups})")
+        return cls(codes, scale, base, zero, zero_bits, zero_base, sizes, bits, shape, qmin, fix_index, fix_value)
 
     @property
     def nbytes(self) -> int:

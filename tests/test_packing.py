@@ -91,13 +91,41 @@ def test_affine_zero_points_off_the_code_grid_and_signed_grid(bits):
     s, z = expand_groups(scale, sizes), expand_groups(zero, sizes)
     w_hat = (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
     packed = PackedAffine.from_quantized(w_hat, scale, zero, bits, sizes, qmin=qmin)
-    assert packed.zero_base == int(zero.min()) < -(2**bits)
-    assert packed.zero_bits == (int(zero.max()) - int(zero.min())).bit_length()
+    assert packed.zero_base < -(2**bits)
+    spread = (int(zero.max()) - int(zero.min())).bit_length()  # no exceptions: every zero at this width
+    assert packed.nbytes <= affine_nbytes(32, 90, 7, bits, packed.scale_format, spread)
     reloaded = _through_safetensors(packed)
     assert reloaded.qmin == qmin and torch.equal(_bits_of(reloaded.dequantize()), _bits_of(w_hat))
     assert torch.equal(reloaded.group_zero(), zero)
     with pytest.raises(ValueError, match="grid"):  # the same codes read on the 0-based grid
         PackedAffine.from_quantized(w_hat, scale, zero, bits, sizes, qmin=0)
+
+
+def test_constant_groups_become_zero_exceptions_not_wide_zeros():
+    """A one-channel cluster is constant in every row: scale 1e-8 and |zero| ~ |w| * 1e8 on the
+    reference grid. Those zeros are stored beside the packed ones, which keep their b+1 bits."""
+    bits, sizes = 4, (4,) * 7 + (1,) + (4,) * 8 + (1, 2)
+    w = _weight(64, 64, 31)
+    lo, hi = group_reduce(w, sizes, "min"), group_reduce(w, sizes, "max")
+    scale = ((hi - lo) / 2**bits).clamp(min=1e-8)
+    zero = torch.round(-(hi + lo) / (2 * scale))
+    qmin = -(2 ** (bits - 1))
+    s, z = expand_groups(scale, sizes), expand_groups(zero, sizes)
+    w_hat = (torch.clamp(torch.round(w / s) + z, qmin, 2 ** (bits - 1) - 1) - z) * s
+    packed = PackedAffine.from_quantized(w_hat, scale, zero, bits, sizes, qmin=qmin)
+    window = (zero >= packed.zero_base) & (zero < packed.zero_base + 2**packed.zero_bits)
+    assert packed.zero_bits <= bits + 1 and not bool(window[:, [7, 16]].any())  # the constant columns
+    assert packed.zero_exceptions == int((~window).sum()) >= 2 * 64  # (+ small groups excluding 0)
+    assert packed.nbytes == affine_nbytes(64, 64, 18, bits, "fp32", packed.zero_bits) + packed.zero_exceptions * 8
+    assert packed.nbytes < affine_nbytes(64, 64, 18, bits, "fp32", (int(zero.max()) - int(zero.min())).bit_length())
+    reloaded = _through_safetensors(packed)
+    assert torch.equal(reloaded.group_zero(), zero) and torch.equal(_bits_of(reloaded.dequantize()), _bits_of(w_hat))
+    tensors, meta = packed.to_tensors("w"), packed.meta()
+    with pytest.raises(ValueError, match="missing tensor w.zero_fix_value"):
+        load_packed("w", {k: v for k, v in tensors.items() if k != "w.zero_fix_value"}, meta)
+    bad = {**tensors, "w.zero_fix_index": tensors["w.zero_fix_index"] + 10**6}
+    with pytest.raises(ValueError, match="exception index"):
+        load_packed("w", bad, meta)
 
 
 def test_scale_storage_is_the_smallest_exact_format():

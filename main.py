@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_quantized", default=None, help="write the fused, quantized model to this directory")
     p.add_argument("--pack_weight", action="store_true",
                    help="the reference's flag: store packed low-bit weights (with --save_quantized)")
+    p.add_argument("--scale_format", default=None, choices=("exact", "fp16", "sf8"),
+                   help="weight scales: exact fp32 (default), fp16 numbers (= --pack_weight), or sf8: 1 byte, rounded "
+                        "up to 5 significant bits (smallest checkpoints; changes the numbers)")
     p.add_argument("--load_quantized", "--load", dest="load_quantized", default=None,
                    help="evaluate a --save_quantized directory (no calibration); --load is the reference's name")
     p.add_argument("--act_dist_plot", action="store_true", help="draw activation ranges before/after the transforms")
@@ -169,11 +172,14 @@ def quant_config(args):
                         ("--smooth_alpha", smooth["alpha"])):
         if not 0 < value <= 1:
             raise UserError(f"{name} must be in (0, 1] (got {value})")
+    if args.pack_weight and args.scale_format == "exact":
+        raise UserError("--pack_weight stores fp16 weight scales; it contradicts --scale_format exact (drop one)")
+    scale_format = args.scale_format or ("fp16" if args.pack_weight else "exact")
     base.update(method=args.method, only_quant_kv=args.only_quant_kv, metric=args.metric,
                 kmeans_features=args.kmeans_features, a_dynamic=args.a_dynamic,
                 a_dynamic_method=args.a_dynamic_method, percdamp=args.percdamp,
                 disable_w_quant=args.disable_w_quant, disable_a_quant=args.disable_a_quant, seed=args.seed,
-                fp16_scales=args.pack_weight)
+                fp16_scales=scale_format == "fp16", sf8_scales=scale_format == "sf8")
     from rptq.config import FPTQSettings, GPTQTSettings
 
     base["smooth"] = SmoothSettings(**smooth)

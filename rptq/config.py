@@ -74,6 +74,7 @@ class QuantConfig:
     w_group_size: int = 0  # 0: per row, per input cluster where the input is reordered; N: groups of N
     w_clip: float = 1.0
     fp16_scales: bool = False  # weight scales on fp16 numbers (packed checkpoints are then exact)
+    sf8_scales: bool = False  # weight scales rounded up onto 1-byte sf8 numbers (smallest checkpoints)
     percdamp: float = 0.01
     blocksize: int = 128
     disable_w_quant: bool = False

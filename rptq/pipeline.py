@@ -95,7 +95,7 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
                   caller captured them already (out of core: to drop the embeddings meanwhile).
     plot_layers:  layers whose per-channel ranges before/after the transforms are kept (report.plot_data).
     """
-    from .checkpoint import LayerStore  # noqa: F401  (type of ``store``)
+    from .checkpoint import CheckpointError, LayerStore  # noqa: F401  (LayerStore: type of ``store``)
 
     device = torch.device(device)
     start = time.perf_counter()
@@ -120,7 +120,11 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
         block = adapter.make_block(layer, spec)
         if i < first:  # finished in an earlier run
             if not offload:
-                layers[i] = store.load_block(i, block, layer_device)
+                try:
+                    layers[i] = store.load_block(i, block, layer_device)
+                except CheckpointError as exc:
+                    raise UserError(f"the calibration state in {store.root} cannot be read ({exc}); delete that "
+                                    "directory to calibrate from the start") from None
             continue
         block = block.to(layer_device)
         inputs, timing = calibrate_block(block, inputs.to(layer_device), layer_kwargs_on(layer_kwargs, layer_device),

@@ -315,6 +315,7 @@ def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
     from eval.report import format_summary, peak_rss_mb, versions, write_json_atomic
 
     from .checkpoint import LayerStore, load_quantized, save_quantized
+    from .packed_weights import describe_size
 
     if cfg.load_quantized:
         model, tokenizer, adapter, info = load_quantized(cfg.load_quantized, device)
@@ -351,10 +352,13 @@ def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
         from models.placement import dispatch
 
         dispatch(model, mapping)
+    checkpoint = None
     if cfg.save_quantized:
-        save_quantized(cfg.save_quantized, model, adapter, tokenizer,
-                       {"model": cfg.model, "bit_manifest": manifest, "config": cfg.flat()},
-                       blocks_from=store if reader is not None else None)
+        size = save_quantized(cfg.save_quantized, model, adapter, tokenizer,
+                              {"model": cfg.model, "bit_manifest": manifest, "config": cfg.flat()},
+                              blocks_from=store if reader is not None else None)
+        checkpoint = {"path": str(cfg.save_quantized), **size}
+        print(f"checkpoint {cfg.save_quantized}: {describe_size(size)}")
 
     start = time.perf_counter()
     limit = cfg.limit if cfg.limit > 0 else None
@@ -381,6 +385,7 @@ def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
         "tasks_bos": _tasks_bos(cfg, model, tokenizer),
         "layer_errors": report.layer_errors() if report is not None else [],
         "decisions": report.decisions() if report is not None else [],
+        **({"checkpoint": checkpoint} if checkpoint is not None else {}),
         "memory": {"peak_rss_mb": peak_rss_mb(),
                    "out_of_core": "auto" if auto_offload else "requested" if cfg.offload_dir else None},
         "versions": versions(),

@@ -67,7 +67,8 @@ def weight_groups(cfg: QuantConfig, columns: int, point_groups: tuple[int, ...] 
 
 def weight_spec(cfg: QuantConfig, columns: int, point_groups: tuple[int, ...] | None) -> WeightSpec:
     return WeightSpec(bits=cfg.weight_bits, group_sizes=weight_groups(cfg, columns, point_groups), grid=cfg.grid,
-                      include_zero=cfg.w_range == "with_zero", clip=cfg.w_clip, fp16_scales=cfg.fp16_scales)
+                      include_zero=cfg.w_range == "with_zero", clip=cfg.w_clip, fp16_scales=cfg.fp16_scales,
+                      sf8_scales=cfg.sf8_scales)
 
 
 def describe_weight(cfg: QuantConfig, spec, point: str) -> dict:

@@ -14,7 +14,7 @@
 # then renders the tables (python -m eval.table) and writes DOC atomically (python -m eval.results_doc).
 # Environment: OUT (out/results-smollm2), DOC (docs/results.md), MODEL (smollm2-135m), SECTIONS (all of
 # "paper methods weights diffs tasks ref"; a section also runs the paper rows it compares with),
-# PPL_LIMIT (8), TASK_LIMIT (40), ROT_STEPS (64; DuQuant's paper default is 256, fewer to fit a 2-core
+# PPL_LIMIT (8), NSAMPLES (16 calibration windows), TASK_LIMIT (40), ROT_STEPS (64; DuQuant's paper default is 256, fewer to fit a 2-core
 # CPU), JOBS (2 runs at once; OMP_NUM_THREADS defaults to 1 when JOBS > 1), PLAN_ONLY=1 (print the
 # planned runs as SECTION NAME lines and exit), PYTHON (.venv/bin/python). Each run's output goes to
 # $OUT/logs/<name>.log; steps.tsv logs each run's wall time.
@@ -34,6 +34,7 @@ MODEL="${MODEL:-smollm2-135m}"
 ALL_SECTIONS="paper methods weights diffs tasks ref"
 SECTIONS="${SECTIONS:-$ALL_SECTIONS}"
 PPL_LIMIT="${PPL_LIMIT:-8}"
+NSAMPLES="${NSAMPLES:-16}"
 TASK_LIMIT="${TASK_LIMIT:-40}"
 ROT_STEPS="${ROT_STEPS:-64}"
 JOBS="${JOBS:-2}"
@@ -47,7 +48,7 @@ for s in $SECTIONS; do
     fi
 done
 PAPER_ROWS="FP16 W4A16 W4A8 W4A4 W4A4KV W4A3KV W3A3KV"
-CALIB=(--calib_dataset ptb --nsamples 16 --seqlen 512 --seed 2 --no_progress)
+CALIB=(--calib_dataset ptb --nsamples "$NSAMPLES" --seqlen 512 --seed 2 --no_progress)
 PPL_ARGS=(--ppl_datasets ptb,wiki_leads "${CALIB[@]}" --limit "$PPL_LIMIT")
 DIFF_ARGS=(--ppl_datasets ptb "${CALIB[@]}" --limit "$PPL_LIMIT")  # the diffs table compares ptb only
 TASK_ARGS=(--tasks piqa,arc_easy,arc_challenge,openbookqa,boolq --tasks_source local "${CALIB[@]}"

@@ -15,7 +15,8 @@
 # Environment: OUT (out/results-smollm2), DOC (docs/results.md), MODEL (smollm2-135m), SECTIONS (all of
 # "paper methods weights diffs tasks ref"; a section also runs the paper rows it compares with),
 # PPL_LIMIT (8), NSAMPLES (16 calibration windows), TASK_LIMIT (40), ROT_STEPS (64; DuQuant's paper default is 256, fewer to fit a 2-core
-# CPU), JOBS (2 runs at once; OMP_NUM_THREADS defaults to 1 when JOBS > 1), PLAN_ONLY=1 (print the
+# CPU), ONLY (space-separated run names, e.g. "methods/W4A4-duquant ppl/W4A8": run just those and render
+# the rows that exist), JOBS (2 runs at once; OMP_NUM_THREADS defaults to 1 when JOBS > 1), PLAN_ONLY=1 (print the
 # planned runs as SECTION NAME lines and exit), PYTHON (.venv/bin/python). Each run's output goes to
 # $OUT/logs/<name>.log; steps.tsv logs each run's wall time.
 set -euo pipefail
@@ -74,7 +75,9 @@ plan() {  # "sections using it", name, command...: note the command; queue it wh
     NAMES+=("$name")
     CMDS+=("$(printf '%q ' "$@" | sed 's/ $//; s/\\,/,/g')")  # %q escapes commas needlessly
     # shellcheck disable=SC2086
-    if selected $sections; then QUEUE+=("$((${#NAMES[@]} - 1))"); fi
+    if selected $sections && { [[ -z "${ONLY:-}" ]] || [[ " $ONLY " == *" $name "* ]]; }; then
+        QUEUE+=("$((${#NAMES[@]} - 1))")
+    fi
     if [[ -n "${PLAN_ONLY:-}" ]]; then echo "$sections $name"; fi
 }
 
@@ -190,6 +193,10 @@ for sub in ppl tasks; do
         "$PYTHON" -m eval.table "$OUT/$sub" --out "$OUT/$sub/table.md" > /dev/null
     fi
 done
-"$PYTHON" -m eval.results_doc --out-dir "$OUT" --doc "$DOC" --model "$MODEL" --sections "$SECTIONS" \
+# With ONLY (a subset of the runs), no section is required whole: each renders the rows that ran ("–" for
+# the others).
+REQUIRED="$SECTIONS"
+[[ -n "${ONLY:-}" ]] && REQUIRED=""
+"$PYTHON" -m eval.results_doc --out-dir "$OUT" --doc "$DOC" --model "$MODEL" --sections "$REQUIRED" \
     --invocation-s "$(($(date +%s) - script_start))" --ppl-limit "$PPL_LIMIT" --task-limit "$TASK_LIMIT"
 echo "wrote $DOC"

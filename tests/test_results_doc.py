@@ -243,7 +243,7 @@ def test_results_doc_main_refuses_incomplete_sections_and_other_windows(tmp_path
     _write_out_dir(tmp_path, runs)
     assert results_doc.main(args + ["--sections", "methods", "--ppl-limit", "8"]) == 0
     text = (tmp_path / "d.md").read_text()
-    assert "(not generated yet: run `SECTIONS=weights scripts/make_results_doc.sh`)" in text
+    assert "Not run this time (CPU budget; `ONLY=... scripts/make_results_doc.sh` runs them): weights/W2-bcq." in text
     assert results_doc.main(args + ["--ppl-limit", "24", "--sections", "ref"]) == 2
     assert "used another --limit than PPL_LIMIT=24" in capsys.readouterr().err
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import FP, QuantConfig, bit_manifest
 from .errors import UserError
+from .run_report import annotate_transforms, method_info, plot_layer_set, write_plot_data
 
 
 @dataclass(frozen=True)
@@ -202,67 +203,12 @@ def _perplexities(cfg: RunConfig, model, tokenizer, adapter, reader, store, devi
     return ppl
 
 
-def annotate_transforms(manifest: dict, placements: list[dict]) -> dict:
-    """Bit manifest entries gain "transforms": e.g. ["scale@norm", "rotation@online"] for their point."""
-    out = {k: dict(v) for k, v in manifest.items()}
-    for placed in placements:
-        if placed["point"] in out:
-            out[placed["point"]].setdefault("transforms", []).append(f"{placed['transform']}@{placed['where']}")
-    return out
-
-
 def _tasks_bos(cfg: RunConfig, model, tokenizer) -> bool | None:
     if not cfg.tasks:
         return None
     from eval.tasks import effective_bos
 
     return effective_bos(model, tokenizer, cfg.task_bos)
-
-
-def plot_layer_set(spec: str, num_layers: int) -> set[int]:
-    """--plot_layers '0,mid,-1' -> layer indices."""
-    layers = set()
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        if item == "mid":
-            layers.add(num_layers // 2)
-            continue
-        try:
-            index = int(item)
-        except ValueError:
-            raise UserError(f"--plot_layers takes layer numbers, negative from the end, or 'mid' (got {item!r})") \
-                from None
-        if not -num_layers <= index < num_layers:
-            raise UserError(f"--plot_layers {index} is outside the model's {num_layers} layers")
-        layers.add(index % num_layers)
-    return layers
-
-
-def write_plot_data(root: Path, report, cfg: RunConfig) -> list[str]:
-    """Per plotted layer and transformed point: channel ranges before and after (eval.plots reads them)."""
-    from safetensors.torch import save_file
-
-    from eval.atomic import atomic_write
-
-    written = []
-    for layer, data in report.plot_data.items():
-        for point, tensors in data.items():
-            rel = f"plots/data/layer{layer:03d}_{point}.safetensors"
-            meta = {"model": Path(cfg.model).name, "layer": str(layer), "point": point, "method": cfg.quant.method,
-                    "transform": tensors.pop("_transform")}
-            arrays = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-            atomic_write(root / rel, lambda tmp, arrays=arrays, meta=meta: save_file(arrays, tmp, metadata=meta))
-            written.append(rel)
-    return written
-
-
-def _method_info(quant: QuantConfig) -> dict:
-    """The method and what its preset expanded to, with the assumptions it rests on."""
-    from rptq.methods import ASSUMPTIONS
-
-    return {"name": quant.method, "transforms": list(quant.transforms), "activation_policy": quant.abits_policy,
-            "weight_quantizer": quant.w_quantizer, "grid": quant.grid,
-            "assumptions": [text for step in (*quant.transforms, quant.abits_policy, quant.w_quantizer)
-                            for text in ASSUMPTIONS.get(step, ())]}
 
 
 def _auto_offload(cfg: RunConfig, device) -> tuple[RunConfig, bool]:
@@ -375,7 +321,7 @@ def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
     results = {
         "model": cfg.model,
         "config": {**cfg.flat(), "seqlen": seqlen},
-        "method": _method_info(cfg.quant),
+        "method": method_info(cfg.quant),
         "bit_manifest": manifest,
         "ppl": ppl,
         "ppl_base": base_ppl,

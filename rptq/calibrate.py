@@ -112,9 +112,16 @@ def activation_quantizers(ctx: BlockContext) -> dict[str, ActQuantizer]:
     return taps
 
 
-def _binary_codes(coded) -> dict:
-    return {"kind": "binary", "planes": coded.bits.cpu(), "alpha": coded.alpha.cpu(), "offset": coded.offset.cpu(),
-            "group_sizes": coded.group_sizes}
+def _binary_weight(coded, device) -> tuple[torch.Tensor, dict]:
+    """The binary-coded weight as the packed format rebuilds it (alpha and offset in fp32, summed in a
+    fixed order), so that a saved checkpoint reproduces the run bit for bit; and its codes."""
+    from quant.packing import PackedBinary
+
+    alpha, offset = coded.alpha.float().cpu(), coded.offset.float().cpu()
+    packed = PackedBinary.from_planes(coded.bits.cpu(), alpha, offset, coded.group_sizes)
+    codes = {"kind": "binary", "planes": coded.bits.cpu(), "alpha": alpha, "offset": offset,
+             "group_sizes": coded.group_sizes}
+    return packed.dequantize(torch.float32).to(device), codes
 
 
 @torch.no_grad()
@@ -140,14 +147,13 @@ def quantize_weights(ctx: BlockContext) -> dict[str, float]:
         if cfg.w_quantizer == "gptqt":  # the Hessian is factorised by the first reader: keep its diagonal
             if point not in hessian_diag:
                 hessian_diag[point] = obs.gptq.hessian.diagonal().clone()
-            q, coded = gptqt_quantize(W, obs.gptq, gcfg, groups, hessian=hessian_diag[point], sets=level_sets)
-            block.weight_codes[name] = _binary_codes(coded)
+            _, coded = gptqt_quantize(W, obs.gptq, gcfg, groups, hessian=hessian_diag[point], sets=level_sets)
+            q, block.weight_codes[name] = _binary_weight(coded, W.device)
         elif cfg.w_quantizer == "bcq":
             from quant.bcq import bcq_quantize
 
-            q, coded = bcq_quantize(W, bits, groups)
-            q = q.float()
-            block.weight_codes[name] = _binary_codes(coded)
+            _, coded = bcq_quantize(W, bits, groups)
+            q, block.weight_codes[name] = _binary_weight(coded, W.device)
         else:
             scale, zero = weight_group_params(W, groups, bits, wspec)
             if cfg.w_quantizer == "gptq":

@@ -71,3 +71,19 @@ def test_load_is_an_alias_of_load_quantized(model_dir, cache, tmp_path, capsys):
     assert code == 0, err
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["ppl"]["ptb"] for d in ("a", "b"))
     assert a == b
+
+
+def test_gptqt_checkpoint_is_packed_binary_and_reloads_exactly(model_dir, cache, tmp_path, capsys):
+    saved = tmp_path / "saved"
+    code, err = run(small(model_dir, cache, tmp_path / "a", "--wbits", "3", "--abits", "16", "--w_quantizer", "gptqt",
+                          "--reorder", "", "--save_quantized", str(saved)), capsys)
+    assert code == 0, err
+    manifest = json.loads((saved / "quant.json").read_text())
+    kinds = {kind for layer in manifest["linears"] for entry in layer.values() for kind in [entry["kind"]]}
+    assert kinds == {"binary"}, kinds
+    code, err = run([str(model_dir), "--load", str(saved), "--eval_ppl", "--ppl_datasets", "ptb", "--seqlen", "32",
+                     "--limit", "2", "--cache_dir", cache, "--no_progress", "--output_path", str(tmp_path / "b")],
+                    capsys)
+    assert code == 0, err
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["ppl"]["ptb"] for d in ("a", "b"))
+    assert a == b

@@ -57,7 +57,8 @@ def test_w4a4_run_on_local_text(model_dir, cache, tmp_path, capsys):
     code, err = run_cli(args, capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert res["bit_manifest"]["q"] == {"bits": 4, "granularity": "cluster(R2=4 per head)", "static": True}
+    assert res["bit_manifest"]["q"] == {"bits": 4, "granularity": "cluster(R2=4 per head)", "static": True,
+                                        "transforms": ["permutation@rows"]}
     assert res["bit_manifest"]["qkv_in"]["bits"] == 8 and res["calibration"]["passes_per_layer"] == 2
     assert res["timing"]["calibration_s"] > 0 and res["ppl"][f"file:{text}"] > 1
 

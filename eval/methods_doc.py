@@ -21,6 +21,7 @@ METHOD_ROWS = (
     ("methods/W8A8-smoothquant", "SmoothQuant (static per-tensor activations)"),
     ("methods/W8A8-smoothquant-per-token", "SmoothQuant, per-token dynamic activations"),
     ("methods/W4A8-fptq", "FPTQ"),
+    ("methods/W4A8-fptq-gptq", "FPTQ with GPTQ weights (the paper's Table 7 ablation)"),
     ("ppl/W4A8", "RPTQ"),
     ("methods/W4A8-naive", "naive: per-tensor static activations, RTN weights"),
     ("methods/W4A16-g128-rtn", "RTN weights in groups of 128"),

@@ -111,6 +111,7 @@ m() { main_run methods "methods/$1" "${@:2}" --eval_ppl "${PPL_ARGS[@]}"; }
 m W8A8-smoothquant --method smoothquant
 m W8A8-smoothquant-per-token --method smoothquant --a_dynamic
 m W4A8-fptq --method fptq
+m W4A8-fptq-gptq --method fptq --w_quantizer gptq
 m W4A8-naive --wbits 4 --abits 8 --reorder "" --w_quantizer rtn
 m W4A16-g128-rtn --wbits 4 --abits 16 --w_quantizer rtn --w_group_size 128 --grid full
 m W4A4-duquant --method duquant --rotation_steps "$ROT_STEPS"

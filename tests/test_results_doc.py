@@ -258,4 +258,4 @@ def test_script_plan_matches_the_runs_each_section_renders():
         for s in sections:
             planned.setdefault(s, set()).add(name)
     assert planned == {s: set(keys) for s, keys in methods_doc.SECTION_RUNS.items()}
-    assert len({n for names in planned.values() for n in names}) == 52
+    assert len({n for names in planned.values() for n in names}) == 53

@@ -213,7 +213,7 @@ def main(argv=None) -> int:
          "results.json existed already:", "", "```sh", read("commands.txt"), "```", "",
          "## Perplexity (lower is better)", "",
          *section(runs, "paper", lambda: [read("ppl/table.md"), "", "Observations (generated from the numbers "
-                                          "above):", "", *ppl_observations({n: ppl[n] for n in PAPER})]), "",
+                                          "above):", "", *ppl_observations({n: ppl[n] for n in PAPER if n in ppl})]), "",
          "## Methods side by side", "",
          "Every row: the same calibration and evaluation windows; ×FP16 = perplexity / FP16 perplexity on that "
          "set. The method column is what results.json records the preset expanded to.", "",

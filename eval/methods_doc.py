@@ -256,6 +256,8 @@ def diffs_section(runs: dict[str, dict]) -> list[str]:
             dyn = suffix == "a-dynamic-per-token"
             base = runs.get(f"diffs/{config}-{DYNAMIC_DEFAULT}" if dyn else default_key)
             alt = runs.get(f"diffs/{config}-{suffix}")
+            if alt is None:  # not run (listed under the section)
+                continue
             ref_value = base["config"].get(key) if base else "?"
             alt_value = alt["config"].get(key) if alt else "?"
             flag = ("--a_dynamic " if dyn else "") + f"--{key} {alt_value}"

@@ -37,13 +37,15 @@ def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 
 
     Permuting the columns of a block of rows (or the rows of a block of columns) touches
     nothing outside the block, so a slab-sized buffer suffices where index_select would
-    hold a second n x n copy (256 MiB for OPT-1.3b's fc2 input, 3 GiB for OPT-66B's)."""
+    hold a second n x n copy (256 MiB for OPT-1.3b's fc2 input, 3 GiB for OPT-66B's).
+    Pure copies, so one thread gives the same result (here 0.08 s vs 0.2 s for 3072 x 3072, busy)."""
     n = H.shape[0]
     step = max(1, chunk_bytes // (n * H.element_size()))
-    for start in range(0, n, step):
-        H[start:start + step] = H[start:start + step].index_select(1, perm)
-    for start in range(0, n, step):
-        H[:, start:start + step] = H[:, start:start + step].index_select(0, perm)
+    with _single_thread_on_cpu(H.device):
+        for start in range(0, n, step):
+            H[start:start + step] = H[start:start + step].index_select(1, perm)
+        for start in range(0, n, step):
+            H[:, start:start + step] = H[:, start:start + step].index_select(0, perm)
 
 
 def _inverse_cholesky_upper_(H: torch.Tensor) -> torch.Tensor:

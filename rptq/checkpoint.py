@@ -94,18 +94,23 @@ def save_block(block: QuantBlock, path: Path) -> None:
     atomic_save(tensors, path, {"format": FORMAT, "taps": taps, "online": online, "packed": packed})
 
 
+def _check_tensors(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], where: str, prefix: str = "",
+                   hint: str = "") -> None:
+    """Every tensor ``want`` has, with its shape; nothing else."""
+    for key, ref in want.items():
+        if key not in got:
+            raise CheckpointError(f"{where}: missing tensor {prefix}{key}")
+        if tuple(got[key].shape) != tuple(ref.shape):
+            raise CheckpointError(f"{where}: {prefix}{key} has shape {tuple(got[key].shape)}, the model's config "
+                                  f"needs {tuple(ref.shape)}")
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor {prefix}{extra[0]}{hint}")
+
+
 def _check_layer_state(layer: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Every tensor the layer has, with its shape; nothing else (the layer may be a meta skeleton)."""
-    want = layer.state_dict()
-    for key, ref in want.items():
-        if key not in state:
-            raise CheckpointError(f"{where}: missing tensor layer.{key}")
-        if tuple(state[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{where}: layer.{key} has shape {tuple(state[key].shape)}, the model's config "
-                                  f"needs {tuple(ref.shape)}")
-    extra = sorted(set(state) - set(want))
-    if extra:
-        raise CheckpointError(f"{where}: unexpected tensor layer.{extra[0]} (a block of another model?)")
+    _check_tensors(layer.state_dict(), state, where, "layer.", " (a block of another model?)")
 
 
 def _gather(perm: torch.Tensor, size: int, where: str, point: str) -> torch.Tensor:
@@ -309,16 +314,7 @@ def _read_manifest(root: Path) -> dict:
 
 
 def _check_resident(model, adapter, resident: dict[str, torch.Tensor]) -> None:
-    want = _resident_state(model, adapter)
-    for key, ref in want.items():
-        if key not in resident:
-            raise CheckpointError(f"resident.safetensors: missing tensor {key}")
-        if tuple(resident[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"resident.safetensors: {key} has shape {tuple(resident[key].shape)}, the "
-                                  f"model's config needs {tuple(ref.shape)}")
-    extra = sorted(set(resident) - set(want))
-    if extra:
-        raise CheckpointError(f"resident.safetensors: unexpected tensor {extra[0]}")
+    _check_tensors(_resident_state(model, adapter), resident, "resident.safetensors")
 
 
 def _check_linears(block: QuantBlock, listed: dict, index: int) -> None:

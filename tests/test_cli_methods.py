@@ -61,16 +61,23 @@ def test_bad_combinations_are_one_line_errors(model_dir, cache, tmp_path, capsys
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def saved_ppl(out):
+    return json.loads((out / "results.json").read_text())["ppl"]["ptb"]
+
+
+def reloaded_ppl(model_dir, cache, saved, out, capsys):
+    """Evaluate a saved directory through the reference's --load; its PTB perplexity."""
+    code, err = run([str(model_dir), "--load", str(saved), "--eval_ppl", "--ppl_datasets", "ptb", "--seqlen", "32",
+                     "--limit", "2", "--cache_dir", cache, "--no_progress", "--output_path", str(out)], capsys)
+    assert code == 0, err
+    return saved_ppl(out)
+
+
 def test_load_is_an_alias_of_load_quantized(model_dir, cache, tmp_path, capsys):
     saved = tmp_path / "saved"
     code, err = run(small(model_dir, cache, tmp_path / "a", "--save_quantized", str(saved)), capsys)
     assert code == 0, err
-    code, err = run([str(model_dir), "--load", str(saved), "--eval_ppl", "--ppl_datasets", "ptb", "--seqlen", "32",
-                     "--limit", "2", "--cache_dir", cache, "--no_progress", "--output_path", str(tmp_path / "b")],
-                    capsys)
-    assert code == 0, err
-    a, b = (json.loads((tmp_path / d / "results.json").read_text())["ppl"]["ptb"] for d in ("a", "b"))
-    assert a == b
+    assert reloaded_ppl(model_dir, cache, saved, tmp_path / "b", capsys) == saved_ppl(tmp_path / "a")
 
 
 def test_gptqt_checkpoint_is_packed_binary_and_reloads_exactly(model_dir, cache, tmp_path, capsys):
@@ -81,9 +88,4 @@ def test_gptqt_checkpoint_is_packed_binary_and_reloads_exactly(model_dir, cache,
     manifest = json.loads((saved / "quant.json").read_text())
     kinds = {kind for layer in manifest["linears"] for entry in layer.values() for kind in [entry["kind"]]}
     assert kinds == {"binary"}, kinds
-    code, err = run([str(model_dir), "--load", str(saved), "--eval_ppl", "--ppl_datasets", "ptb", "--seqlen", "32",
-                     "--limit", "2", "--cache_dir", cache, "--no_progress", "--output_path", str(tmp_path / "b")],
-                    capsys)
-    assert code == 0, err
-    a, b = (json.loads((tmp_path / d / "results.json").read_text())["ppl"]["ptb"] for d in ("a", "b"))
-    assert a == b
+    assert reloaded_ppl(model_dir, cache, saved, tmp_path / "b", capsys) == saved_ppl(tmp_path / "a")

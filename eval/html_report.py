@@ -6,7 +6,6 @@ Images are inlined as base64 and the CSS is inline, so the page can be mailed or
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import os
@@ -158,12 +157,9 @@ def screenshot(html_path, png_path, width: int = 1280, height: int = 2000, dump_
 
 
 # ---------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def main(argv=None) -> int:
+    from eval.table import _Parser  # bad flags: one line, exit 2
+
     parser = _Parser(prog="python -m eval.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="directories searched for results.json")
     parser.add_argument("--out", required=True, metavar="FILE.html", help="the report (written atomically)")

@@ -139,6 +139,25 @@ def _binary_weight(coded, device) -> tuple[torch.Tensor, dict]:
     return packed.dequantize(torch.float32).to(device), codes
 
 
+def _gptq_readers(ctx: BlockContext, point: str, wspec) -> dict[str, tuple]:
+    """GPTQ of every linear reading ``point`` in one sweep: name -> (q, scale, zero).
+
+    The readers share the input's inverse Hessian, and GPTQ treats each output row on its own
+    given it, so their rows stacked (q/k/v: 3 x 768 rows of OPT-125m) take one column loop instead
+    of one per linear: the loop's cost is thousands of small ops, nearly independent of the rows.
+    Each row sees the same arithmetic as alone (checked bit for bit by bench_calibration's digest)."""
+    names = ctx.spec.readers(point)
+    weights = [ctx.block.module(n).weight.data.float() for n in names]
+    with _single_thread_on_cpu(weights[0].device):  # extremes and rounding: exact on one thread, and far
+        params = [weight_group_params(W, wspec.group_sizes, wspec.bits, wspec) for W in weights]  # cheaper
+    scale, zero = torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
+    q = ctx.observers[point].gptq.quantize(torch.cat(weights), scale, zero, wspec.bits,
+                                           group_sizes=wspec.group_sizes, blocksize=ctx.cfg.blocksize,
+                                           percdamp=ctx.cfg.percdamp, grid=wspec.grid)
+    rows = [W.shape[0] for W in weights]
+    return {n: (qn.clone(), *p) for n, qn, p in zip(names, q.split(rows), params)}  # own storage each
+
+
 @torch.no_grad()
 def quantize_weights(ctx: BlockContext) -> dict[str, float]:
     """Quantize every linear of the block; returns each one's weight-only relative output error
@@ -147,6 +166,7 @@ def quantize_weights(ctx: BlockContext) -> dict[str, float]:
     bits = cfg.weight_bits
     errors = {}
     level_sets = hessian_diag = None
+    swept: dict[str, tuple] = {}  # GPTQ results of the readers of the current input point
     if cfg.w_quantizer == "gptqt":
         from quant.gptqt import GPTQTConfig, enumerate_level_sets, gptqt_quantize
 
@@ -170,11 +190,12 @@ def quantize_weights(ctx: BlockContext) -> dict[str, float]:
             _, coded = bcq_quantize(W, bits, groups)
             q, block.weight_codes[name] = _binary_weight(coded, W.device)
         else:
-            scale, zero = weight_group_params(W, groups, bits, wspec)
             if cfg.w_quantizer == "gptq":
-                q = obs.gptq.quantize(W, scale, zero, bits, group_sizes=groups, blocksize=cfg.blocksize,
-                                      percdamp=cfg.percdamp, grid=wspec.grid)
+                if name not in swept:
+                    swept = _gptq_readers(ctx, point, wspec)
+                q, scale, zero = swept.pop(name)
             else:
+                scale, zero = weight_group_params(W, groups, bits, wspec)
                 full_scale, full_zero = weight_params(W, groups, bits, wspec)
                 q = fake_quant(W, full_scale, full_zero, bits, wspec.grid)
             block.weight_codes[name] = {"kind": "affine", "scale": scale.cpu(), "zero": zero.cpu(), "bits": bits,

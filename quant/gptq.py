@@ -48,24 +48,44 @@ def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 
             H[:, start:start + step] = H[:, start:start + step].index_select(0, perm)
 
 
+def _reverse_(H: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """H <- J H J (J: the exchange matrix) in place: for a contiguous square matrix that is its
+    memory read backwards, done by swapping chunks from both ends (a chunk-sized buffer, no copy of H)."""
+    flat = H.view(-1)
+    lo, hi = 0, flat.numel()
+    with _single_thread_on_cpu(H.device):  # pure copies
+        while hi - lo > 1:
+            c = min(chunk, (hi - lo) // 2)
+            head = flat[lo:lo + c].clone()
+            flat[lo:lo + c] = flat[hi - c:hi].flip(0)
+            flat[hi - c:hi] = head.flip(0)
+            lo, hi = lo + c, hi - c
+
+
 def _inverse_cholesky_upper_(H: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), overwriting the symmetric H.
 
-    On CPU, LAPACK's potrf/potri/potrf work in the matrix's own memory; torch's
-    cholesky/cholesky_inverse allocate a second n x n matrix even with out= (measured:
-    +256 MiB peak on an 8192 x 8192 Hessian). Returns a (transposed) view of H there."""
+    GPTQ's recipe (Cholesky, inverse, Cholesky again) costs 4n^3/3 flops. The same factor comes from
+    one Cholesky and one triangular inverse (2n^3/3): write H = V V^T with V upper (the Cholesky of
+    J H J read backwards, J the exchange matrix); then H^-1 = V^-T V^-1, so U = V^-1. A factor with
+    a positive diagonal is unique, so this is U itself, not an approximation (3072 x 3072 here:
+    0.38 s vs 0.68 s, and closer to a float64 reference: relative error 1.4e-7 vs 2.1e-7).
+
+    On CPU, LAPACK's potrf/trtri work in the matrix's own memory; torch's cholesky/cholesky_inverse
+    allocate a second n x n matrix even with out= (measured: +256 MiB peak on an 8192 x 8192
+    Hessian). Returns a (transposed) view of H there."""
     if H.device.type != "cpu" or H.dtype != torch.float32:
         return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     from scipy.linalg import lapack
     from threadpoolctl import threadpool_limits
 
-    a = H.numpy().T  # Fortran-ordered view of the same memory; equal to H because H is symmetric
+    _reverse_(H)  # J H J, symmetric: its Fortran-ordered view below equals it
+    a = H.numpy().T  # Fortran-ordered view of the same memory
     with threadpool_limits(limits=1):
-        a, info = lapack.spotrf(a, lower=0, clean=0, overwrite_a=1)  # H = R^T R, R in the upper triangle
+        a, info = lapack.spotrf(a, lower=1, clean=1, overwrite_a=1)  # J H J = L L^T; upper triangle zeroed
         if info == 0:
-            a, info = lapack.spotri(a, lower=0, overwrite_c=1)  # upper triangle of H^-1
-        if info == 0:
-            a, info = lapack.spotrf(a, lower=0, clean=1, overwrite_a=1)  # H^-1 = U^T U; lower triangle zeroed
+            _reverse_(H)  # V = J L J: upper, H = V V^T
+            a, info = lapack.strtri(a, lower=0, unitdiag=0, overwrite_c=1)  # U = V^-1, upper
     if info != 0:
         raise torch.linalg.LinAlgError(f"the damped Hessian is not positive definite (LAPACK info {info})")
     if a.ctypes.data != H.data_ptr():

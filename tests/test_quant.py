@@ -107,3 +107,25 @@ def test_hessian_permutation_and_factorisation_work_in_place():
     assert torch.allclose(U, reference, rtol=1e-4, atol=1e-5)
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
         _inverse_cholesky_upper_(-torch.eye(4))
+
+
+def test_hessian_from_upper_slabs_equals_the_full_product():
+    from quant.gptq import _reverse_
+
+    gen = torch.Generator().manual_seed(4)
+    columns = 600  # > 512: accumulated in 256-row slabs, the lower ones mirrored when read
+    x = torch.randn(3, 128, columns, generator=gen) * torch.rand(columns, generator=gen) * 3
+    gptq = GPTQ(columns)
+    gptq.add_batch(x[0])
+    first = gptq.hessian.clone()  # read between batches: the mirror is redone after the next one
+    gptq.add_batch(x[1:])
+    flat = x.reshape(-1, columns)
+    full = flat.t() @ flat * (2 / flat.shape[0])
+    assert torch.equal(gptq.hessian, gptq.hessian.t())
+    assert torch.allclose(gptq.hessian, full, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(first, x[0].t() @ x[0] * (2 / 128), rtol=1e-5, atol=1e-4)
+
+    odd = torch.randn(7, 7, generator=gen)  # J H J by chunks from both ends, middle element left alone
+    flipped = odd.clone()
+    _reverse_(flipped, chunk=5)
+    assert torch.equal(flipped, odd.flip(0, 1))

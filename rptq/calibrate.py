@@ -158,6 +158,37 @@ def _gptq_readers(ctx: BlockContext, point: str, wspec) -> dict[str, tuple]:
     return {n: (qn.clone(), *p) for n, qn, p in zip(names, q.split(rows), params)}  # own storage each
 
 
+def _gptq_sweeps(ctx: BlockContext) -> dict[str, tuple]:
+    """Every input point's GPTQ sweep (:func:`_gptq_readers`): name -> (q, scale, zero).
+
+    A sweep runs on one thread (its column loop is thousands of small ops), so on a CPU with a
+    spare core two sweeps run side by side, the largest input first (OPT-125m shape: fc2's 3072
+    columns beside q/k/v, out_proj and fc1). Every operation inside a sweep is single-threaded
+    either way -- the pool starts after torch and LAPACK are limited to one thread -- so the
+    results are those of the sequential order, bit for bit (bench_calibration's digest)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    spec = ctx.spec
+    jobs = []
+    for point in dict.fromkeys(spec.linear_inputs.values()):
+        columns = ctx.block.module(spec.readers(point)[0]).weight.shape[1]
+        jobs.append((columns, point, methods.weight_spec(ctx.cfg, columns, ctx.groups.get(point))))
+    jobs.sort(key=lambda job: -job[0])  # stable: equal widths keep the block's order
+    device = ctx.block.module(spec.readers(jobs[0][1])[0]).weight.device
+    workers = min(2, torch.get_num_threads(), len(jobs)) if device.type == "cpu" else 1
+
+    @torch.no_grad()  # grad mode is per thread
+    def sweep(job):
+        return _gptq_readers(ctx, job[1], job[2])
+
+    if workers < 2:
+        return {name: r for job in jobs for name, r in sweep(job).items()}
+    with _single_thread_on_cpu(device), threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
+        return {name: r for done in pool.map(sweep, jobs) for name, r in done.items()}
+
+
 @torch.no_grad()
 def quantize_weights(ctx: BlockContext) -> dict[str, float]:
     """Quantize every linear of the block; returns each one's weight-only relative output error
@@ -166,7 +197,7 @@ def quantize_weights(ctx: BlockContext) -> dict[str, float]:
     bits = cfg.weight_bits
     errors = {}
     level_sets = hessian_diag = None
-    swept: dict[str, tuple] = {}  # GPTQ results of the readers of the current input point
+    swept = _gptq_sweeps(ctx) if cfg.w_quantizer == "gptq" and bits < FULL_PRECISION else {}
     if cfg.w_quantizer == "gptqt":
         from quant.gptqt import GPTQTConfig, enumerate_level_sets, gptqt_quantize
 
@@ -191,8 +222,6 @@ def quantize_weights(ctx: BlockContext) -> dict[str, float]:
             q, block.weight_codes[name] = _binary_weight(coded, W.device)
         else:
             if cfg.w_quantizer == "gptq":
-                if name not in swept:
-                    swept = _gptq_readers(ctx, point, wspec)
                 q, scale, zero = swept.pop(name)
             else:
                 scale, zero = weight_group_params(W, groups, bits, wspec)

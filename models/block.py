@@ -3,8 +3,9 @@
 The block wraps the Hugging Face layer (same parameter tensors, no copies) and
 routes every declared activation point through ``self.taps[point]``: an identity
 for full precision, an observer during calibration, a quantizer afterwards. The
-forward is explicit eager attention, so it does not depend on how a given
-transformers release wires its layers.
+forward is our own, so it does not depend on how a given transformers release
+wires its layers: explicit attention where the probabilities are tapped, the
+fused kernel where nothing reads them.
 """
 from __future__ import annotations
 

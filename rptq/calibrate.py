@@ -165,7 +165,10 @@ def _gptq_sweeps(ctx: BlockContext) -> dict[str, tuple]:
     spare core two sweeps run side by side, the largest input first (OPT-125m shape: fc2's 3072
     columns beside q/k/v, out_proj and fc1). Every operation inside a sweep is single-threaded
     either way -- the pool starts after torch and LAPACK are limited to one thread -- so the
-    results are those of the sequential order, bit for bit (bench_calibration's digest)."""
+    results are those of the sequential order, bit for bit (bench_calibration's digest). The results
+    wait for the caller: one layer's quantized weights, and the sweeps' working copies side by side.
+    Out of core, where memory binds, the caller sweeps one input at a time instead (returns {} here
+    then, as with one worker)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
@@ -184,20 +187,21 @@ def _gptq_sweeps(ctx: BlockContext) -> dict[str, tuple]:
         return _gptq_readers(ctx, job[1], job[2])
 
     if workers < 2:
-        return {name: r for job in jobs for name, r in sweep(job).items()}
+        return {}
     with _single_thread_on_cpu(device), threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
         return {name: r for done in pool.map(sweep, jobs) for name, r in done.items()}
 
 
 @torch.no_grad()
-def quantize_weights(ctx: BlockContext) -> dict[str, float]:
+def quantize_weights(ctx: BlockContext, side_by_side: bool = True) -> dict[str, float]:
     """Quantize every linear of the block; returns each one's weight-only relative output error
-    on the token rows its input point kept (in the transformed basis)."""
+    on the token rows its input point kept (in the transformed basis). ``side_by_side``: GPTQ
+    sweeps of different inputs may run concurrently (:func:`_gptq_sweeps`)."""
     cfg, spec, block = ctx.cfg, ctx.spec, ctx.block
     bits = cfg.weight_bits
     errors = {}
     level_sets = hessian_diag = None
-    swept = _gptq_sweeps(ctx) if cfg.w_quantizer == "gptq" and bits < FULL_PRECISION else {}
+    swept = _gptq_sweeps(ctx) if cfg.w_quantizer == "gptq" and side_by_side and bits < FULL_PRECISION else {}
     if cfg.w_quantizer == "gptqt":
         from quant.gptqt import GPTQTConfig, enumerate_level_sets, gptqt_quantize
 
@@ -222,6 +226,8 @@ def quantize_weights(ctx: BlockContext) -> dict[str, float]:
             q, block.weight_codes[name] = _binary_weight(coded, W.device)
         else:
             if cfg.w_quantizer == "gptq":
+                if name not in swept:  # one input at a time
+                    swept.update(_gptq_readers(ctx, point, wspec))
                 q, scale, zero = swept.pop(name)
             else:
                 scale, zero = weight_group_params(W, groups, bits, wspec)
@@ -299,8 +305,10 @@ def _plot_ranges(before: dict, ctx: BlockContext, taps: dict) -> dict:
 
 
 def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict, cfg: QuantConfig,
-                    layer: int = 0, keep_ranges: bool = False) -> tuple[torch.Tensor, BlockTiming]:
-    """Transform and quantize ``block`` in place; return its quantized outputs on ``inputs``."""
+                    layer: int = 0, keep_ranges: bool = False,
+                    side_by_side: bool = True) -> tuple[torch.Tensor, BlockTiming]:
+    """Transform and quantize ``block`` in place; return its quantized outputs on ``inputs``.
+    ``side_by_side``: see :func:`quantize_weights` (False out of core, where memory binds)."""
     spec = block.spec
     timing = BlockTiming()
     t0 = time.perf_counter()
@@ -316,7 +324,7 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
         methods.step(name)(ctx)
     t2 = time.perf_counter()
 
-    weight_errors = quantize_weights(ctx) if cfg.weight_bits < FULL_PRECISION else {}
+    weight_errors = quantize_weights(ctx, side_by_side) if cfg.weight_bits < FULL_PRECISION else {}
     t3 = time.perf_counter()
 
     taps = activation_quantizers(ctx)

@@ -128,7 +128,8 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
             continue
         block = block.to(layer_device)
         inputs, timing = calibrate_block(block, inputs.to(layer_device), layer_kwargs_on(layer_kwargs, layer_device),
-                                         cfg, layer=i, keep_ranges=bool(plot_layers) and i in plot_layers)
+                                         cfg, layer=i, keep_ranges=bool(plot_layers) and i in plot_layers,
+                                         side_by_side=not offload)  # out of core, memory binds
         report.layers.append(timing)
         if timing.ranges:
             report.plot_data[i] = timing.ranges

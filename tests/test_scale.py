@@ -140,3 +140,33 @@ def test_cli_killed_run_resumes_with_identical_results(tmp_path, capsys, monkeyp
     monkeypatch.setattr(pipeline, "calibrate_block", real)
     assert cli.main(args + ["--output_path", str(tmp_path / "other"), "--seed", "7"]) == 2
     assert "different model, data, seed" in capsys.readouterr().err
+
+
+def test_gptq_sweeps_side_by_side_equal_one_at_a_time(setup):
+    """In memory, two inputs' GPTQ sweeps run concurrently (each on one thread); out of core one at a
+    time. Same weights and codes bit for bit, same errors."""
+    from rptq.calibrate import calibrate_block
+    from rptq.pipeline import capture_block_inputs
+
+    model, windows, _, _ = setup
+    adapter = adapter_for(model.config)
+    spec = adapter.block_spec(model.config)
+    inputs, kwargs = capture_block_inputs(model, adapter.layers(model), windows, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the concurrent path needs a second thread
+    try:
+        runs = []
+        for side_by_side in (True, False):
+            block = adapter.make_block(copy.deepcopy(adapter.layers(model)[0]), spec)
+            outputs, timing = calibrate_block(block, inputs, kwargs, CFG, side_by_side=side_by_side)
+            runs.append((block, outputs, timing))
+    finally:
+        torch.set_num_threads(threads)
+    (a, out_a, t_a), (b, out_b, t_b) = runs
+    assert torch.get_num_threads() == threads
+    for name in spec.linear_inputs:
+        assert torch.equal(a.module(name).weight, b.module(name).weight), name
+        assert torch.equal(a.weight_codes[name]["scale"], b.weight_codes[name]["scale"]), name
+    assert not torch.equal(a.module("fc2").weight, adapter.layers(model)[0].fc2.weight)  # it did quantize
+    assert torch.equal(out_a, out_b)
+    assert t_a.errors == t_b.errors

@@ -1,7 +1,8 @@
 """Calibration cost of RPTQ on an OPT-125m-shaped model (random weights, injected outliers).
 
 Prints passes per layer, where the time goes (stats / k-means / GPTQ / output), each as a
-ratio to one FP forward over the same windows, the total's ratio against the target, and peak RSS.
+ratio to one FP forward over the same windows (and that forward's decoder-only share: the part
+the two calibration passes repeat), the total's ratio against the target, and peak RSS.
 
     .venv/bin/python scripts/bench_calibration.py [--windows 16 --seqlen 512 --layers 12 --digest]
 """
@@ -66,6 +67,11 @@ def main() -> None:
         for window in windows:
             model(window.unsqueeze(0), use_cache=False)
     fp_forward_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():  # the decoder layers' share: what each calibration pass repeats per layer
+        for window in windows:
+            model.model.decoder(window.unsqueeze(0), use_cache=False)
+    decoder_s = time.perf_counter() - start
 
     report = quantize_model(model, adapter_for(model.config), windows, cfg, progress=False)
     s = report.summary()
@@ -77,6 +83,8 @@ def main() -> None:
     print(f"passes over the calibration set per layer: {s['passes_per_layer']}")
     print(f"(method imports, once per process, not counted: {import_s:.2f} s)")
     print(f"one FP forward, same windows {fp_forward_s:7.2f} s  (1.00x)")
+    print(f"  of which decoder (no lm_head) {decoder_s:6.2f} s  ({decoder_s / fp_forward_s:.2f}x): the two passes "
+          "per layer cost at least twice this, plus GPTQ's Hessian products")
     for label, key in (("capture layer-0 inputs", "capture_s"), ("stats pass (FP)", "stats_s"),
                        ("transforms (k-means...)", "transform_s"), (f"weights ({args.w_quantizer})", "weights_s"),
                        ("output pass (quantized)", "output_s"), ("calibration total", "total_s")):

@@ -47,18 +47,9 @@ def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 
             H[:, start:start + step] = H[:, start:start + step].index_select(0, perm)
 
 
-def _reverse_(H: torch.Tensor, chunk: int = 1 << 20) -> None:
-    """H <- J H J (J: the exchange matrix) in place: for a contiguous square matrix that is its
-    memory read backwards, done by swapping chunks from both ends (a chunk-sized buffer, no copy of H)."""
-    flat = H.view(-1)
-    lo, hi = 0, flat.numel()
-    with _single_thread_on_cpu(H.device):  # pure copies
-        while hi - lo > 1:
-            c = min(chunk, (hi - lo) // 2)
-            head = flat[lo:lo + c].clone()
-            flat[lo:lo + c] = flat[hi - c:hi].flip(0)
-            flat[hi - c:hi] = head.flip(0)
-            lo, hi = lo + c, hi - c
+def _reverse_(H: torch.Tensor) -> None:
+    """H <- J H J (J: the exchange matrix) in place: a symmetric permutation by the reversed order."""
+    _permute_symmetric_(H, torch.arange(H.shape[0] - 1, -1, -1, device=H.device))
 
 
 def _inverse_cholesky_upper_(H: torch.Tensor) -> torch.Tensor:

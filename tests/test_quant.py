@@ -125,7 +125,7 @@ def test_hessian_from_upper_slabs_equals_the_full_product():
     assert torch.allclose(gptq.hessian, full, rtol=1e-5, atol=1e-4)
     assert torch.allclose(first, x[0].t() @ x[0] * (2 / 128), rtol=1e-5, atol=1e-4)
 
-    odd = torch.randn(7, 7, generator=gen)  # J H J by chunks from both ends, middle element left alone
+    odd = torch.randn(7, 7, generator=gen)  # J H J in place, middle element left alone
     flipped = odd.clone()
-    _reverse_(flipped, chunk=5)
+    _reverse_(flipped)
     assert torch.equal(flipped, odd.flip(0, 1))

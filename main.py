@@ -117,7 +117,7 @@ def quant_config(args):
     import dataclasses
 
     from rptq.config import DEFAULT_CLUSTERS, QuantConfig, RotationSettings, SmoothSettings
-    from rptq.errors import UserError
+    from common.errors import UserError
     from rptq.methods import PRESETS, STEPS
 
     preset = dict(PRESETS[args.method])
@@ -192,7 +192,7 @@ def quant_config(args):
 
 
 def build_config(args):
-    from rptq.errors import UserError
+    from common.errors import UserError
     from rptq.runner import RunConfig
 
     if args.nsamples < 1:
@@ -234,7 +234,7 @@ def build_config(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from rptq.errors import UserError
+    from common.errors import UserError
 
     try:
         from models.hub import configure_hub

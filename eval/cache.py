@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write
+from common.atomic import atomic_write
 
 DEFAULT_CACHE = Path(os.environ.get("RPTQ_CACHE", Path.home() / ".cache" / "rptq-toolkit"))
 

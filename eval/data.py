@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from models.hub import hub_reachable
-from rptq.errors import UserError
+from common.errors import UserError
 
 from .cache import cached_tensor, text_digest, tokenizer_digest
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from eval.plots import METRICS, plot_layer_errors, plot_ppl_chart, png_bytes, run_colors
 from eval.table import _order_key, load_runs, method_notes, render_table, row_label, write_atomic
-from rptq.errors import UserError
+from common.errors import UserError
 
 CSS = """
 body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; font-size: 15px; color: #222;

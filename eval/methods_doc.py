@@ -280,7 +280,7 @@ def figures_section(runs: dict[str, dict], doc: Path) -> list[str]:
     W4A4 runs side by side (RPTQ vs per-tensor, and the other methods' W4A4 runs where present)."""
     import shutil
 
-    from eval.atomic import atomic_write
+    from common.atomic import atomic_write
     from eval.plots import plot_layer_errors
 
     rptq, per_tensor = runs.get("ppl/W4A4"), runs.get("ppl/W4A4-per-tensor")

@@ -19,9 +19,9 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from eval.atomic import atomic_write
+from common.atomic import atomic_write
 from eval.table import row_label
-from rptq.errors import UserError
+from common.errors import UserError
 
 DPI = 100
 BEFORE, AFTER, RANGE = "#7f7f7f", "#1f77b4", "#d62728"

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.execution import capture_block_inputs, run_block
+from models.streaming import return_freed_memory
+
 
 @torch.no_grad()
 def window_nll(model, window: torch.Tensor, device) -> tuple[float, int]:
@@ -46,10 +49,6 @@ def streamed_perplexity(model, adapter, windows: torch.Tensor, block_at, device=
     ``block_at(i)`` returns block i ready to run; it is released after all windows have
     passed through it. Same numbers as :func:`perplexity` on the in-memory model.
     """
-    from models.streaming import return_freed_memory
-    from rptq.calibrate import run_block
-    from rptq.pipeline import capture_block_inputs
-
     if limit is not None and limit > 0:
         windows = windows[:limit]
     layers = adapter.layers(model)

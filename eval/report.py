@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from common.atomic import atomic_write_text
 
 
 def versions() -> dict:

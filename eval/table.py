@@ -18,10 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-from eval.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from eval.task_mirrors import VARIANTS
 from rptq.config import DEFAULT_CLUSTERS, FP, QuantConfig
-from rptq.errors import UserError
+from common.errors import UserError
 
 PAPER_ROWS = ("FP16", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV")
 PPL_ORDER = ("wikitext2", "ptb", "c4")

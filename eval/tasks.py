@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 from models.hub import hub_reachable
-from rptq.errors import UserError
+from common.errors import UserError
 
 from eval import task_mirrors
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rptq.transforms import OnlineTransforms
+from quant.transforms import OnlineTransforms
 
 from .spec import BlockSpec
 

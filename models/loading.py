@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rptq.errors import UserError
+from common.errors import UserError
 
 from .hub import configure_hub
 from .registry import adapter_for

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rptq.errors import UserError
+from common.errors import UserError
 
 from .block import QuantBlock
 from .spec import (KEY, LINEAR_IN, LN_OUT, PROBS, QUERY, VALUE, BlockSpec, HeadLayout, LinearEdge,

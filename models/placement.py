@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rptq.errors import UserError
+from common.errors import UserError
 
 GIB = 1024**3
 

@@ -1,7 +1,7 @@
 """Architecture adapters by Hugging Face ``model_type``."""
 from __future__ import annotations
 
-from rptq.errors import UserError
+from common.errors import UserError
 
 from .llama import LlamaAdapter
 from .opt import OPTAdapter

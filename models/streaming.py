@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from rptq.errors import UserError
+from common.errors import UserError
 
 
 class CheckpointReader:

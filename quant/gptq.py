@@ -7,31 +7,13 @@ Scales are fixed before the sweep (passed in), so any grouping of input channels
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from .quantizer import fake_quant
+from .threads import single_thread_on_cpu
 
 
-@contextmanager
-def _single_thread_on_cpu(device: torch.device):
-    """GPTQ on CPU is thousands of tiny ops plus a few mid-sized factorisations: thread
-    hand-offs cost more than they save, and under load they collapse (measured on this
-    2-core machine, busy: a 1024x1024 weight 0.17 s with one thread vs 3.9 s with two;
-    the 4096-column Cholesky steps 1.7 s vs 25 s)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 16 << 20) -> None:
+def permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 16 << 20) -> None:
     """H <- H[perm][:, perm] in place, one slab at a time.
 
     Permuting the columns of a block of rows (or the rows of a block of columns) touches
@@ -40,7 +22,7 @@ def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 
     Pure copies, so one thread gives the same result (here 0.08 s vs 0.2 s for 3072 x 3072, busy)."""
     n = H.shape[0]
     step = max(1, chunk_bytes // (n * H.element_size()))
-    with _single_thread_on_cpu(H.device):
+    with single_thread_on_cpu(H.device):
         for start in range(0, n, step):
             H[start:start + step] = H[start:start + step].index_select(1, perm)
         for start in range(0, n, step):
@@ -49,7 +31,7 @@ def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 
 
 def _reverse_(H: torch.Tensor) -> None:
     """H <- J H J (J: the exchange matrix) in place: a symmetric permutation by the reversed order."""
-    _permute_symmetric_(H, torch.arange(H.shape[0] - 1, -1, -1, device=H.device))
+    permute_symmetric_(H, torch.arange(H.shape[0] - 1, -1, -1, device=H.device))
 
 
 def _inverse_cholesky_upper_(H: torch.Tensor) -> torch.Tensor:
@@ -95,7 +77,7 @@ def _hessian_slab(columns: int) -> int:
 def _mirror_upper_slabs_(H: torch.Tensor, step: int) -> None:
     """Make H exactly symmetric from its upper triangle, slab by slab (pure copies)."""
     n = H.shape[0]
-    with _single_thread_on_cpu(H.device):
+    with single_thread_on_cpu(H.device):
         for start in range(0, n, step):
             end = min(start + step, n)
             H[end:, start:end] = H[start:end, end:].t()
@@ -150,7 +132,7 @@ class GPTQ:
 
     def permute(self, perm: torch.Tensor) -> None:
         """Reorder the input channels (the Hessian of x[perm] is H[perm][:, perm])."""
-        _permute_symmetric_(self.hessian, perm.to(self.device))
+        permute_symmetric_(self.hessian, perm.to(self.device))
 
     def _inverse_factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Upper Cholesky factor of the damped H^-1 (row i: how column i's error spreads), and the
@@ -173,7 +155,7 @@ class GPTQ:
         ``column_quantizer(w_col, column, group) -> q_col``, when given, replaces the uniform
         rounding of each column (a non-uniform grid, e.g. GPTQT's binary-coding levels).
         """
-        with _single_thread_on_cpu(self.device):
+        with single_thread_on_cpu(self.device):
             return self._quantize(weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid,
                                   column_quantizer)
 

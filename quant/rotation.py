@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .gptq import _single_thread_on_cpu
+from .threads import single_thread_on_cpu
 
 OUTLIER_INDEX = ("official", "paper")
 _CPU_CHUNK_ROWS = 4096  # rows of Z per matmul on CPU: the product's min/max are taken while it is in cache
@@ -156,9 +156,9 @@ def greedy_rotation(x: torch.Tensor, block: int, steps: int = 256, outlier_index
         raise ValueError(f"{x.shape[-1]} channels are not a multiple of the block size {block}")
     if generator is None:
         raise ValueError("pass a seeded torch.Generator (no global RNG state)")
-    # Hundreds of small sequential steps: one thread (see _single_thread_on_cpu; 64x512 input,
+    # Hundreds of small sequential steps: one thread (see single_thread_on_cpu; 64x512 input,
     # 256 steps, busy 2-core machine: 0.36 s with one thread vs 7.8 s with two).
-    with _single_thread_on_cpu(x.device):
+    with single_thread_on_cpu(x.device):
         return _greedy(x, block, steps, outlier_index, generator, fresh_base_each_step)
 
 

@@ -20,11 +20,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from eval.atomic import atomic_write, atomic_write_text
+from common.atomic import atomic_write, atomic_write_text
 from models.block import QuantBlock
 from quant.quantizer import ActQuantizer, QuantSpec
 from rptq.packed_weights import describe, pack_linear, packed_meta, size_section, unpack_linear
-from rptq.transforms import transform_from_state
+from quant.transforms import transform_from_state
 
 FORMAT = "rptq-block-v3"  # v3: quantized linears as packed codes (v2: float weights, still read)
 READABLE = ("rptq-block-v2", FORMAT)
@@ -334,7 +334,7 @@ def load_quantized(directory: str | os.PathLike, device: torch.device):
     A missing, corrupt or mismatched directory is a one-line UserError naming it; nothing
     is evaluated or written before every file has been read and checked.
     """
-    from rptq.errors import UserError
+    from common.errors import UserError
 
     root = Path(directory)
     try:

@@ -133,13 +133,3 @@ def point_reorder(spec: BlockSpec) -> dict[str, str]:
         if edge.value_point:
             owner[edge.value_point] = edge.reorder
     return owner
-
-
-def bit_manifest(cfg: QuantConfig, spec: BlockSpec) -> dict[str, dict]:
-    """Per tensor point: bits, granularity, static or dynamic (stored in results.json)."""
-    from .methods import describe_activation, describe_weight
-
-    manifest = {point: describe_activation(cfg, spec, point, role) for point, role in spec.points.items()}
-    for linear, point in spec.linear_inputs.items():
-        manifest[f"weight:{linear}"] = describe_weight(cfg, spec, point)
-    return manifest

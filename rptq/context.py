@@ -11,7 +11,7 @@ from models.spec import BlockSpec
 from .config import QuantConfig
 from .fold import place, place_qk
 from .stats import ChannelObserver
-from .transforms import ChannelTransform
+from quant.transforms import ChannelTransform
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 
 from models.block import QuantBlock
 
-from .transforms import ChannelTransform, Permutation
+from quant.transforms import ChannelTransform, Permutation
 
 NORM, ROWS, ONLINE = "norm", "rows", "online"
 

@@ -1,6 +1,6 @@
 """A block's quantized linears as packed codes in its block file, and back.
 
-``calibrate.quantize_weights`` leaves, per quantized linear, ``block.weight_codes[name]``:
+``weights.quantize_weights`` leaves, per quantized linear, ``block.weight_codes[name]``:
 the grid the weight was quantized on (affine: scale/zero per row x input group, bits,
 grid name) or its binary code (GPTQT: bit planes, alpha, offset). Together with the
 fake-quantized weight that is enough to recover the integer codes

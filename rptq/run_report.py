@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from safetensors.torch import save_file
+
+from common.atomic import atomic_write
+from common.errors import UserError
 
 from .config import QuantConfig
-from .errors import UserError
-
-if TYPE_CHECKING:
-    from .runner import RunConfig
+from .methods import ASSUMPTIONS
 
 
 def annotate_transforms(manifest: dict, placements: list[dict]) -> dict:
@@ -38,17 +39,13 @@ def plot_layer_set(spec: str, num_layers: int) -> set[int]:
     return layers
 
 
-def write_plot_data(root: Path, report, cfg: RunConfig) -> list[str]:
+def write_plot_data(root: Path, report, model: str, method: str) -> list[str]:
     """Per plotted layer and transformed point: channel ranges before and after (eval.plots reads them)."""
-    from safetensors.torch import save_file
-
-    from eval.atomic import atomic_write
-
     written = []
     for layer, data in report.plot_data.items():
         for point, tensors in data.items():
             rel = f"plots/data/layer{layer:03d}_{point}.safetensors"
-            meta = {"model": Path(cfg.model).name, "layer": str(layer), "point": point, "method": cfg.quant.method,
+            meta = {"model": Path(model).name, "layer": str(layer), "point": point, "method": method,
                     "transform": tensors.pop("_transform")}
             arrays = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
             atomic_write(root / rel, lambda tmp, arrays=arrays, meta=meta: save_file(arrays, tmp, metadata=meta))
@@ -58,8 +55,6 @@ def write_plot_data(root: Path, report, cfg: RunConfig) -> list[str]:
 
 def method_info(quant: QuantConfig) -> dict:
     """The method and what its preset expanded to, with the assumptions it rests on."""
-    from rptq.methods import ASSUMPTIONS
-
     return {"name": quant.method, "transforms": list(quant.transforms), "activation_policy": quant.abits_policy,
             "weight_quantizer": quant.w_quantizer, "grid": quant.grid,
             "assumptions": [text for step in (*quant.transforms, quant.abits_policy, quant.w_quantizer)

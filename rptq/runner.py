@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import FP, QuantConfig, bit_manifest
-from .errors import UserError
+from .config import FP, QuantConfig
+from .methods import bit_manifest
+from common.errors import UserError
 from .run_report import annotate_transforms, method_info, plot_layer_set, write_plot_data
 
 
@@ -157,7 +158,7 @@ def _calibrate(cfg: RunConfig, model, tokenizer, adapter, reader, device, seqlen
     if reader is not None:  # out of core: only decoder layers are needed while calibrating
         from models.streaming import layer_loader, release_resident, return_freed_memory
 
-        from .pipeline import capture_block_inputs
+        from models.execution import capture_block_inputs
 
         dtype = next(model.parameters()).dtype
         source = layer_loader(model, adapter, reader, dtype)
@@ -338,7 +339,7 @@ def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
     }
     if cfg.output_path:
         if report is not None and cfg.act_dist_plot:
-            results["plots"] = {"dir": "plots", "data": write_plot_data(Path(cfg.output_path), report, cfg)}
+            results["plots"] = {"dir": "plots", "data": write_plot_data(Path(cfg.output_path), report, cfg.model, cfg.quant.method)}
         write_json_atomic(Path(cfg.output_path) / "results.json", results)
         if cfg.act_dist_plot:
             from eval.plots import render_run_plots

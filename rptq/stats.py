@@ -13,7 +13,8 @@ import math
 import torch
 from torch import nn
 
-from quant.gptq import GPTQ, _single_thread_on_cpu
+from quant.gptq import GPTQ
+from quant.threads import single_thread_on_cpu
 from quant.quantizer import group_reduce
 
 EMA_MOMENTUM = 0.99  # RPTQ reference: cached = 0.99 * cached + 0.01 * new, once per calibration sample
@@ -37,7 +38,7 @@ class ChannelObserver(nn.Module):
         flat = x.detach().reshape(x.shape[0], -1, x.shape[-1])
         # Extremes and row picks are exact whatever the thread count, and too small to share: on
         # this busy 2-core machine a two-thread amax of 512 x 768 took 0.3 to 7 ms, one thread 0.05-0.3.
-        with _single_thread_on_cpu(x.device):
+        with single_thread_on_cpu(x.device):
             self.maxes.append(flat.amax(dim=1).float().cpu())
             self.mins.append(flat.amin(dim=1).float().cpu())
             if self.sample_per_call:
@@ -58,7 +59,7 @@ class ChannelObserver(nn.Module):
     def channel_minmax(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Running global (min, max) per channel over every calibration token."""
         maxes, mins = self.per_sample()
-        with _single_thread_on_cpu(maxes.device):  # exact on any thread count; too small to share
+        with single_thread_on_cpu(maxes.device):  # exact on any thread count; too small to share
             return mins.amin(0), maxes.amax(0)
 
     def absmax(self) -> torch.Tensor:
@@ -82,7 +83,7 @@ class ChannelObserver(nn.Module):
         maxes, mins = self.per_sample()
         # Extremes and elementwise EMAs: exact on any thread count, and small (samples x channels):
         # one thread took 2 ms where two took 30-45 ms on this busy machine (3072 channels, 31 groups).
-        with _single_thread_on_cpu(maxes.device):
+        with single_thread_on_cpu(maxes.device):
             if metric in ("minmax", "mse", "layer_mse"):  # the searches start from the full range
                 return group_reduce(mins.amin(0), group_sizes, "min"), group_reduce(maxes.amax(0), group_sizes, "max")
             if metric == "ema_minmax":
@@ -93,7 +94,7 @@ class ChannelObserver(nn.Module):
 
     # -- re-expression in a new basis ---------------------------------------------------------
     def transform(self, t) -> None:
-        """The point's channels were re-expressed by transform ``t`` (rptq.transforms)."""
+        """The point's channels were re-expressed by transform ``t`` (quant.transforms)."""
         if self.samples:
             self.samples = [t.apply(s) for s in self.samples]
         ranges = None if self.mixed else t.ranges(torch.cat(self.mins), torch.cat(self.maxes))
@@ -111,7 +112,7 @@ class ChannelObserver(nn.Module):
             t.hessian(self.gptq.hessian)
 
     def permute(self, perm: torch.Tensor) -> None:
-        from .transforms import Permutation
+        from quant.transforms import Permutation
 
         self.transform(Permutation(perm))
 

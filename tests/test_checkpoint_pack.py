@@ -17,8 +17,9 @@ from quant.packing import affine_nbytes
 from quant.quantizer import expand_groups, weight_group_params, weight_params, fake_quant
 from rptq.checkpoint import (LayerStore, block_file_summary, load_block, load_quantized, read_tensors,
                              save_quantized)
-from rptq.errors import UserError
-from rptq.pipeline import quantize_model, wrap_blocks
+from common.errors import UserError
+from models.execution import wrap_blocks
+from rptq.pipeline import quantize_model
 from tests.helpers import gpt2_tokenizer, inject_opt_outliers, random_opt, tiny_opt
 from tests.test_llama import inject_outliers as inject_llama_outliers
 from tests.test_llama import tiny_llama

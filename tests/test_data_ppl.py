@@ -8,7 +8,7 @@ import torch
 
 import eval.data as data
 from eval.ppl import perplexity
-from rptq.errors import UserError
+from common.errors import UserError
 
 
 class FixedLM(torch.nn.Module):

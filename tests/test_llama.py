@@ -20,10 +20,11 @@ from models.llama import LlamaAdapter, LlamaBlock  # noqa: E402
 from models.registry import adapter_for  # noqa: E402
 from rptq.cluster import Layout, head_layout  # noqa: E402
 from rptq.config import QuantConfig  # noqa: E402
-from rptq.errors import UserError  # noqa: E402
-from rptq.pipeline import quantize_model, wrap_blocks  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from models.execution import wrap_blocks  # noqa: E402
+from rptq.pipeline import quantize_model  # noqa: E402
 from rptq.fold import place, place_qk  # noqa: E402
-from rptq.transforms import Permutation  # noqa: E402
+from quant.transforms import Permutation  # noqa: E402
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 1000, 64, 4, 2, 16, 96
 SMALL_CLUSTERS = {"R1": 4, "R2": 2, "R3": 2, "R4": 4, "R5": 4}

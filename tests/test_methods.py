@@ -11,7 +11,8 @@ from quant.quantizer import ActQuantizer, QuantSpec, affine_params, fake_quant
 from rptq.config import FPTQSettings, QuantConfig
 from rptq.methods.fptq import DYNAMIC, LAE_STATIC, STATIC, lae_scale, strategy
 from rptq.methods.smoothquant import smoothing_scale
-from rptq.pipeline import quantize_model, wrap_blocks
+from models.execution import wrap_blocks
+from rptq.pipeline import quantize_model
 from rptq.stats import ChannelObserver
 from tests.helpers import inject_opt_outliers, tiny_opt
 

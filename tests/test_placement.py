@@ -7,7 +7,7 @@ import torch
 from models.placement import GIB, device_map, dispatch, plan_layers
 from models.registry import adapter_for
 from rptq.config import QuantConfig
-from rptq.errors import UserError
+from common.errors import UserError
 from rptq.pipeline import quantize_model
 from tests.helpers import inject_opt_outliers, tiny_opt
 

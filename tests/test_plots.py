@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from eval import html_report, plots, report
-from rptq.errors import UserError
+from common.errors import UserError
 from tests.report_fixtures import layer_errors, reorder_data, scale_data, write_demo_runs
 
 ROOT = Path(__file__).resolve().parent.parent

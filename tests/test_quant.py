@@ -88,7 +88,7 @@ def test_gptq_hessian_permutes_with_inputs():
 
 
 def test_hessian_permutation_and_factorisation_work_in_place():
-    from quant.gptq import _inverse_cholesky_upper_, _permute_symmetric_
+    from quant.gptq import _inverse_cholesky_upper_, permute_symmetric_
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(600, 300, generator=gen)
@@ -96,7 +96,7 @@ def test_hessian_permutation_and_factorisation_work_in_place():
     H.diagonal().add_(0.01)
     perm = torch.randperm(300, generator=gen)
     permuted = H.clone()
-    _permute_symmetric_(permuted, perm, chunk_bytes=300 * 4 * 7)  # slabs of 7 rows/columns
+    permute_symmetric_(permuted, perm, chunk_bytes=300 * 4 * 7)  # slabs of 7 rows/columns
     assert torch.equal(permuted, H[perm][:, perm])
 
     reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from models.registry import adapter_for
-from rptq.config import QuantConfig, bit_manifest
-from rptq.pipeline import quantize_model, wrap_blocks
+from rptq.config import QuantConfig
+from rptq.methods import bit_manifest
+from models.execution import wrap_blocks
+from rptq.pipeline import quantize_model
 from tests.helpers import inject_opt_outliers, tiny_opt
 
 SMALL_CLUSTERS = {"R1": 4, "R2": 2, "R3": 2, "R4": 4, "R5": 4}

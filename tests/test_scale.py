@@ -11,7 +11,7 @@ from models.registry import adapter_for
 from models.streaming import layer_loader, load_skeleton
 from rptq.checkpoint import LayerStore, load_quantized, save_quantized
 from rptq.config import QuantConfig
-from rptq.errors import UserError
+from common.errors import UserError
 from rptq.pipeline import quantize_model
 from tests.helpers import gpt2_tokenizer, inject_opt_outliers, save_tiny_opt_dir, tiny_opt
 
@@ -146,7 +146,7 @@ def test_gptq_sweeps_side_by_side_equal_one_at_a_time(setup):
     """In memory, two inputs' GPTQ sweeps run concurrently (each on one thread); out of core one at a
     time. Same weights and codes bit for bit, same errors."""
     from rptq.calibrate import calibrate_block
-    from rptq.pipeline import capture_block_inputs
+    from models.execution import capture_block_inputs
 
     model, windows, _, _ = setup
     adapter = adapter_for(model.config)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eval import table
-from rptq.errors import UserError
+from common.errors import UserError
 from tests.helpers import save_tiny_opt_dir
 
 ROOT = Path(__file__).resolve().parent.parent

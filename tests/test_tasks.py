@@ -11,7 +11,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 
 from eval import task_mirrors, tasks
-from rptq.errors import UserError
+from common.errors import UserError
 from tests.helpers import gpt2_tokenizer, tiny_opt
 
 

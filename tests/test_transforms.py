@@ -10,9 +10,10 @@ from models.registry import adapter_for
 from quant.rotation import random_orthogonal, sylvester_hadamard
 from rptq.config import QuantConfig, RotationSettings, SmoothSettings
 from rptq.fold import ONLINE, NORM, ROWS, place, place_qk
-from rptq.pipeline import quantize_model, wrap_blocks
+from models.execution import wrap_blocks
+from rptq.pipeline import quantize_model
 from rptq.stats import ChannelObserver
-from rptq.transforms import BlockRotation, Permutation, Scale
+from quant.transforms import BlockRotation, Permutation, Scale
 from tests.helpers import inject_opt_outliers, tiny_opt
 from tests.test_llama import inject_outliers, tiny_llama
 

@@ -85,6 +85,14 @@ def describe_weight(cfg: QuantConfig, spec, point: str) -> dict:
     return {"bits": bits, "granularity": gran, "static": True}
 
 
+def bit_manifest(cfg: QuantConfig, spec) -> dict[str, dict]:
+    """Per tensor point: bits, granularity, static or dynamic (stored in results.json)."""
+    manifest = {point: describe_activation(cfg, spec, point, role) for point, role in spec.points.items()}
+    for linear, point in spec.linear_inputs.items():
+        manifest[f"weight:{linear}"] = describe_weight(cfg, spec, point)
+    return manifest
+
+
 # What a step or policy assumes where its paper or code is silent (the method specs in shared/methods/);
 # stored in results.json and listed in the README.
 ASSUMPTIONS: dict[str, tuple[str, ...]] = {

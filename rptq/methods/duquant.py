@@ -18,7 +18,7 @@ from quant.rotation import (duquant_base, duquant_transform, largest_pow2_block,
 
 from ..config import FP, QuantConfig, linear_and_qkv_bits
 from ..context import BlockContext
-from ..transforms import BlockRotation, Permutation
+from quant.transforms import BlockRotation, Permutation
 
 
 def _is_pow2(n: int) -> bool:

@@ -11,7 +11,7 @@ from quant.quantizer import QuantSpec
 
 from ..config import FP, QuantConfig
 from ..context import BlockContext
-from ..transforms import Scale
+from quant.transforms import Scale
 
 LAE_FLOOR = 1e-5
 STATIC, LAE_STATIC, DYNAMIC = "static", "lae+static", "dynamic"

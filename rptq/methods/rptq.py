@@ -10,7 +10,7 @@ from quant.quantizer import QuantSpec
 from ..cluster import cluster_channels, cluster_heads, head_layout, range_features
 from ..config import FP, QuantConfig, point_reorder, role_bits
 from ..context import BlockContext
-from ..transforms import Permutation
+from quant.transforms import Permutation
 
 
 def _feature_ranges(ctx: BlockContext, point: str) -> tuple[torch.Tensor, torch.Tensor]:

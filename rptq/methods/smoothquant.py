@@ -8,7 +8,7 @@ from quant.quantizer import QuantSpec
 
 from ..config import FP, QuantConfig, linear_and_qkv_bits
 from ..context import BlockContext
-from ..transforms import Scale
+from quant.transforms import Scale
 
 _FLOOR = 1e-5  # keeps the powers finite for dead channels (SmoothQuant clamps both maxima alike)
 

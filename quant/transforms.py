@@ -20,6 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .gptq import permute_symmetric_
+from .rotation import apply_block_rotation
+
 
 class ChannelTransform(nn.Module):
     kind = "abstract"
@@ -73,9 +76,7 @@ class Permutation(ChannelTransform):
         return cmin[..., self.perm], cmax[..., self.perm]
 
     def hessian(self, H):
-        from quant.gptq import _permute_symmetric_
-
-        _permute_symmetric_(H, self.perm.to(H.device))  # in place: no second n x n copy
+        permute_symmetric_(H, self.perm.to(H.device))  # in place: no second n x n copy
         return H
 
     def inverse(self) -> torch.Tensor:
@@ -136,8 +137,6 @@ class BlockRotation(ChannelTransform):
         return self.R.shape[0]
 
     def apply(self, x):
-        from quant.rotation import apply_block_rotation
-
         return apply_block_rotation(x.float(), self.R).to(x.dtype)
 
     def consumer(self, weight):

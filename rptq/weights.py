@@ -1,0 +1,126 @@
+"""Quantize a block's weights: RTN, GPTQ (readers of one input in one sweep, two inputs' sweeps
+side by side on CPU), GPTQT or BCQ; record each linear's codes for the packed checkpoint and its
+weight-only error on the token rows its input point kept."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from threadpoolctl import threadpool_limits
+
+from quant.bcq import bcq_quantize
+from quant.gptqt import GPTQTConfig, enumerate_level_sets, gptqt_quantize
+from quant.packing import PackedBinary
+from quant.quantizer import FULL_PRECISION, fake_quant, weight_group_params, weight_params
+from quant.threads import single_thread_on_cpu
+
+from . import methods
+from .context import BlockContext
+
+
+def _binary_weight(coded, device) -> tuple[torch.Tensor, dict]:
+    """The binary-coded weight as the packed format rebuilds it (alpha and offset in fp32, summed in a
+    fixed order), so that a saved checkpoint reproduces the run bit for bit; and its codes."""
+    alpha, offset = coded.alpha.float().cpu(), coded.offset.float().cpu()
+    packed = PackedBinary.from_planes(coded.bits.cpu(), alpha, offset, coded.group_sizes)
+    codes = {"kind": "binary", "planes": coded.bits.cpu(), "alpha": alpha, "offset": offset,
+             "group_sizes": coded.group_sizes}
+    return packed.dequantize(torch.float32).to(device), codes
+
+
+def _gptq_readers(ctx: BlockContext, point: str, wspec) -> dict[str, tuple]:
+    """GPTQ of every linear reading ``point`` in one sweep: name -> (q, scale, zero).
+
+    The readers share the input's inverse Hessian, and GPTQ treats each output row on its own
+    given it, so their rows stacked (q/k/v: 3 x 768 rows of OPT-125m) take one column loop instead
+    of one per linear: the loop's cost is thousands of small ops, nearly independent of the rows.
+    Each row sees the same arithmetic as alone (checked bit for bit by bench_calibration's digest)."""
+    names = ctx.spec.readers(point)
+    weights = [ctx.block.module(n).weight.data.float() for n in names]
+    with single_thread_on_cpu(weights[0].device):  # extremes and rounding: exact on one thread, and far
+        params = [weight_group_params(W, wspec.group_sizes, wspec.bits, wspec) for W in weights]  # cheaper
+    scale, zero = torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
+    q = ctx.observers[point].gptq.quantize(torch.cat(weights), scale, zero, wspec.bits,
+                                           group_sizes=wspec.group_sizes, blocksize=ctx.cfg.blocksize,
+                                           percdamp=ctx.cfg.percdamp, grid=wspec.grid)
+    rows = [W.shape[0] for W in weights]
+    return {n: (qn.clone(), *p) for n, qn, p in zip(names, q.split(rows), params)}  # own storage each
+
+
+def _gptq_sweeps(ctx: BlockContext) -> dict[str, tuple]:
+    """Every input point's GPTQ sweep (:func:`_gptq_readers`): name -> (q, scale, zero).
+
+    A sweep runs on one thread (its column loop is thousands of small ops), so on a CPU with a
+    spare core two sweeps run side by side, the largest input first (OPT-125m shape: fc2's 3072
+    columns beside q/k/v, out_proj and fc1). Every operation inside a sweep is single-threaded
+    either way -- the pool starts after torch and LAPACK are limited to one thread -- so the
+    results are those of the sequential order, bit for bit (bench_calibration's digest). The results
+    wait for the caller: one layer's quantized weights, and the sweeps' working copies side by side.
+    Out of core, where memory binds, the caller sweeps one input at a time instead (returns {} here
+    then, as with one worker)."""
+    spec = ctx.spec
+    jobs = []
+    for point in dict.fromkeys(spec.linear_inputs.values()):
+        columns = ctx.block.module(spec.readers(point)[0]).weight.shape[1]
+        jobs.append((columns, point, methods.weight_spec(ctx.cfg, columns, ctx.groups.get(point))))
+    jobs.sort(key=lambda job: -job[0])  # stable: equal widths keep the block's order
+    device = ctx.block.module(spec.readers(jobs[0][1])[0]).weight.device
+    workers = min(2, torch.get_num_threads(), len(jobs)) if device.type == "cpu" else 1
+
+    @torch.no_grad()  # grad mode is per thread
+    def sweep(job):
+        return _gptq_readers(ctx, job[1], job[2])
+
+    if workers < 2:
+        return {}
+    with single_thread_on_cpu(device), threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
+        return {name: r for done in pool.map(sweep, jobs) for name, r in done.items()}
+
+
+@torch.no_grad()
+def quantize_weights(ctx: BlockContext, side_by_side: bool = True) -> dict[str, float]:
+    """Quantize every linear of the block; returns each one's weight-only relative output error
+    on the token rows its input point kept (in the transformed basis). ``side_by_side``: GPTQ
+    sweeps of different inputs may run concurrently (:func:`_gptq_sweeps`)."""
+    cfg, spec, block = ctx.cfg, ctx.spec, ctx.block
+    bits = cfg.weight_bits
+    errors = {}
+    level_sets = hessian_diag = None
+    swept = _gptq_sweeps(ctx) if cfg.w_quantizer == "gptq" and side_by_side and bits < FULL_PRECISION else {}
+    if cfg.w_quantizer == "gptqt":
+        gcfg = GPTQTConfig(bits=bits, inter_bits=cfg.gptqt.inter_bits or bits + 1, gammas=cfg.gptqt.gammas,
+                           variant=cfg.gptqt.variant, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+        level_sets, hessian_diag = enumerate_level_sets(gcfg.n, gcfg.bits), {}
+    for name, point in spec.linear_inputs.items():
+        linear = block.module(name)
+        W = linear.weight.data.float()
+        wspec = methods.weight_spec(cfg, W.shape[1], ctx.groups.get(point))
+        groups = wspec.group_sizes
+        obs = ctx.observers[point]
+        if cfg.w_quantizer == "gptqt":  # the Hessian is factorised by the first reader: keep its diagonal
+            if point not in hessian_diag:
+                hessian_diag[point] = obs.gptq.hessian.diagonal().clone()
+            _, coded = gptqt_quantize(W, obs.gptq, gcfg, groups, hessian=hessian_diag[point], sets=level_sets)
+            q, block.weight_codes[name] = _binary_weight(coded, W.device)
+        elif cfg.w_quantizer == "bcq":
+            _, coded = bcq_quantize(W, bits, groups)
+            q, block.weight_codes[name] = _binary_weight(coded, W.device)
+        else:
+            if cfg.w_quantizer == "gptq":
+                if name not in swept:  # one input at a time
+                    swept.update(_gptq_readers(ctx, point, wspec))
+                q, scale, zero = swept.pop(name)
+            else:
+                scale, zero = weight_group_params(W, groups, bits, wspec)
+                full_scale, full_zero = weight_params(W, groups, bits, wspec)
+                q = fake_quant(W, full_scale, full_zero, bits, wspec.grid)
+            block.weight_codes[name] = {"kind": "affine", "scale": scale.cpu(), "zero": zero.cpu(), "bits": bits,
+                                        "grid": wspec.grid, "group_sizes": groups}
+        if obs.samples:
+            x = obs.sample().to(W.device)
+            ref = x @ W.t()
+            errors[name] = float((x @ (q - W).t()).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+        linear.weight.data = q.to(linear.weight.dtype)
+        if obs.gptq is not None and spec.readers(point)[-1] == name:
+            obs.gptq.free()  # its n x n factor is dead weight from here on
+    return errors

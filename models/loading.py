@@ -13,6 +13,7 @@ from importlib import util
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from common.errors import UserError
 
@@ -23,6 +24,9 @@ OPT_SIZES = ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b", "175b"
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Any one of these makes a tokenizer (fast JSON, GPT-2 BPE pair, SentencePiece, WordPiece).
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("spiece.model",),
+                   ("vocab.txt",))
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ def resolve(name: str) -> ModelSource:
         if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
             raise UserError(f"{name} is not a model directory (needs config.json and *.safetensors); "
                             "save the model with save_pretrained(safe_serialization=True)")
+        if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES):
+            raise UserError(f"{name} has no tokenizer files (tokenizer.json, vocab.json + merges.txt or "
+                            "tokenizer.model); save the tokenizer into it with tokenizer.save_pretrained")
         return ModelSource("local", str(path))
     if HUB_ID.match(name):
         return ModelSource("hub", name)
@@ -95,6 +102,9 @@ def load_model(name: str, device: torch.device, cache_dir: str | None = None, dt
         tokenizer = AutoTokenizer.from_pretrained(source.location, **{k: v for k, v in kwargs.items() if k != "dtype"
                                                                      and k != "use_safetensors"})
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except SafetensorError as exc:  # truncated or corrupt weights
+        raise UserError(f"the weights in {source.location} are corrupt or truncated ({str(exc).splitlines()[0]}); "
+                        "save or download the model again") from None
     except (OSError, ValueError) as exc:
         if source.kind == "hub":
             raise UserError(f"could not load {source.location}: not in the local cache and the Hugging Face hub "

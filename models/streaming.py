@@ -8,10 +8,11 @@ one layer plus activations, whatever the depth.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from common.errors import UserError
@@ -31,7 +32,7 @@ class CheckpointReader:
                 raise UserError(f"{self.dir} has no *.safetensors; out-of-core calibration reads safetensors only")
             self.files = {}
             for shard in shards:
-                with safe_open(str(shard), framework="pt") as handle:
+                with _readable(shard), safe_open(str(shard), framework="pt") as handle:
                     self.files.update({name: shard for name in handle.keys()})
 
     def resolve(self, name: str) -> str | None:
@@ -53,9 +54,19 @@ class CheckpointReader:
             for name, key in pairs:
                 # One mapping per tensor: the shard's pages leave our resident set as soon as the
                 # tensor is copied out, instead of staying mapped for the whole layer.
-                with safe_open(str(path), framework="pt") as handle:
+                with _readable(path), safe_open(str(path), framework="pt") as handle:
                     out[name] = handle.get_tensor(key).to(dtype)
         return out
+
+
+@contextmanager
+def _readable(shard: Path):
+    """A corrupt or truncated shard is the user's file to replace: one line, not a traceback."""
+    try:
+        yield
+    except SafetensorError as exc:
+        raise UserError(f"the weights in {shard} are corrupt or truncated ({str(exc).splitlines()[0]}); "
+                        "save or download the model again") from None
 
 
 def _param_names(module: nn.Module, prefix: str) -> list[str]:

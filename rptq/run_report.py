@@ -1,15 +1,14 @@
 """What a run reports besides its numbers: the method it ran, where transforms went, plot data."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from common.atomic import atomic_write
 from common.errors import UserError
+from eval.plot_data import write_plot_data as write_point
 
-from .config import QuantConfig
-from .methods import ASSUMPTIONS
+from .config import DEFAULT_CLUSTERS, QuantConfig
+from .methods import ASSUMPTIONS, PRESETS
 
 
 def annotate_transforms(manifest: dict, placements: list[dict]) -> dict:
@@ -40,22 +39,26 @@ def plot_layer_set(spec: str, num_layers: int) -> set[int]:
 
 
 def write_plot_data(root: Path, report, model: str, method: str) -> list[str]:
-    """Per plotted layer and transformed point: channel ranges before and after (eval.plots reads them)."""
-    written = []
-    for layer, data in report.plot_data.items():
-        for point, tensors in data.items():
-            rel = f"plots/data/layer{layer:03d}_{point}.safetensors"
-            meta = {"model": Path(model).name, "layer": str(layer), "point": point, "method": method,
-                    "transform": tensors.pop("_transform")}
-            arrays = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-            atomic_write(root / rel, lambda tmp, arrays=arrays, meta=meta: save_file(arrays, tmp, metadata=meta))
-            written.append(rel)
-    return written
+    """Per plotted layer and transformed point: channel ranges before and after, in eval.plot_data's format."""
+    return [write_point(root, layer, point, tensors, model=model, method=method, transform=tensors.pop("_transform"))
+            for layer, data in report.plot_data.items() for point, tensors in data.items()]
+
+
+def preset_defaults(method: str) -> dict:
+    """The flat settings --method implies before any flag: QuantConfig's defaults with the preset laid over
+    them (as main.py's quant_config starts), plus the default clusters. eval.table compares a run's config
+    with these, so it needs no copy of the presets."""
+    preset = {k: v for k, v in PRESETS.get(method, {}).items() if not isinstance(v, dict)}
+    base = {k: v for k, v in dataclasses.asdict(QuantConfig()).items() if not isinstance(v, dict) and k != "method"}
+    base.update(preset)
+    return {**base, "transforms": list(base["transforms"]), "clusters": dict(DEFAULT_CLUSTERS)}
 
 
 def method_info(quant: QuantConfig) -> dict:
-    """The method and what its preset expanded to, with the assumptions it rests on."""
+    """The method, what the run used of it, the assumptions it rests on, and "defaults": the settings its
+    preset implies (preset_defaults), which the results table compares the run's config with."""
     return {"name": quant.method, "transforms": list(quant.transforms), "activation_policy": quant.abits_policy,
             "weight_quantizer": quant.w_quantizer, "grid": quant.grid,
             "assumptions": [text for step in (*quant.transforms, quant.abits_policy, quant.w_quantizer)
-                            for text in ASSUMPTIONS.get(step, ())]}
+                            for text in ASSUMPTIONS.get(step, ())],
+            "defaults": preset_defaults(quant.method)}

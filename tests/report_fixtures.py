@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from rptq.run_report import preset_defaults
+
 MODEL = "opt-125m"
 LAYERS = 6
 
@@ -72,7 +74,8 @@ def write_run(root: Path, wbits: int, abits: int, method: str = "rptq", ppl=None
               "abits_policy": "rptq", "reorder": "12345", "clusters": {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32},
               "metric": "ema_minmax", "a_dynamic": False, "w_quantizer": "gptq", "percdamp": 0.01,
               "disable_w_quant": False, "disable_a_quant": False, "seed": 2, **cfg}
-    data = {"model": MODEL, "config": config, "method": {"name": method}, "bit_manifest": {},
+    method_info = {"name": method, "defaults": preset_defaults(config.get("method", "rptq"))}  # as rptq records them
+    data = {"model": MODEL, "config": config, "method": method_info, "bit_manifest": {},
             "ppl": ppl or {}, "tasks": {}, "timing": {"calibration_s": 1.0, "eval_s": 2.0},
             "memory": {"peak_rss_mb": 1.0}, "versions": {}, "layer_errors": errors or []}
     if plot_files:

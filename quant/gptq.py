@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantizer import fake_quant
+from .grid import code_dtype, dequantize, quantize
 from .threads import single_thread_on_cpu
 
 
@@ -151,18 +151,29 @@ class GPTQ:
         """Return the fake-quantized weight.
 
         ``scale``/``zero``: (rows, groups) for contiguous input-channel groups of ``group_sizes``
-        (None: one group), fixed before the sweep; ``grid`` names their integer grid (quant.quantizer).
+        (None: one group), fixed before the sweep; ``grid`` names their integer grid (quant.grid).
         ``column_quantizer(w_col, column, group) -> q_col``, when given, replaces the uniform
         rounding of each column (a non-uniform grid, e.g. GPTQT's binary-coding levels).
         """
         with single_thread_on_cpu(self.device):
             return self._quantize(weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid,
-                                  column_quantizer)
+                                  column_quantizer)[0]
+
+    def quantize_codes(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                       group_sizes: tuple[int, ...] | None = None, blocksize: int = 128,
+                       percdamp: float = 0.01, grid: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
+        """(the fake-quantized weight, the integer codes it was rounded to): :meth:`quantize`'s sweep,
+        keeping each column's codes; quant.grid.dequantize of them with the per-column scale/zero is
+        the weight bit for bit (before its cast back to ``weight.dtype``)."""
+        with single_thread_on_cpu(self.device):
+            return self._quantize(weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid)
 
     def _quantize(self, weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid="full",
-                  column_quantizer=None) -> torch.Tensor:
+                  column_quantizer=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         Hinv, dead = self._inverse_factor(percdamp)
         W = weight.detach().to(self.device, torch.float32).clone()
+        codes = None if column_quantizer is not None else torch.empty(W.shape, dtype=code_dtype(bits, grid),
+                                                                      device=W.device)
         W[:, dead] = 0
         # The column loop runs thousands of tiny ops, so it reads prebuilt views (one per column,
         # group, Hinv row and diagonal entry) instead of indexing tensors: same ops on the same
@@ -180,12 +191,14 @@ class GPTQ:
             Hinv1 = Hinv[start:end, start:end].contiguous()
             rows, diag = Hinv1.unbind(0), Hinv1.diagonal().unbind(0)
             columns = W1.unbind(1)  # views: they see every update below
-            quantized, errors = [], []
+            quantized, errors, block_codes = [], [], []
             for i in range(width):
                 g = group_of[start + i]
                 w = columns[i]
                 if column_quantizer is None:
-                    q = fake_quant(w, scales[g], zeros[g], bits, grid)
+                    c = quantize(w, scales[g], zeros[g], bits, grid)
+                    q = dequantize(c, scales[g], zeros[g])
+                    block_codes.append(c)
                 else:
                     q = column_quantizer(w, start + i, g)
                 err = torch.sub(w, q).div_(diag[i])
@@ -194,7 +207,9 @@ class GPTQ:
                 errors.append(err)
             W[:, start:end] = torch.stack(quantized, dim=1)  # finished columns are never read again
             W[:, end:] -= torch.stack(errors, dim=1) @ Hinv[start:end, end:]
-        return W.to(weight.dtype)
+            if codes is not None:
+                codes[:, start:end] = torch.stack(block_codes, dim=1)  # exact integers: the cast is exact
+        return W.to(weight.dtype), codes
 
     def free(self) -> None:
         self.hessian = None

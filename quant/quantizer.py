@@ -1,16 +1,10 @@
-"""Uniform fake quantization over contiguous channel groups.
+"""The quantizers: activations (static calibrated ranges or dynamic, :class:`ActQuantizer`) and
+round-to-nearest weights, over contiguous channel groups; each gives its integer codes with the
+scale and zero point that dequantize them (the grid itself is quant.grid).
 
 Nothing here knows about models or methods. A *group layout* is a tuple of group
 sizes along the last dimension (RPTQ's clusters after the permutation made them
 contiguous, or heads); ``None`` means one group spanning the whole last dimension.
-
-Three integer grids, named by where they come from:
-- ``full``: asymmetric, 2^b - 1 steps covering [min, max], codes 0 .. 2^b - 1 (GPTQ, DuQuant, FPTQ weights);
-- ``reference``: RPTQ's UniformAffineQuantizer: scale (max - min) / 2^b, zero point
-  round(-(max + min) / (2 scale)) on the signed codes -2^(b-1) .. 2^(b-1) - 1, so the grid's 2^b levels
-  span [min, max - scale] and the top step is clipped;
-- ``symmetric``: scale max|x| / (2^(b-1) - 1), zero point 0 (SmoothQuant, FPTQ activations).
-Every grid dequantizes as (q - zero) * scale.
 """
 from __future__ import annotations
 
@@ -20,59 +14,10 @@ import torch
 from torch import nn
 
 from .bitpack import snap_scales_sf8
+from .grid import affine_params, code_dtype, code_range, dequantize, fake_quant, quantize, zero_point
 
 FULL_PRECISION = 16
-GRIDS = ("full", "reference", "symmetric")
-# A floor, not a working value: it only keeps a constant group from dividing by zero. (The RPTQ
-# reference floors at 1e-4 and clamps zero points to +-1e4, which maps a near-constant group far
-# from 0 onto the wrong value; a floor this small lets it round-trip.)
-_MIN_SCALE = 1e-8
 UNIT_LEVELS = 255  # RPTQ's softmax quantizer 'fix0to1': round(x * 255) / 255 whatever the bit width
-
-
-def code_range(bits: int, grid: str = "full") -> tuple[int, int]:
-    """(qmin, qmax) of the integer codes of a grid."""
-    if grid == "full":
-        return 0, 2**bits - 1
-    if grid == "reference":
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    if grid == "symmetric":
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    raise ValueError(f"unknown grid {grid!r}; one of {', '.join(GRIDS)}")
-
-
-def affine_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, grid: str = "full"):
-    """Scale and integer zero point of a grid for the range [xmin, xmax] (elementwise)."""
-    if grid == "full":
-        scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=_MIN_SCALE)
-        return scale, torch.round(-xmin / scale)
-    if grid == "reference":
-        scale = ((xmax - xmin) / 2**bits).clamp(min=_MIN_SCALE)
-        return scale, torch.round(-(xmax + xmin) / (2 * scale))
-    if grid == "symmetric":
-        absmax = torch.maximum(xmin.abs(), xmax.abs())
-        scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=_MIN_SCALE)
-        return scale, torch.zeros_like(scale)
-    raise ValueError(f"unknown grid {grid!r}; one of {', '.join(GRIDS)}")
-
-
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-               grid: str = "full") -> torch.Tensor:
-    """Quantize then dequantize; scale/zero broadcast against x."""
-    qmin, qmax = code_range(bits, grid)
-    # The same operations in the same order as clamp(round(x / s) + z) - z) * s, on one buffer:
-    # an activation-sized tensor (12 x 512 x 512 attention probabilities) is allocated once, not five times.
-    q = torch.div(x, scale).round_()
-    q = q.add_(zero) if _broadcasts_into(zero.shape, q.shape) else q + zero
-    return q.clamp_(qmin, qmax).sub_(zero).mul_(scale)
-
-
-def _broadcasts_into(inner: torch.Size, outer: torch.Size) -> bool:
-    """Whether a tensor of shape ``inner`` broadcasts against ``outer`` without growing it
-    (torch.broadcast_shapes costs ~70 us here: GPTQ calls fake_quant once per column)."""
-    if inner == outer:
-        return True
-    return len(inner) <= len(outer) and all(i in (1, o) for i, o in zip(reversed(inner), reversed(outer)))
 
 
 def unit_grid(x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +83,11 @@ class QuantSpec:
         return self.bits < FULL_PRECISION
 
     @property
+    def static(self) -> bool:
+        """Quantized on calibrated ranges: the one kind that needs ranges and stores a scale and zero point."""
+        return self.enabled and self.dynamic is None and not self.unit_grid
+
+    @property
     def granularity(self) -> str:
         if self.unit_grid:
             return "fixed [0,1] grid"
@@ -153,7 +103,7 @@ class ActQuantizer(nn.Module):
         self.spec = spec
         self.register_buffer("scale", None)
         self.register_buffer("zero", None)
-        if spec.enabled and spec.dynamic is None and not spec.unit_grid:
+        if spec.static:
             if cmin is None or cmax is None:
                 raise ValueError("a static activation quantizer needs calibrated per-channel ranges")
             if spec.group_sizes is None:  # per tensor: one scalar range
@@ -168,15 +118,11 @@ class ActQuantizer(nn.Module):
         quantizer.spec, quantizer.scale, quantizer.zero = spec, scale, zero
         return quantizer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the input the grid reads, scale, zero): the calibrated grid, or this input's own ranges."""
         spec = self.spec
-        if not spec.enabled:
-            return x
-        if spec.unit_grid:
-            return unit_grid(x.float()).to(x.dtype)
-        # Ranges are kept in fp32; the result goes back to the activation's dtype (fp16 on GPU).
         if spec.dynamic is None:
-            return fake_quant(x, self.scale, self.zero, spec.bits, spec.grid).to(x.dtype)
+            return x, self.scale, self.zero
         xf = x.float()
         if spec.dynamic == "token":
             lo, hi = xf, xf
@@ -184,8 +130,33 @@ class ActQuantizer(nn.Module):
             flat = xf.reshape(xf.shape[0], -1, xf.shape[-1])
             lo = flat.amin(1).reshape(xf.shape[0], *[1] * (xf.dim() - 2), xf.shape[-1])
             hi = flat.amax(1).reshape(lo.shape)
-        scale, zero = group_params(lo, hi, spec.group_sizes, spec.bits, spec.grid, spec.clip)
-        return fake_quant(xf, scale, zero, spec.bits, spec.grid).to(x.dtype)
+        return xf, *group_params(lo, hi, spec.group_sizes, spec.bits, spec.grid, spec.clip)
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(integer codes, scale, zero) of x; ``dequantize`` of them is ``forward(x)`` bit for bit.
+        Uniform grids only: the unit grid divides by 255, it has no scale to multiply."""
+        if not self.spec.enabled or self.spec.unit_grid:
+            raise ValueError(f"no integer codes for a {self.spec.granularity if self.spec.enabled else 'disabled'} "
+                             "quantizer")
+        xq, scale, zero = self._params(x)
+        codes = quantize(xq, scale, zero, self.spec.bits, self.spec.grid)
+        return codes.to(code_dtype(self.spec.bits, self.spec.grid)), scale, zero
+
+    @staticmethod
+    def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(codes, scale, zero).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if not spec.enabled:
+            return x
+        if spec.unit_grid:
+            return unit_grid(x.float()).to(x.dtype)
+        # Ranges are kept in fp32; the result goes back to the activation's dtype (fp16 on GPU).
+        # fake_quant rather than dequantize(quantize(x)): one activation-sized buffer, the same numbers.
+        xq, scale, zero = self._params(x)
+        return fake_quant(xq, scale, zero, spec.bits, spec.grid).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -227,10 +198,7 @@ def weight_group_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | Non
             scale, flat_zero = _flat_group_grid(wmax, flat, scale, bits, spec.grid, snap)
         else:
             scale = snap(scale)
-        if spec.grid == "full":  # the zero point follows the stored scale
-            zero = torch.round(-wmin / scale)
-        elif spec.grid == "reference":
-            zero = torch.round(-(wmax + wmin) / (2 * scale))
+        zero = zero_point(wmin, wmax, scale, spec.grid)  # the zero point follows the stored scale
         if bool(flat.any()):
             zero = torch.where(flat, flat_zero, zero)
     return scale, zero
@@ -246,13 +214,13 @@ def _flat_group_grid(value: torch.Tensor, flat: torch.Tensor, scale: torch.Tenso
     the k whose fake-quantized value is nearest), so its zero point lies on the code grid --
     and its value is as precise as the format's scales. Returns (snapped scales, flat zeros).
     """
-    qmin, qmax = code_range(bits, grid)
+    qmin, _ = code_range(bits, grid)
     best_err = torch.full_like(value, torch.inf)
     best_k = torch.ones_like(value)
     for k in range(1, 2**bits):
         s = snap(torch.where(flat, value.abs() / k, scale))
         z = torch.where(value > 0, torch.full_like(value, qmin), qmin + k + torch.zeros_like(value))
-        w_hat = (torch.clamp(torch.round(value / s) + z, qmin, qmax) - z) * s
+        w_hat = fake_quant(value, s, z, bits, grid)
         err = (w_hat - value).abs()
         better = err < best_err
         best_err, best_k = torch.where(better, err, best_err), torch.where(better, float(k), best_k)
@@ -276,9 +244,28 @@ def weight_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bit
 
 def quantize_weight_rtn(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int,
                         spec: WeightSpec | None = None) -> torch.Tensor:
+    """The fake-quantized weight: ``dequantize_weight(*weight_codes(...))`` bit for bit, in one buffer."""
     grid = spec.grid if spec is not None else "full"
     scale, zero = weight_params(weight, group_sizes, bits, spec)
     return fake_quant(weight, scale, zero, bits, grid)
+
+
+def weight_codes(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int,
+                 spec: WeightSpec | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest, as integers: (codes (rows, cols) in code_range(bits, grid), scale and zero
+    (rows, groups)) -- what a packed checkpoint stores."""
+    grid = spec.grid if spec is not None else "full"
+    scale, zero = weight_group_params(weight, group_sizes, bits, spec)
+    sizes = group_sizes if group_sizes is not None else (weight.shape[-1],)
+    codes = quantize(weight, expand_groups(scale, sizes), expand_groups(zero, sizes), bits, grid)
+    return codes.to(code_dtype(bits, grid)), scale, zero
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      group_sizes: tuple[int, ...] | None) -> torch.Tensor:
+    """(codes - zero) * scale with (rows, groups) scale/zero: the fake-quantized weight, bit for bit."""
+    sizes = group_sizes if group_sizes is not None else (codes.shape[-1],)
+    return dequantize(codes, expand_groups(scale, sizes), expand_groups(zero, sizes))
 
 
 def fixed_groups(columns: int, group_size: int) -> tuple[int, ...]:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .quantizer import affine_params, expand_groups, fake_quant
+from .grid import affine_params, fake_quant
+from .quantizer import expand_groups
 
 MSE_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(15))  # 1.0 .. 0.3
 

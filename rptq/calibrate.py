@@ -103,7 +103,7 @@ def activation_quantizers(ctx: BlockContext) -> dict[str, ActQuantizer]:
     taps = {}
     for point, role in ctx.spec.points.items():
         qspec, metric = policy.activation(ctx, point, role)
-        if not qspec.enabled or qspec.dynamic is not None or qspec.unit_grid:
+        if not qspec.static:
             taps[point] = ActQuantizer(qspec)
             continue
         obs = ctx.observers[point]
@@ -131,7 +131,7 @@ def layer_mse_search(block: QuantBlock, taps: dict, inputs: torch.Tensor, fp_out
 
     block.taps = nn.ModuleDict(taps)
     for point, tap in taps.items():
-        if not tap.spec.enabled or tap.spec.dynamic is not None or tap.spec.unit_grid:
+        if not tap.spec.static:
             continue
         cmin, cmax = tap.ranges
         best = (loss(), 1.0, tap)

@@ -1,20 +1,19 @@
 """A block's quantized linears as packed codes in its block file, and back.
 
 ``weights.quantize_weights`` leaves, per quantized linear, ``block.weight_codes[name]``:
-the grid the weight was quantized on (affine: scale/zero per row x input group, bits,
-grid name) or its binary code (GPTQT: bit planes, alpha, offset). Together with the
-fake-quantized weight that is enough to recover the integer codes
-(``quant.packing``), which is what a block file stores instead of the float weight.
+the integer codes the quantizer produced and the grid they are on (affine: codes, scale/zero
+per row x input group, bits, grid name) or its binary code (GPTQT, BCQ: bit planes, alpha,
+offset). A block file stores those, packed (``quant.packing``), instead of the float weight.
 Reload dequantizes in the dtype the weight had, the quantizer's own arithmetic, so the
-rebuilt weight is the saved one bit for bit (``from_quantized`` / ``from_planes``
-check exactly that before anything is written).
+rebuilt weight is the saved one bit for bit (``from_codes`` / ``from_planes`` check exactly
+that against the weight before anything is written).
 """
 from __future__ import annotations
 
 import torch
 
 from quant.packing import PackedAffine, PackedBinary, load_packed
-from quant.quantizer import code_range
+from quant.grid import code_dtype, code_range
 
 Packed = PackedAffine | PackedBinary
 _FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -28,13 +27,16 @@ def _qmin(bits: int, grid: str) -> int:
 
 
 def pack_linear(weight: torch.Tensor, codes: dict) -> Packed:
-    """The packed form of a quantized weight; ValueError unless it reloads bitwise."""
+    """The packed form of a quantized weight from its codes; ValueError unless it reloads bitwise
+    (also when ``codes`` carries no integer codes: they are never recovered from the floats)."""
     if codes.get("kind", "affine") == "binary":
         return PackedBinary.from_planes(codes["planes"], codes["alpha"], codes["offset"], codes.get("group_sizes"),
                                         weight_hat=weight)
+    if "codes" not in codes:
+        raise ValueError("no integer codes were kept for this weight")
     bits = int(codes["bits"])
-    return PackedAffine.from_quantized(weight, codes["scale"], codes["zero"], bits, codes.get("group_sizes"),
-                                       qmin=_qmin(bits, codes["grid"]))
+    return PackedAffine.from_codes(codes["codes"], codes["scale"], codes["zero"], bits, codes.get("group_sizes"),
+                                   qmin=_qmin(bits, codes["grid"]), weight_hat=weight)
 
 
 def packed_meta(packed: Packed, codes: dict, weight: torch.Tensor) -> dict:
@@ -60,7 +62,8 @@ def unpack_linear(prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> 
         grid = meta.get("grid")
         if grid not in ("full", "reference", "symmetric") or _qmin(packed.bits, grid) != packed.qmin:
             raise ValueError(f"packed weight {prefix}: grid {grid!r} does not match its code origin {packed.qmin}")
-        codes = {"scale": packed.group_scale(), "zero": packed.group_zero(), "bits": packed.bits, "grid": grid,
+        codes = {"kind": "affine", "codes": packed.integer_codes().to(code_dtype(packed.bits, grid)),
+                 "scale": packed.group_scale(), "zero": packed.group_zero(), "bits": packed.bits, "grid": grid,
                  "group_sizes": groups}
     return packed.dequantize(dtype), codes
 

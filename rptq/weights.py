@@ -9,9 +9,10 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from quant.bcq import bcq_quantize
-from quant.gptqt import GPTQTConfig, enumerate_level_sets, gptqt_quantize
+from quant.gptqt import GPTQTConfig, gptqt_quantize
+from quant.level_sets import enumerate_level_sets
 from quant.packing import PackedBinary
-from quant.quantizer import FULL_PRECISION, fake_quant, weight_group_params, weight_params
+from quant.quantizer import FULL_PRECISION, dequantize_weight, weight_codes, weight_group_params
 from quant.threads import single_thread_on_cpu
 
 from . import methods
@@ -29,7 +30,7 @@ def _binary_weight(coded, device) -> tuple[torch.Tensor, dict]:
 
 
 def _gptq_readers(ctx: BlockContext, point: str, wspec) -> dict[str, tuple]:
-    """GPTQ of every linear reading ``point`` in one sweep: name -> (q, scale, zero).
+    """GPTQ of every linear reading ``point`` in one sweep: name -> (q, codes, scale, zero).
 
     The readers share the input's inverse Hessian, and GPTQ treats each output row on its own
     given it, so their rows stacked (q/k/v: 3 x 768 rows of OPT-125m) take one column loop instead
@@ -40,15 +41,16 @@ def _gptq_readers(ctx: BlockContext, point: str, wspec) -> dict[str, tuple]:
     with single_thread_on_cpu(weights[0].device):  # extremes and rounding: exact on one thread, and far
         params = [weight_group_params(W, wspec.group_sizes, wspec.bits, wspec) for W in weights]  # cheaper
     scale, zero = torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
-    q = ctx.observers[point].gptq.quantize(torch.cat(weights), scale, zero, wspec.bits,
-                                           group_sizes=wspec.group_sizes, blocksize=ctx.cfg.blocksize,
-                                           percdamp=ctx.cfg.percdamp, grid=wspec.grid)
+    q, codes = ctx.observers[point].gptq.quantize_codes(torch.cat(weights), scale, zero, wspec.bits,
+                                                        group_sizes=wspec.group_sizes, blocksize=ctx.cfg.blocksize,
+                                                        percdamp=ctx.cfg.percdamp, grid=wspec.grid)
     rows = [W.shape[0] for W in weights]
-    return {n: (qn.clone(), *p) for n, qn, p in zip(names, q.split(rows), params)}  # own storage each
+    return {n: (qn.clone(), cn.clone(), *p)  # own storage each
+            for n, qn, cn, p in zip(names, q.split(rows), codes.split(rows), params)}
 
 
 def _gptq_sweeps(ctx: BlockContext) -> dict[str, tuple]:
-    """Every input point's GPTQ sweep (:func:`_gptq_readers`): name -> (q, scale, zero).
+    """Every input point's GPTQ sweep (:func:`_gptq_readers`): name -> (q, codes, scale, zero).
 
     A sweep runs on one thread (its column loop is thousands of small ops), so on a CPU with a
     spare core two sweeps run side by side, the largest input first (OPT-125m shape: fc2's 3072
@@ -109,13 +111,13 @@ def quantize_weights(ctx: BlockContext, side_by_side: bool = True) -> dict[str, 
             if cfg.w_quantizer == "gptq":
                 if name not in swept:  # one input at a time
                     swept.update(_gptq_readers(ctx, point, wspec))
-                q, scale, zero = swept.pop(name)
+                q, codes, scale, zero = swept.pop(name)
             else:
-                scale, zero = weight_group_params(W, groups, bits, wspec)
-                full_scale, full_zero = weight_params(W, groups, bits, wspec)
-                q = fake_quant(W, full_scale, full_zero, bits, wspec.grid)
-            block.weight_codes[name] = {"kind": "affine", "scale": scale.cpu(), "zero": zero.cpu(), "bits": bits,
-                                        "grid": wspec.grid, "group_sizes": groups}
+                codes, scale, zero = weight_codes(W, groups, bits, wspec)
+                q = dequantize_weight(codes, scale, zero, groups)
+            # the quantizer's own integers: the packed checkpoint stores them as they are
+            block.weight_codes[name] = {"kind": "affine", "codes": codes.cpu(), "scale": scale.cpu(),
+                                        "zero": zero.cpu(), "bits": bits, "grid": wspec.grid, "group_sizes": groups}
         if obs.samples:
             x = obs.sample().to(W.device)
             ref = x @ W.t()

@@ -14,7 +14,7 @@ from eval.ppl import perplexity
 from models.registry import adapter_for
 from models.synthetic import OPT_125M_SHAPE
 from quant.packing import affine_nbytes
-from quant.quantizer import expand_groups, weight_group_params, weight_params, fake_quant
+from quant.quantizer import dequantize_weight, expand_groups, fake_quant, weight_codes, weight_group_params
 from rptq.checkpoint import (LayerStore, block_file_summary, load_block, load_quantized, read_tensors,
                              save_quantized)
 from common.errors import UserError
@@ -166,9 +166,10 @@ def test_binary_coded_weights_round_trip_through_a_block_file(tmp_path):
     block.weight_codes["fc1"] = {"kind": "binary", "planes": planes, "alpha": alpha, "offset": offset,
                                  "group_sizes": sizes}
     fc2 = block.module("fc2")  # and one affine linear beside it
-    scale, zero = weight_group_params(fc2.weight.data, None, 4)
-    fc2.weight.data = fake_quant(fc2.weight.data, *weight_params(fc2.weight.data, None, 4), 4)
-    block.weight_codes["fc2"] = {"scale": scale, "zero": zero, "bits": 4, "grid": "full", "group_sizes": None}
+    codes, scale, zero = weight_codes(fc2.weight.data, None, 4)
+    fc2.weight.data = dequantize_weight(codes, scale, zero, None)
+    block.weight_codes["fc2"] = {"kind": "affine", "codes": codes, "scale": scale, "zero": zero, "bits": 4,
+                                 "grid": "full", "group_sizes": None}
     block.gathers["qkv_in"] = torch.randperm(64, generator=gen)
 
     store = LayerStore(tmp_path)
@@ -187,17 +188,23 @@ def test_binary_coded_weights_round_trip_through_a_block_file(tmp_path):
     assert torch.equal(loaded.module("fc2").weight, fc2.weight)
     assert torch.equal(loaded.gathers["qkv_in"], block.gathers["qkv_in"])
     assert torch.equal(loaded.weight_codes["fc1"]["planes"], planes)
+    assert torch.equal(loaded.weight_codes["fc2"]["codes"], codes)  # the quantizer's integers, as handed over
     # Saved again from the reloaded codes (a resumed calibration): the same file contents.
     store.save_block(1, loaded)
     again = load_file(store.block_path(1))
     assert again.keys() == tensors.keys() and all(torch.equal(again[n], tensors[n]) for n in tensors)
 
 
-def test_weight_off_its_grid_is_stored_float_with_a_warning(tmp_path):
+@pytest.mark.parametrize("keep_codes", [True, False])
+def test_weight_off_its_grid_is_stored_float_with_a_warning(tmp_path, keep_codes):
+    """Codes that are not the weight's (it was never quantized), or no codes at all: never recovered
+    from the floats, the weight stays float."""
     _, _, block = _blocks()
     fc2 = block.module("fc2")
-    scale, zero = weight_group_params(fc2.weight.data, None, 4)  # the grid, but the weight was never quantized
+    codes, scale, zero = weight_codes(fc2.weight.data, None, 4)  # the grid, but the weight was never quantized
     block.weight_codes["fc2"] = {"scale": scale, "zero": zero, "bits": 4, "grid": "full", "group_sizes": None}
+    if keep_codes:
+        block.weight_codes["fc2"]["codes"] = codes
     with pytest.warns(UserWarning, match="fc2 is stored as a float tensor"):
         LayerStore(tmp_path).save_block(0, block)
     assert block_file_summary(LayerStore(tmp_path).block_path(0), ("fc2",))["fc2"]["kind"] == "float"

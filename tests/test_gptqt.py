@@ -7,8 +7,8 @@ import torch
 
 from quant.bcq import bcq_quantize, sign_patterns
 from quant.gptq import GPTQ
-from quant.gptqt import (GAMMAS, GPTQTConfig, choose_candidates, codes_of, enumerate_level_sets, gptqt_quantize,
-                         histograms, merge, patterns_of, reconstruct, reexplore)
+from quant.gptqt import GAMMAS, GPTQTConfig, codes_of, gptqt_quantize, merge, reexplore
+from quant.level_sets import choose_candidates, enumerate_level_sets, histograms, patterns_of, reconstruct
 from quant.quantizer import expand_groups, fake_quant, quantize_weight_rtn, weight_group_params
 
 

@@ -5,7 +5,8 @@ from safetensors.torch import load, save
 
 from quant.packing import (PackedAffine, PackedBinary, affine_nbytes, load_packed, pack_codes, packed_nbytes,
                            size_report, snap_scales_sf8, unpack_codes)
-from quant.quantizer import expand_groups, fake_quant, group_reduce, weight_group_params, weight_params
+from quant.grid import quantize
+from quant.quantizer import expand_groups, fake_quant, group_reduce, weight_codes, weight_params
 
 
 def _gen(seed):
@@ -67,15 +68,17 @@ def test_affine_reload_is_bitwise(bits):
     gen = _gen(bits)
     w = _weight(48, 200, bits)
     sizes = _uneven(200, 9, gen)
-    scale, zero = weight_params(w, sizes, bits)  # per column, as calibrate.py passes them
+    scale, zero = weight_params(w, sizes, bits)  # per column
     w_hat = fake_quant(w, scale, zero, bits)
+    codes = quantize(w, scale, zero, bits).to(torch.uint8)
     for stored in (w_hat, w_hat.half()):  # fp32 on CPU, fp16 weights on GPU
-        packed = PackedAffine.from_quantized(stored, scale, zero, bits, sizes)
+        packed = PackedAffine.from_codes(codes, scale, zero, bits, sizes, weight_hat=stored)
         assert packed.scale_format == "fp32" and packed.zero_bits <= bits and packed.zero_base >= 0
         reloaded = _through_safetensors(packed)
         assert torch.equal(_bits_of(reloaded.dequantize(stored.dtype)), _bits_of(stored))
-    gscale, gzero = weight_group_params(w, sizes, bits)  # (rows, groups) works the same
-    assert torch.equal(PackedAffine.from_quantized(w_hat, gscale, gzero, bits, sizes).dequantize(), w_hat)
+        assert torch.equal(reloaded.integer_codes(), codes.long())
+    gcodes, gscale, gzero = weight_codes(w, sizes, bits)  # (rows, groups), as quantize_weights keeps them
+    assert torch.equal(PackedAffine.from_codes(gcodes, gscale, gzero, bits, sizes).dequantize(), w_hat)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -89,8 +92,9 @@ def test_affine_zero_points_off_the_code_grid_and_signed_grid(bits):
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     zero = torch.round(-(hi + lo) / (2 * scale))  # the lead's signed "reference" grid
     s, z = expand_groups(scale, sizes), expand_groups(zero, sizes)
-    w_hat = (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
-    packed = PackedAffine.from_quantized(w_hat, scale, zero, bits, sizes, qmin=qmin)
+    codes = torch.clamp(torch.round(w / s) + z, qmin, qmax)
+    w_hat = (codes - z) * s
+    packed = PackedAffine.from_codes(codes, scale, zero, bits, sizes, qmin=qmin, weight_hat=w_hat)
     assert packed.zero_base < -(2**bits)
     spread = (int(zero.max()) - int(zero.min())).bit_length()  # no exceptions: every zero at this width
     assert packed.nbytes <= affine_nbytes(32, 90, 7, bits, packed.scale_format, spread)
@@ -98,7 +102,7 @@ def test_affine_zero_points_off_the_code_grid_and_signed_grid(bits):
     assert reloaded.qmin == qmin and torch.equal(_bits_of(reloaded.dequantize()), _bits_of(w_hat))
     assert torch.equal(reloaded.group_zero(), zero)
     with pytest.raises(ValueError, match="grid"):  # the same codes read on the 0-based grid
-        PackedAffine.from_quantized(w_hat, scale, zero, bits, sizes, qmin=0)
+        PackedAffine.from_codes(codes, scale, zero, bits, sizes, qmin=0)
 
 
 def test_constant_groups_become_zero_exceptions_not_wide_zeros():
@@ -111,8 +115,9 @@ def test_constant_groups_become_zero_exceptions_not_wide_zeros():
     zero = torch.round(-(hi + lo) / (2 * scale))
     qmin = -(2 ** (bits - 1))
     s, z = expand_groups(scale, sizes), expand_groups(zero, sizes)
+    codes = quantize(w, s, z, bits, "reference")
     w_hat = (torch.clamp(torch.round(w / s) + z, qmin, 2 ** (bits - 1) - 1) - z) * s
-    packed = PackedAffine.from_quantized(w_hat, scale, zero, bits, sizes, qmin=qmin)
+    packed = PackedAffine.from_codes(codes, scale, zero, bits, sizes, qmin=qmin, weight_hat=w_hat)
     window = (zero >= packed.zero_base) & (zero < packed.zero_base + 2**packed.zero_bits)
     assert packed.zero_bits <= bits + 1 and not bool(window[:, [7, 16]].any())  # the constant columns
     assert packed.zero_exceptions == int((~window).sum()) >= 2 * 64  # (+ small groups excluding 0)
@@ -137,8 +142,9 @@ def test_scale_storage_is_the_smallest_exact_format():
     for scale, fmt, dtype in ((raw, "fp32", torch.float32), (raw.half().float(), "fp16", torch.float16),
                               (snap_scales_sf8(raw), "sf8", torch.uint8)):
         zero = torch.round(-lo / scale)
-        w_hat = fake_quant(w, expand_groups(scale, sizes), expand_groups(zero, sizes), 4)
-        packed = PackedAffine.from_quantized(w_hat, scale, zero, 4, sizes)
+        s, z = expand_groups(scale, sizes), expand_groups(zero, sizes)
+        w_hat = fake_quant(w, s, z, 4)
+        packed = PackedAffine.from_codes(quantize(w, s, z, 4), scale, zero, 4, sizes, weight_hat=w_hat)
         assert packed.scale_format == fmt and packed.scale.dtype == dtype
         reloaded = _through_safetensors(packed)
         assert torch.equal(reloaded.group_scale(), scale) and torch.equal(reloaded.dequantize(), w_hat)
@@ -155,18 +161,23 @@ def test_sf8_snap_rounds_up_by_at_most_one_sixteenth_and_is_idempotent():
     assert torch.equal(snap_scales_sf8(snapped), snapped)
 
 
-def test_from_quantized_refuses_weights_off_their_grid():
+def test_from_codes_refuses_codes_that_are_not_the_weights():
     w = _weight(8, 16, 11)
     scale, zero = weight_params(w, (6, 10), 3)
-    with pytest.raises(ValueError, match="grid|bitwise"):
-        PackedAffine.from_quantized(w, scale, zero, 3, (6, 10))  # never quantized
+    codes = quantize(w, scale, zero, 3)
+    with pytest.raises(ValueError, match="bitwise"):
+        PackedAffine.from_codes(codes, scale, zero, 3, (6, 10), weight_hat=w)  # never quantized
     w_hat = fake_quant(w, scale, zero, 3)
+    with pytest.raises(ValueError, match="bitwise"):  # the codes of another weight
+        PackedAffine.from_codes(codes.flip(0), scale, zero, 3, (6, 10), weight_hat=w_hat)
     with pytest.raises(ValueError, match="grid"):
-        PackedAffine.from_quantized(w_hat, scale, zero, 2, (6, 10))  # codes need 3 bits
+        PackedAffine.from_codes(codes, scale, zero, 2, (6, 10))  # codes need 3 bits
     with pytest.raises(ValueError, match="integers"):
-        PackedAffine.from_quantized(w_hat, scale, zero + 0.5, 3, (6, 10))
+        PackedAffine.from_codes(codes + 0.5, scale, zero, 3, (6, 10))
+    with pytest.raises(ValueError, match="integers"):
+        PackedAffine.from_codes(codes, scale, zero + 0.5, 3, (6, 10))
     with pytest.raises(ValueError, match="group sizes"):
-        PackedAffine.from_quantized(w_hat, scale, zero, 3, (6, 9))
+        PackedAffine.from_codes(codes, scale, zero, 3, (6, 9))
 
 
 def _binary_reference(signs, alpha, offset, sizes):
@@ -201,7 +212,7 @@ def test_corrupt_or_mismatched_tensors_give_one_line_value_errors():
     w = _weight(8, 24, 5)
     sizes = (5, 19)
     scale, zero = weight_params(w, sizes, 4)
-    packed = PackedAffine.from_quantized(fake_quant(w, scale, zero, 4), scale, zero, 4, sizes)
+    packed = PackedAffine.from_codes(quantize(w, scale, zero, 4), scale, zero, 4, sizes)
     good, meta = packed.to_tensors("l"), packed.meta()
     cases = [
         ({k: v for k, v in good.items() if k != "l.zero"}, meta, "missing tensor l.zero"),
@@ -255,8 +266,9 @@ def test_size_report_counts_real_bytes_for_opt125m_shapes():
         lo, hi = group_reduce(w, sizes, "min").clamp(max=0), group_reduce(w, sizes, "max").clamp(min=0)
         scale = snap_scales_sf8(((hi - lo) / 7).clamp(min=1e-8))
         zero = torch.round(-lo / scale)
-        w_hat = fake_quant(w, expand_groups(scale, sizes), expand_groups(zero, sizes), 3)
-        weights[name] = PackedAffine.from_quantized(w_hat.half(), scale, zero, 3, sizes)
+        s, z = expand_groups(scale, sizes), expand_groups(zero, sizes)
+        w_hat = fake_quant(w, s, z, 3)
+        weights[name] = PackedAffine.from_codes(quantize(w, s, z, 3), scale, zero, 3, sizes, weight_hat=w_hat.half())
         zero_bits = weights[name].zero_bits  # the zeros' spread: at most 3 bits here
         assert zero_bits <= 3
         assert packed_nbytes(weights[name]) == affine_nbytes(rows // 16, cols, groups, 3, "sf8", zero_bits)

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.errors import UserError
 from models.execution import capture_block_inputs, layer_kwargs_on
 
 from .calibrate import BlockTiming, calibrate_block
 from .config import QuantConfig
-from common.errors import UserError
+from .layer_store import LayerStore
+from .tensor_file import CheckpointError
 
 
 @dataclass
@@ -41,13 +43,13 @@ class CalibrationReport:
 
 
 def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig,
-                   device: torch.device | str = "cpu", progress: bool = True, store=None,
+                   device: torch.device | str = "cpu", progress: bool = True, store: LayerStore | None = None,
                    fingerprint: str = "", layer_source=None, placement: list | None = None,
                    offload: bool = False, on_layer_done=None, captured: tuple | None = None,
                    plot_layers: set[int] | None = None) -> CalibrationReport:
     """Replace every decoder layer of ``model`` by its reordered, quantized block, in place.
 
-    store:        a ``rptq.checkpoint.LayerStore``; each finished block and the next layer's
+    store:        a :class:`LayerStore`; each finished block and the next layer's
                   inputs are written there, and a run with the same ``fingerprint`` resumes
                   after the last finished layer (a different fingerprint is refused).
     layer_source: ``fn(i) -> layer`` materialising layer i (out-of-core: from the checkpoint).
@@ -57,8 +59,6 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
                   caller captured them already (out of core: to drop the embeddings meanwhile).
     plot_layers:  layers whose per-channel ranges before/after the transforms are kept (report.plot_data).
     """
-    from .checkpoint import CheckpointError, LayerStore  # noqa: F401  (LayerStore: type of ``store``)
-
     device = torch.device(device)
     start = time.perf_counter()
     spec = adapter.block_spec(model.config)

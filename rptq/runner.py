@@ -261,7 +261,8 @@ def run(cfg: RunConfig) -> dict:
 def _run(cfg: RunConfig, device, auto_offload: bool) -> dict:
     from eval.report import format_summary, peak_rss_mb, versions, write_json_atomic
 
-    from .checkpoint import LayerStore, load_quantized, save_quantized
+    from .checkpoint import load_quantized, save_quantized
+    from .layer_store import LayerStore
     from .packed_weights import describe_size
 
     if cfg.load_quantized:

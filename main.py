@@ -193,7 +193,7 @@ def quant_config(args):
 
 def build_config(args):
     from common.errors import UserError
-    from rptq.runner import RunConfig
+    from rptq.run_config import RunConfig
 
     if args.nsamples < 1:
         raise UserError(f"--nsamples must be at least 1 (got {args.nsamples})")

@@ -2,7 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+
+from common.errors import UserError
+from models.hub import configure_hub
+from rptq.config import DEFAULT_CLUSTERS, FPTQSettings, GPTQTSettings, QuantConfig, RotationSettings, SmoothSettings
+from rptq.methods import METHODS, POLICIES, PRESETS, STEPS
+from rptq.run_config import RunConfig
+from rptq.runner import run
+from rptq.stats import METRICS
 
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
@@ -15,9 +24,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rptq.methods import METHODS, POLICIES, STEPS
-    from rptq.stats import METRICS
-
     p = OneLineParser(description=__doc__)
     p.add_argument("model", help="opt-125m ... opt-175b, smollm2-135m, a hub id, or a local HF model directory")
     p.add_argument("--method", default="rptq", choices=METHODS,
@@ -114,12 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def quant_config(args):
     """QuantConfig from the method preset, then every flag given explicitly."""
-    import dataclasses
-
-    from rptq.config import DEFAULT_CLUSTERS, QuantConfig, RotationSettings, SmoothSettings
-    from common.errors import UserError
-    from rptq.methods import PRESETS, STEPS
-
     preset = dict(PRESETS[args.method])
     smooth = {**dataclasses.asdict(SmoothSettings()), **preset.pop("smooth", {})}
     rotation = {**dataclasses.asdict(RotationSettings()), **preset.pop("rotation", {})}
@@ -180,8 +180,6 @@ def quant_config(args):
                 a_dynamic_method=args.a_dynamic_method, percdamp=args.percdamp,
                 disable_w_quant=args.disable_w_quant, disable_a_quant=args.disable_a_quant, seed=args.seed,
                 fp16_scales=scale_format == "fp16", sf8_scales=scale_format == "sf8")
-    from rptq.config import FPTQSettings, GPTQTSettings
-
     base["smooth"] = SmoothSettings(**smooth)
     base["rotation"] = RotationSettings(**rotation)
     base["fptq"] = FPTQSettings(v0=args.fptq_v0, v1=args.fptq_v1, kv_bits=args.kv_bits)
@@ -192,9 +190,6 @@ def quant_config(args):
 
 
 def build_config(args):
-    from common.errors import UserError
-    from rptq.runner import RunConfig
-
     if args.nsamples < 1:
         raise UserError(f"--nsamples must be at least 1 (got {args.nsamples})")
     if args.seqlen is not None and args.seqlen < 2:
@@ -234,14 +229,8 @@ def build_config(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from common.errors import UserError
-
     try:
-        from models.hub import configure_hub
-
         configure_hub()  # before any hub lookup: offline mode when it cannot be reached
-        from rptq.runner import run
-
         run(build_config(args))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,16 +8,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.errors import UserError
 from models.execution import capture_block_inputs, layer_kwargs_on
 
-from .calibrate import BlockTiming, calibrate_block
+from .block_report import BlockReport
+from .calibrate import calibrate_block
 from .config import QuantConfig
-from common.errors import UserError
+from .layer_store import LayerStore
+from .tensor_file import CheckpointError
 
 
 @dataclass
 class CalibrationReport:
-    layers: list[BlockTiming] = field(default_factory=list)
+    layers: list[BlockReport] = field(default_factory=list)
     capture_s: float = 0.0
     total_s: float = 0.0
 
@@ -25,9 +28,10 @@ class CalibrationReport:
     plot_data: dict = field(default_factory=dict)  # layer -> point -> channel ranges before/after
 
     def summary(self) -> dict:
-        sums = {k: sum(getattr(t, k) for t in self.layers) for k in ("stats_s", "transform_s", "weights_s", "output_s")}
+        sums = {k: sum(getattr(t.timing, k) for t in self.layers)
+                for k in ("stats_s", "transform_s", "weights_s", "output_s")}
         return {"capture_s": self.capture_s, "total_s": self.total_s, **sums,
-                "passes_per_layer": max((t.passes for t in self.layers), default=0)}
+                "passes_per_layer": max((t.timing.passes for t in self.layers), default=0)}
 
     def layer_errors(self) -> list[dict]:
         """Per calibrated layer: the quantized block's output error against the FP block on the same
@@ -41,13 +45,13 @@ class CalibrationReport:
 
 
 def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig,
-                   device: torch.device | str = "cpu", progress: bool = True, store=None,
+                   device: torch.device | str = "cpu", progress: bool = True, store: LayerStore | None = None,
                    fingerprint: str = "", layer_source=None, placement: list | None = None,
                    offload: bool = False, on_layer_done=None, captured: tuple | None = None,
                    plot_layers: set[int] | None = None) -> CalibrationReport:
     """Replace every decoder layer of ``model`` by its reordered, quantized block, in place.
 
-    store:        a ``rptq.checkpoint.LayerStore``; each finished block and the next layer's
+    store:        a :class:`LayerStore`; each finished block and the next layer's
                   inputs are written there, and a run with the same ``fingerprint`` resumes
                   after the last finished layer (a different fingerprint is refused).
     layer_source: ``fn(i) -> layer`` materialising layer i (out-of-core: from the checkpoint).
@@ -57,8 +61,6 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
                   caller captured them already (out of core: to drop the embeddings meanwhile).
     plot_layers:  layers whose per-channel ranges before/after the transforms are kept (report.plot_data).
     """
-    from .checkpoint import CheckpointError, LayerStore  # noqa: F401  (LayerStore: type of ``store``)
-
     device = torch.device(device)
     start = time.perf_counter()
     spec = adapter.block_spec(model.config)
@@ -89,12 +91,13 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
                                     "directory to calibrate from the start") from None
             continue
         block = block.to(layer_device)
-        inputs, timing = calibrate_block(block, inputs.to(layer_device), layer_kwargs_on(layer_kwargs, layer_device),
-                                         cfg, layer=i, keep_ranges=bool(plot_layers) and i in plot_layers,
-                                         side_by_side=not offload)  # out of core, memory binds
-        report.layers.append(timing)
-        if timing.ranges:
-            report.plot_data[i] = timing.ranges
+        inputs, block_report = calibrate_block(block, inputs.to(layer_device),
+                                               layer_kwargs_on(layer_kwargs, layer_device), cfg, layer=i,
+                                               keep_ranges=bool(plot_layers) and i in plot_layers,
+                                               side_by_side=not offload)  # out of core, memory binds
+        report.layers.append(block_report)
+        if block_report.ranges:
+            report.plot_data[i] = block_report.ranges
         if store is not None:
             store.save_block(i, block)
             store.save_progress(i + 1, inputs, fingerprint)

@@ -15,6 +15,7 @@ from torch import nn
 
 from quant.gptq import GPTQ
 from quant.threads import single_thread_on_cpu
+from quant.transforms import Permutation
 from quant.quantizer import group_reduce
 
 EMA_MOMENTUM = 0.99  # RPTQ reference: cached = 0.99 * cached + 0.01 * new, once per calibration sample
@@ -112,8 +113,6 @@ class ChannelObserver(nn.Module):
             t.hessian(self.gptq.hessian)
 
     def permute(self, perm: torch.Tensor) -> None:
-        from quant.transforms import Permutation
-
         self.transform(Permutation(perm))
 
 

@@ -15,8 +15,10 @@ from models.registry import adapter_for
 from models.synthetic import OPT_125M_SHAPE
 from quant.packing import affine_nbytes
 from quant.quantizer import dequantize_weight, expand_groups, fake_quant, weight_codes, weight_group_params
-from rptq.checkpoint import (LayerStore, block_file_summary, load_block, load_quantized, read_tensors,
-                             save_quantized)
+from rptq.block_file import block_file_summary, load_block
+from rptq.checkpoint import load_quantized, save_quantized
+from rptq.layer_store import LayerStore
+from rptq.tensor_file import read_tensors
 from common.errors import UserError
 from models.execution import wrap_blocks
 from rptq.pipeline import quantize_model

@@ -9,7 +9,8 @@ import main as cli
 from eval.ppl import perplexity, streamed_perplexity
 from models.registry import adapter_for
 from models.streaming import layer_loader, load_skeleton
-from rptq.checkpoint import LayerStore, load_quantized, save_quantized
+from rptq.checkpoint import load_quantized, save_quantized
+from rptq.layer_store import LayerStore
 from rptq.config import QuantConfig
 from common.errors import UserError
 from rptq.pipeline import quantize_model

@@ -1,0 +1,57 @@
+"""A directory of per-layer block files, and the marker that lets calibration resume.
+
+Three users share it: out-of-core calibration (blocks live here, not in memory), resumable
+calibration (after each layer: its block, then the next layer's inputs, then state.json),
+and a ``--save_quantized`` directory (rptq/checkpoint.py), which is the same block files
+plus the rest of the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from common.atomic import atomic_write_text
+from models.block import QuantBlock
+
+from .block_file import load_block, save_block
+from .tensor_file import atomic_save, read_tensors
+
+
+class LayerStore:
+    """A directory of block files ``block-00003.safetensors`` and the resume state."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def block_path(self, index: int) -> Path:
+        return self.root / f"block-{index:05d}.safetensors"
+
+    def save_block(self, index: int, block: QuantBlock) -> None:
+        save_block(block, self.block_path(index))
+
+    def load_block(self, index: int, block: QuantBlock, device="cpu") -> QuantBlock:
+        return load_block(block, self.block_path(index), device)
+
+    # -- resumable calibration ------------------------------------------------------------
+    def save_progress(self, next_layer: int, inputs: torch.Tensor, fingerprint: str) -> None:
+        """Written after a layer's block file: the inputs of the next layer, then the marker."""
+        atomic_save({"inputs": inputs}, self.root / "inputs.safetensors")
+        atomic_write_text(self.root / "state.json", json.dumps({"fingerprint": fingerprint, "next_layer": next_layer}))
+
+    def progress(self) -> dict | None:
+        path = self.root / "state.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def load_inputs(self, device="cpu") -> torch.Tensor:
+        return read_tensors(self.root / "inputs.safetensors", device)[0]["inputs"]
+
+    def finish(self) -> None:
+        """Calibration complete: the activations are no longer needed; keep the blocks."""
+        (self.root / "inputs.safetensors").unlink(missing_ok=True)
+        state = self.progress() or {}
+        state["complete"] = True
+        atomic_write_text(self.root / "state.json", json.dumps(state))
+

@@ -1,0 +1,46 @@
+"""What one run is asked to do: the RunConfig that ``main.py`` builds from the flags."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .config import QuantConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval_ppl: bool = False
+    eval_base_ppl: bool = False
+    ppl_datasets: tuple[str, ...] = ("wikitext2", "ptb", "c4")
+    tasks: tuple[str, ...] = ()
+    tasks_source: str = "auto"
+    task_bos: str = "auto"
+    num_fewshot: int = 0
+    limit: int = -1
+    nsamples: int = 128
+    seqlen: int | None = None
+    calib_dataset: str = "mix"
+    cache_dir: str | None = None
+    output_path: str | None = None
+    device: str = "auto"
+    offload_dir: str | None = None
+    save_quantized: str | None = None
+    load_quantized: str | None = None
+    multigpu: bool = False
+    max_memory_gib: float | None = None  # None: what the device has free when the run starts
+    resume: bool = True
+    progress: bool = True
+    act_dist_plot: bool = False
+    plot_layers: str = "0,mid,-1"
+
+    def flat(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "quant"}
+        out.update(dataclasses.asdict(self.quant))
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @property
+    def eval_limit(self) -> int | None:
+        """--limit as the evaluators take it: None for all windows / documents."""
+        return self.limit if self.limit > 0 else None

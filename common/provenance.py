@@ -1,5 +1,5 @@
-"""What produced a result: digests of file contents (cached by path, size and mtime, so a 70B
-checkpoint is hashed once) and a digest of the quantization code's sources.
+"""What produced a result: digests of file contents (cached by path, size, mtime, inode and ctime,
+so a 70B checkpoint is hashed once) and a digest of the quantization code's sources.
 
 A digest names content, not a path: the same weights copied elsewhere give the same digest,
 and weights rewritten in place give a different one even when the file name stays.
@@ -25,10 +25,14 @@ def _cache_path() -> Path:
 
 
 def file_digest(path: str | os.PathLike, cache: Path | None = None) -> str:
-    """sha256 of a file's bytes; reused while the file's (path, size, mtime) stay the same."""
+    """sha256 of a file's bytes; reused while the file's (path, size, mtime, inode, ctime) stay the same.
+
+    Size and mtime alone miss a same-size rewrite within the filesystem's mtime tick, or one whose
+    mtime was set back (``cp -p``, ``touch -d``); the ctime changes on every write and cannot be
+    set, and a file replaced by a rename has a new inode."""
     path = Path(path).resolve()
     stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
     cache = cache or _cache_path()
     try:
         known = json.loads(cache.read_text())

@@ -9,6 +9,7 @@ from common.errors import UserError
 from models.hub import configure_hub
 from rptq.config import DEFAULT_CLUSTERS, FPTQSettings, GPTQTSettings, QuantConfig, RotationSettings, SmoothSettings
 from rptq.methods import METHODS, POLICIES, PRESETS, STEPS
+from rptq.run_calibration import CalibrationInterrupted
 from rptq.run_config import RunConfig
 from rptq.runner import run
 from rptq.stats import METRICS
@@ -238,5 +239,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def command(argv=None) -> int:
+    """``python main.py``: :func:`main`, with Ctrl-C as one line saying what was kept, and exit code 130.
+    (main() lets KeyboardInterrupt through, so in-process callers such as the tests see it.)"""
+    try:
+        return main(argv)
+    except KeyboardInterrupt as exc:
+        print(exc if isinstance(exc, CalibrationInterrupted)
+              else "interrupted; rerun the same command (calibration state kept under --output_path is reused)",
+              file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

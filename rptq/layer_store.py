@@ -36,22 +36,38 @@ class LayerStore:
         return load_block(block, self.block_path(index), device)
 
     # -- resumable calibration ------------------------------------------------------------
-    def save_progress(self, next_layer: int, inputs: torch.Tensor, fingerprint: str) -> None:
+    # state.json: {"fingerprint": what the layers depend on (rptq/run_calibration.py), "next_layer",
+    # "layers": each finished layer's record (its layer_errors / decisions entries and timing, so a
+    # resumed run's results.json lists every layer), "calibration_s": seconds of every attempt so far}.
+    def inputs_path(self, next_layer: int) -> Path:
+        # Named by layer: a state.json pointing at layer i never reads layer i+1's inputs, even when an
+        # interrupt falls between writing the inputs and writing the marker.
+        return self.root / f"inputs-{next_layer:05d}.safetensors"
+
+    def save_progress(self, next_layer: int, inputs: torch.Tensor, fingerprint, layers: list[dict] | None = None,
+                      calibration_s: float = 0.0) -> None:
         """Written after a layer's block file: the inputs of the next layer, then the marker."""
-        atomic_save({"inputs": inputs}, self.root / "inputs.safetensors")
-        atomic_write_text(self.root / "state.json", json.dumps({"fingerprint": fingerprint, "next_layer": next_layer}))
+        atomic_save({"inputs": inputs}, self.inputs_path(next_layer))
+        atomic_write_text(self.root / "state.json", json.dumps(
+            {"fingerprint": fingerprint, "next_layer": next_layer, "layers": layers or [],
+             "calibration_s": calibration_s}))
+        self._drop_inputs(keep=next_layer)
 
     def progress(self) -> dict | None:
         path = self.root / "state.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def load_inputs(self, device="cpu") -> torch.Tensor:
-        return read_tensors(self.root / "inputs.safetensors", device)[0]["inputs"]
+    def load_inputs(self, next_layer: int, device="cpu") -> torch.Tensor:
+        return read_tensors(self.inputs_path(next_layer), device)[0]["inputs"]
+
+    def _drop_inputs(self, keep: int | None = None) -> None:
+        for path in self.root.glob("inputs*.safetensors"):
+            if keep is None or path != self.inputs_path(keep):
+                path.unlink(missing_ok=True)
 
     def finish(self) -> None:
         """Calibration complete: the activations are no longer needed; keep the blocks."""
-        (self.root / "inputs.safetensors").unlink(missing_ok=True)
+        self._drop_inputs()
         state = self.progress() or {}
         state["complete"] = True
         atomic_write_text(self.root / "state.json", json.dumps(state))
-

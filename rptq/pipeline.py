@@ -1,6 +1,7 @@
 """RPTQ over a whole model: capture decoder inputs, then calibrate block after block."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -18,42 +19,63 @@ from .layer_store import LayerStore
 from .tensor_file import CheckpointError
 
 
+def layer_record(layer: int, block: BlockReport) -> dict:
+    """What results.json keeps of one calibrated layer (its ``layer_errors`` and ``decisions`` entries)
+    and its timing; JSON, so a resumed run reloads the layers an earlier attempt finished."""
+    return {"errors": {"layer": layer, **block.errors},
+            "decision": {"layer": layer, "groups": {p: len(g) for p, g in block.layouts.items()},
+                         "points": block.decisions, "placements": block.placements},
+            "timing": dataclasses.asdict(block.timing)}
+
+
 @dataclass
 class CalibrationReport:
     layers: list[BlockReport] = field(default_factory=list)
     capture_s: float = 0.0
-    total_s: float = 0.0
+    total_s: float = 0.0  # this attempt
 
     first_layer: int = 0  # layers before it were finished by an earlier (resumed) run
+    earlier: list[dict] = field(default_factory=list)  # their :func:`layer_record`s, from the resume state
+    earlier_s: float = 0.0  # calibration seconds of the earlier attempts, up to their last finished layer
+    resumed_from: int | None = None  # first_layer when this run resumed a state, else None
     plot_data: dict = field(default_factory=dict)  # layer -> point -> channel ranges before/after
 
+    @property
+    def seconds(self) -> float:
+        """Calibration time over every attempt."""
+        return self.earlier_s + self.total_s
+
+    def records(self) -> list[dict]:
+        """Every layer's :func:`layer_record`: the earlier attempts' ones, then this run's."""
+        return self.earlier + [layer_record(self.first_layer + i, t) for i, t in enumerate(self.layers)]
+
     def summary(self) -> dict:
-        sums = {k: sum(getattr(t.timing, k) for t in self.layers)
-                for k in ("stats_s", "transform_s", "weights_s", "output_s")}
-        return {"capture_s": self.capture_s, "total_s": self.total_s, **sums,
-                "passes_per_layer": max((t.timing.passes for t in self.layers), default=0)}
+        records = self.records()
+        sums = {k: sum(r["timing"][k] for r in records) for k in ("stats_s", "transform_s", "weights_s", "output_s")}
+        return {"capture_s": self.capture_s, "total_s": self.seconds, **sums,
+                "passes_per_layer": max((r["timing"]["passes"] for r in records), default=0)}
 
     def layer_errors(self) -> list[dict]:
         """Per calibrated layer: the quantized block's output error against the FP block on the same
         inputs, each quantized point's activation error and each linear's weight-only error."""
-        return [{"layer": self.first_layer + i, **t.errors} for i, t in enumerate(self.layers)]
+        return [r["errors"] for r in self.records()]
 
     def decisions(self) -> list[dict]:
         """Per calibrated layer: what the method decided (clusters, FPTQ's strategies, where transforms went)."""
-        return [{"layer": self.first_layer + i, "groups": {p: len(g) for p, g in t.layouts.items()},
-                 "points": t.decisions, "placements": t.placements} for i, t in enumerate(self.layers)]
+        return [r["decision"] for r in self.records()]
 
 
 def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig,
                    device: torch.device | str = "cpu", progress: bool = True, store: LayerStore | None = None,
-                   fingerprint: str = "", layer_source=None, placement: list | None = None,
+                   fingerprint: str | dict = "", layer_source=None, placement: list | None = None,
                    offload: bool = False, on_layer_done=None, captured: tuple | None = None,
                    plot_layers: set[int] | None = None) -> CalibrationReport:
     """Replace every decoder layer of ``model`` by its reordered, quantized block, in place.
 
-    store:        a :class:`LayerStore`; each finished block and the next layer's
-                  inputs are written there, and a run with the same ``fingerprint`` resumes
-                  after the last finished layer (a different fingerprint is refused).
+    store:        a :class:`LayerStore`; each finished block, the next layer's inputs and the
+                  finished layers' records are written there, and a run with the same
+                  ``fingerprint`` (any JSON value) resumes after the last finished layer, its
+                  report holding every layer (a different fingerprint is refused).
     layer_source: ``fn(i) -> layer`` materialising layer i (out-of-core: from the checkpoint).
     placement:    the device of each layer (sharding); inputs follow the layers.
     offload:      release each block after writing it (its weights stay only in ``store``).
@@ -75,9 +97,17 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
             raise UserError(f"the calibration state in {store.root} was written by a different model, data, seed "
                             "or quantization settings; delete that directory or choose another one")
         first = state["next_layer"]
-        report.first_layer = first
+        report.first_layer = report.resumed_from = first
+        report.earlier, report.earlier_s = state.get("layers", []), state.get("calibration_s", 0.0)
+        if len(report.earlier) != first:  # a state written before the layers' records were kept
+            raise UserError(f"the calibration state in {store.root} lacks the reports of its finished layers; "
+                            "delete that directory to calibrate from the start")
         if first < len(layers):
-            inputs = store.load_inputs(device)
+            try:
+                inputs = store.load_inputs(first, device)
+            except CheckpointError as exc:
+                raise UserError(f"the calibration state in {store.root} cannot be read ({exc}); delete that "
+                                "directory to calibrate from the start") from None
     for i in tqdm(range(len(layers)), desc="calibrating layers", disable=not progress):
         layer_device = torch.device(placement[i]) if placement else device
         layer = layers[i] if layer_source is None or i < first else layer_source(i)
@@ -100,7 +130,8 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
             report.plot_data[i] = block_report.ranges
         if store is not None:
             store.save_block(i, block)
-            store.save_progress(i + 1, inputs, fingerprint)
+            store.save_progress(i + 1, inputs, fingerprint, report.records(),
+                                report.earlier_s + time.perf_counter() - start)
         # Out of core the layer goes back to an empty skeleton: its block lives in ``store`` only.
         layers[i] = block.layer.to("meta") if offload else block
         if on_layer_done is not None:

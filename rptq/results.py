@@ -23,7 +23,10 @@ def assemble_results(cfg: RunConfig, seqlen: int, manifest: dict, evaluation: Ev
         "ppl": evaluation.ppl,
         "ppl_base": base_ppl,
         "tasks": evaluation.tasks,
-        "timing": {"calibration_s": report.total_s if report is not None else 0.0, "eval_s": evaluation.seconds},
+        # A resumed run: every layer's errors and decisions (the earlier attempts' from the resume state),
+        # calibration seconds over all attempts, and the first layer this attempt calibrated.
+        "timing": {"calibration_s": report.seconds if report is not None else 0.0, "eval_s": evaluation.seconds},
+        "resumed_from_layer": report.resumed_from if report is not None else None,
         "calibration": report.summary() if report is not None else None,
         "tasks_bos": tasks_bos,
         "layer_errors": report.layer_errors() if report is not None else [],

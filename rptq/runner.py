@@ -17,7 +17,7 @@ from .load import load, shard
 from .methods import bit_manifest
 from .packed_weights import describe_size
 from .results import assemble_results, write_results
-from .run_calibration import calibrate
+from .run_calibration import CalibrationInterrupted, calibrate
 from .run_config import RunConfig
 from .run_report import annotate_transforms
 from .validate import check_seqlen, validate
@@ -29,9 +29,11 @@ def run(cfg: RunConfig) -> dict:
     cfg, auto = auto_offload(cfg, device)
     try:
         results = _run(cfg, device, auto)
-    except BaseException:
+    except BaseException as exc:
         if auto and not cfg.output_path:  # a temporary directory nobody could resume from
             shutil.rmtree(cfg.offload_dir, ignore_errors=True)
+            if isinstance(exc, CalibrationInterrupted):
+                exc.discard("the temporary out-of-core directory was removed; --output_path keeps one")
         raise
     if auto:  # like calibration_state: kept only for an interrupted run to resume from
         shutil.rmtree(cfg.offload_dir, ignore_errors=True)
@@ -66,7 +68,7 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
     elif reader is not None:
         raise UserError("--offload_dir streams the layers a quantized run calibrates; for full precision load "
                         "the model normally (drop --offload_dir)")
-    if report is not None and report.layers:  # where each point's transforms went (layer 0 as the example)
+    if report is not None and report.decisions():  # where each point's transforms went (layer 0 as the example)
         manifest = annotate_transforms(manifest, report.decisions()[0]["placements"])
     if mapping is not None:  # hooks on the new blocks, so evaluation inputs follow the layers
         dispatch(model, mapping)

@@ -142,6 +142,10 @@ def calibrate(cfg: RunConfig, model, tokenizer, adapter, reader, device, seqlen:
             raise CalibrationInterrupted((store.progress() or {}).get("next_layer", 0), total, store.root) from None
         reason = "--no_resume" if cfg.output_path else "no --output_path to keep it in"
         raise CalibrationInterrupted(finished[0], total, None, reason) from None
+    lost = sorted(i for i in plot_layers if i < report.first_layer)
+    if lost:  # their channel ranges lived in the interrupted process only
+        print(f"plots: layer(s) {', '.join(map(str, lost))} were calibrated before the interrupt and their ranges "
+              f"were not kept; delete {store.root} to draw them")
     if reader is not None:
         load_resident(model, adapter, reader, dtype, device)
     return report

@@ -145,7 +145,7 @@ def calibrate(cfg: RunConfig, model, tokenizer, adapter, reader, device, seqlen:
     lost = sorted(i for i in plot_layers if i < report.first_layer)
     if lost:  # their channel ranges lived in the interrupted process only
         print(f"plots: layer(s) {', '.join(map(str, lost))} were calibrated before the interrupt and their ranges "
-              f"were not kept; delete {store.root} to draw them")
+              "were not kept, so they are not drawn (a run from scratch draws them)")
     if reader is not None:
         load_resident(model, adapter, reader, dtype, device)
     return report

@@ -29,10 +29,10 @@ def run(cfg: RunConfig) -> dict:
     config = None if cfg.load_quantized else load_config(cfg.model, cfg.cache_dir)  # config.json, no weights
     if config is not None:  # GGUF (None): checked right after its load instead
         check_model(cfg, config, adapter_for(config))
-    check_calibration_data(cfg)
     device = pick_device("cuda" if cfg.multigpu else cfg.device)
     cfg, auto = auto_offload(cfg, device)
     try:
+        check_calibration_data(cfg)  # still before the load; after the fit, whose advice comes first
         results = _run(cfg, device, auto)
     except BaseException:
         if auto and not cfg.output_path:  # a temporary directory nobody could resume from

@@ -15,6 +15,11 @@ from rptq.runner import run
 from rptq.stats import METRICS
 
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+PPL_DEFAULT = "wikitext2,ptb,c4"
+# GPTQT enumerates every level set on the inter_bits grid (quant/level_sets.py), ~16x more per bit: for 3-bit
+# codes 441 at 4 bits, 116281 at 6 (measured: 14 s, 2 GB peak on the 2-core dev box), 1.9 million at 7 (~30 GB;
+# `--inter_bits 12` was OOM-killed at 23 GB). 6 is the largest that runs on a workstation.
+MAX_INTER_BITS = 6
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -40,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_ppl", action="store_true")
     p.add_argument("--eval_base_ppl", action="store_true",
                    help="also the perplexity of the unquantized model, in the same run")
-    p.add_argument("--ppl_datasets", default="wikitext2,ptb,c4",
-                   help="comma list of wikitext2, ptb, c4, wiki_leads, file:PATH")
+    p.add_argument("--ppl_datasets", default=None,
+                   help=f"comma list of wikitext2, ptb, c4, wiki_leads, file:PATH (default {PPL_DEFAULT})")
     p.add_argument("--tasks", default="", help="comma list of lm-eval tasks, e.g. piqa,arc_easy")
     p.add_argument("--tasks_source", default="auto", choices=("auto", "hub", "local"))
     p.add_argument("--task_bos", default="auto", choices=("auto", "on", "off"),
@@ -51,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=None, help="default: the model's max positions")
     p.add_argument("--calib_dataset", default="mix", help="mix, wikitext2, ptb, c4, wiki_leads or file:PATH")
-    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--seed", type=int, default=2, help="0 .. 2^32-1 (k-means' random_state range)")
     for i, k in zip(range(1, 6), (32, 4, 4, 32, 32)):
         p.add_argument(f"--R{i}_clusters", type=int, default=None, help=f"default {k}")
     p.add_argument("--reorder", default=None, help='reorder points to cluster, e.g. 12345 (default), 1, or "" for none')
@@ -78,19 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth_alpha", type=float, default=None, help="SmoothQuant migration strength")
     p.add_argument("--smooth_points", default=None, choices=("norm", "all"),
                    help="smooth the norm-fed linear inputs (SmoothQuant) or every linear input (DuQuant)")
-    p.add_argument("--fptq_v0", type=float, default=15.0)
-    p.add_argument("--fptq_v1", type=float, default=150.0)
-    p.add_argument("--kv_bits", type=int, default=8, choices=BITS, help="FPTQ's K/V cache bits (16: off)")
+    p.add_argument("--fptq_v0", type=float, default=None, help="FPTQ's static threshold (lae step; default 15)")
+    p.add_argument("--fptq_v1", type=float, default=None, help="FPTQ's LAE threshold, >= v0 (lae step; default 150)")
+    p.add_argument("--kv_bits", type=int, default=None, choices=BITS,
+                   help="FPTQ's K/V cache bits (fptq policy; default 8; 16: off)")
     p.add_argument("--rotation", default=None, choices=("duquant", "hadamard", "random"),
                    help="online rotation at the linear inputs: DuQuant's (R1, zigzag, R2), block Hadamard, random")
-    p.add_argument("--rotation_block", type=int, default=128)
-    p.add_argument("--rotation_steps", type=int, default=256)
+    p.add_argument("--rotation_block", type=int, default=None, help="power of two (rotate step; default 128)")
+    p.add_argument("--rotation_steps", type=int, default=None, help="DuQuant's greedy steps (rotate step; default 256)")
     p.add_argument("--no_permute", action="store_true", help="DuQuant without the zigzag permutation (and R2)")
     p.add_argument("--outlier_index", default="official", choices=("official", "paper"),
                    help="DuQuant's greedy outlier index: the released code's rule or the paper's")
     p.add_argument("--act_clip", type=float, default=None, help="dynamic activation clipping ratio (duquant: 0.9)")
-    p.add_argument("--inter_bits", type=int, default=0, help="GPTQT's step-1 bits (0: wbits + 1)")
-    p.add_argument("--gptqt_variant", default="B", choices=("A", "B"),
+    p.add_argument("--inter_bits", type=int, default=0,
+                   help=f"GPTQT's step-1 bits, wbits + 1 .. {MAX_INTER_BITS} (0: wbits + 1)")
+    p.add_argument("--gptqt_variant", default=None, choices=("A", "B"),
                    help="GPTQT: B = GPTQ compensates the binary-coded rounding; A = convert GPTQ's final codes")
     p.add_argument("--disable_w_quant", action="store_true")
     p.add_argument("--disable_a_quant", action="store_true")
@@ -155,8 +162,9 @@ def quant_config(args):
         if "rotate" not in transforms:
             raise UserError(f"--rotation needs the rotate step; --method {args.method} runs: {','.join(transforms)}")
         rotation["kind"] = args.rotation
-    rotation.update(block_size=args.rotation_block, steps=args.rotation_steps, permute=not args.no_permute,
-                    outlier_index=args.outlier_index)
+    rotation.update(permute=not args.no_permute, outlier_index=args.outlier_index,
+                    **{k: v for k, v in (("block_size", args.rotation_block), ("steps", args.rotation_steps))
+                       if v is not None})
     if args.act_clip is not None:
         rotation["act_clip"] = args.act_clip
     if base["abits_policy"] == "fptq" and "lae" not in transforms:
@@ -164,8 +172,8 @@ def quant_config(args):
     if base["w_quantizer"] in ("gptqt", "bcq") and base["wbits"] not in (2, 3):
         raise UserError(f"--w_quantizer {base['w_quantizer']} makes 3- or 2-bit binary codes; use --wbits 3 or 2 "
                         f"(got {base['wbits']})")
-    for name, value in (("--w_group_size", base["w_group_size"]), ("--rotation_block", args.rotation_block),
-                        ("--rotation_steps", args.rotation_steps)):
+    for name, value in (("--w_group_size", base["w_group_size"]), ("--rotation_block", rotation["block_size"]),
+                        ("--rotation_steps", rotation["steps"])):
         if value < 0 or (name == "--rotation_block" and value < 2):
             raise UserError(f"{name} must be {'at least 2' if name == '--rotation_block' else 'non-negative'} "
                             f"(got {value})")
@@ -183,14 +191,47 @@ def quant_config(args):
                 fp16_scales=scale_format == "fp16", sf8_scales=scale_format == "sf8")
     base["smooth"] = SmoothSettings(**smooth)
     base["rotation"] = RotationSettings(**rotation)
-    base["fptq"] = FPTQSettings(v0=args.fptq_v0, v1=args.fptq_v1, kv_bits=args.kv_bits)
-    if args.inter_bits and args.inter_bits <= base["wbits"]:
-        raise UserError(f"--inter_bits must exceed --wbits (GPTQT quantizes to more bits first); got {args.inter_bits}")
-    base["gptqt"] = GPTQTSettings(inter_bits=args.inter_bits, variant=args.gptqt_variant)
-    return QuantConfig(**base)
+    fptq = {k: v for k, v in (("v0", args.fptq_v0), ("v1", args.fptq_v1), ("kv_bits", args.kv_bits)) if v is not None}
+    base["fptq"] = FPTQSettings(**fptq)
+    base["gptqt"] = GPTQTSettings(inter_bits=args.inter_bits, variant=args.gptqt_variant or "B")
+    quant = QuantConfig(**base)
+    refuse_unused(args, quant)
+    return quant
+
+
+def refuse_unused(args, quant: QuantConfig) -> None:
+    """A flag the run would ignore, or a value it would silently change, is an error (issue #20)."""
+    for flag, given, needs, active in (
+            ("--inter_bits", args.inter_bits or None, "--w_quantizer gptqt", quant.w_quantizer == "gptqt"),
+            ("--gptqt_variant", args.gptqt_variant, "--w_quantizer gptqt", quant.w_quantizer == "gptqt"),
+            ("--fptq_v0", args.fptq_v0, "the lae step", "lae" in quant.transforms),
+            ("--fptq_v1", args.fptq_v1, "the lae step", "lae" in quant.transforms),
+            ("--kv_bits", args.kv_bits, "--abits_policy fptq", quant.abits_policy == "fptq"),
+            ("--rotation_block", args.rotation_block, "the rotate step", "rotate" in quant.transforms),
+            ("--rotation_steps", args.rotation_steps, "the rotate step", "rotate" in quant.transforms)):
+        if given is not None and not active:
+            raise UserError(f"{flag} is used only with {needs}; --method {quant.method} does not run it (drop the "
+                            "flag or add what it needs)")
+    for i in range(1, 6):
+        if getattr(args, f"R{i}_clusters") is not None and not quant.reorders(f"R{i}"):
+            raise UserError(f"--R{i}_clusters is ignored: --reorder {quant.reorder!r} does not cluster R{i}; add {i} "
+                            "to --reorder or drop the flag")
+    block = quant.rotation.block_size
+    if block & (block - 1):  # largest_pow2_block would silently use a smaller power of two
+        raise UserError(f"--rotation_block must be a power of two (got {block}; e.g. {1 << (block.bit_length() - 1)})")
+    if not 0 <= quant.fptq.v0 <= quant.fptq.v1:
+        raise UserError(f"--fptq_v0 and --fptq_v1 need 0 <= v0 <= v1 (got {quant.fptq.v0}, {quant.fptq.v1})")
+    if args.inter_bits and not quant.wbits < args.inter_bits <= MAX_INTER_BITS:
+        raise UserError(f"--inter_bits must be in wbits + 1 .. {MAX_INTER_BITS} = {quant.wbits + 1} .. "
+                        f"{MAX_INTER_BITS} (got {args.inter_bits}): GPTQT enumerates every level set on the "
+                        "inter_bits grid: 116281 (2 GB) at 6 bits, 1.9 million (~30 GB) at 7")
 
 
 def build_config(args):
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in 0 .. 2^32-1, k-means' random_state range (got {args.seed})")
+    if args.ppl_datasets is not None and not (args.eval_ppl or args.eval_base_ppl):
+        raise UserError("--ppl_datasets names the perplexity texts; add --eval_ppl (or --eval_base_ppl)")
     if args.nsamples < 1:
         raise UserError(f"--nsamples must be at least 1 (got {args.nsamples})")
     if args.seqlen is not None and args.seqlen < 2:
@@ -214,7 +255,7 @@ def build_config(args):
         raise UserError("--pack_weight stores packed weights in a --save_quantized directory; pass --save_quantized DIR")
     quant = quant_config(args)
     split = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())  # noqa: E731
-    ppl_datasets = split(args.ppl_datasets)
+    ppl_datasets = split(PPL_DEFAULT if args.ppl_datasets is None else args.ppl_datasets)
     if (args.eval_ppl or args.eval_base_ppl) and not ppl_datasets:
         raise UserError("--eval_ppl needs at least one dataset in --ppl_datasets (e.g. ptb)")
     return RunConfig(model=args.model, quant=quant, eval_ppl=args.eval_ppl, eval_base_ppl=args.eval_base_ppl,

@@ -31,10 +31,19 @@ def check_dataset_name(name: str, role: str) -> None:
     allowed = CALIB_DATASETS if role == "calibration" else PPL_DATASETS
     if name.startswith("file:"):
         path = Path(name[5:])
+        if path.is_dir():
+            raise UserError(f"dataset file {path} is a directory; pass file:PATH with a UTF-8 text file")
         if not path.is_file():
             raise UserError(f"dataset file {path} does not exist; pass file:PATH with an existing UTF-8 text file")
         if path.stat().st_size == 0:
             raise UserError(f"dataset file {path} is empty; pass a non-empty UTF-8 text file")
+        try:  # read whole later (split_text); decoding it now costs one read, failing later costs a calibration
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"dataset file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                            f"{exc.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+        except OSError as exc:
+            raise UserError(f"dataset file {path} cannot be read ({exc.strerror}); check its permissions") from None
         return
     if name not in allowed:
         raise UserError(f"unknown {role} dataset {name!r}; choose from {', '.join(allowed)} or file:PATH")
@@ -144,6 +153,18 @@ def eval_windows(tokenizer, name: str, seqlen: int, cache_dir: str | None = None
     if windows.shape[0] == 0:
         raise UserError(f"dataset {name!r} is shorter than one window of seqlen={seqlen}; use a smaller --seqlen")
     return windows
+
+
+def check_windows(tokenizer, name: str, seqlen: int, role: str, cache_dir: str | None = None) -> None:
+    """A file: dataset holds at least one window: checkable once the tokenizer is loaded, before calibration
+    (the built-in texts are long enough). The tokens land in the cache the run reads them from later."""
+    if not name.startswith("file:"):
+        return
+    if role == "ppl":
+        eval_windows(tokenizer, name, seqlen, cache_dir)  # raises when shorter than one window
+    elif _tokens(tokenizer, name, "train", cache_dir).numel() <= seqlen:
+        raise UserError(f"the calibration text {name[5:]} has no more than seqlen={seqlen} tokens; use a longer "
+                        "text or a smaller --seqlen")
 
 
 def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: int,

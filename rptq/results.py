@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.report import peak_rss_mb, versions, write_json_atomic
+from eval.report import peak_rss_mb, versions, write_errors, write_json_atomic
 
 from .evaluate import Evaluation
 from .pipeline import CalibrationReport
@@ -39,14 +39,18 @@ def assemble_results(cfg: RunConfig, seqlen: int, manifest: dict, evaluation: Ev
 
 
 def write_results(cfg: RunConfig, results: dict, report: CalibrationReport | None) -> None:
-    """Into --output_path: the plot data (listed in ``results``), results.json, then the figures."""
+    """Into --output_path: the plot data (listed in ``results``), results.json, then the figures. A full disk
+    or a read-only place is one line naming the path (the caller has printed the numbers already)."""
+    plots = Path(cfg.output_path) / "plots"
     if report is not None and cfg.act_dist_plot:
-        results["plots"] = {"dir": "plots",
-                            "data": write_plot_data(Path(cfg.output_path), report, cfg.model, cfg.quant.method)}
+        with write_errors(plots):
+            results["plots"] = {"dir": "plots",
+                                "data": write_plot_data(Path(cfg.output_path), report, cfg.model, cfg.quant.method)}
     write_json_atomic(Path(cfg.output_path) / "results.json", results)
     if cfg.act_dist_plot:
         # Lazy on purpose: eval.plots imports matplotlib, ~1.0 s (python -X importtime on the 2-core dev
         # machine), and only --act_dist_plot draws.
         from eval.plots import render_run_plots
 
-        print(f"plots: {len(render_run_plots(cfg.output_path))} figures in {Path(cfg.output_path) / 'plots'}")
+        with write_errors(plots):
+            print(f"plots: {len(render_run_plots(cfg.output_path))} figures in {plots}")

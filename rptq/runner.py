@@ -5,9 +5,10 @@ import shutil
 from pathlib import Path
 
 from common.errors import UserError
-from eval.report import format_summary
-from models.loading import pick_device
+from eval.report import format_summary, write_errors
+from models.loading import load_config, pick_device
 from models.placement import dispatch
+from models.registry import adapter_for
 
 from .auto_offload import auto_offload, needs_calibration
 from .checkpoint import load_quantized, save_quantized
@@ -20,14 +21,18 @@ from .results import assemble_results, write_results
 from .run_calibration import CalibrationInterrupted, calibrate
 from .run_config import RunConfig
 from .run_report import annotate_transforms
-from .validate import check_seqlen, validate
+from .validate import check_calibration_data, check_model, check_texts, validate
 
 
 def run(cfg: RunConfig) -> dict:
     validate(cfg)
+    config = None if cfg.load_quantized else load_config(cfg.model, cfg.cache_dir)  # config.json, no weights
+    if config is not None:  # GGUF (None): checked right after its load instead
+        check_model(cfg, config, adapter_for(config))
     device = pick_device("cuda" if cfg.multigpu else cfg.device)
     cfg, auto = auto_offload(cfg, device)
     try:
+        check_calibration_data(cfg)  # still before the load; after the fit, whose advice comes first
         results = _run(cfg, device, auto)
     except BaseException as exc:
         if auto and not cfg.output_path:  # a temporary directory nobody could resume from
@@ -47,9 +52,9 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
     else:
         model, tokenizer, adapter, reader = load(cfg, device)
         manifest = bit_manifest(cfg.quant, adapter.block_spec(model.config))
-    max_pos = adapter.max_positions(model.config)
-    seqlen = cfg.seqlen or max_pos
-    check_seqlen(seqlen, max_pos)
+    check_model(cfg, model.config, adapter, adapter.layers(model)[0])
+    seqlen = cfg.seqlen or adapter.max_positions(model.config)
+    check_texts(cfg, tokenizer, seqlen)  # file: texts hold a window: before calibration, not after it
     placement, mapping = None, None
     if cfg.multigpu:
         placement, mapping = shard(model, adapter, cfg.nsamples, seqlen)
@@ -74,18 +79,19 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
         dispatch(model, mapping)
     checkpoint = None
     if cfg.save_quantized:
-        size = save_quantized(cfg.save_quantized, model, adapter, tokenizer,
-                              {"model": cfg.model, "bit_manifest": manifest, "config": cfg.flat()},
-                              blocks_from=store if reader is not None else None)
+        with write_errors(cfg.save_quantized, "--save_quantized"):
+            size = save_quantized(cfg.save_quantized, model, adapter, tokenizer,
+                                  {"model": cfg.model, "bit_manifest": manifest, "config": cfg.flat()},
+                                  blocks_from=store if reader is not None else None)
         checkpoint = {"path": str(cfg.save_quantized), **size}
         print(f"checkpoint {cfg.save_quantized}: {describe_size(size)}")
 
     evaluation = evaluate(cfg, model, tokenizer, adapter, reader, store, device, seqlen)
     results = assemble_results(cfg, seqlen, manifest, evaluation, base_ppl, report,
                                tasks_bos(cfg, model, tokenizer), checkpoint, auto_offloaded)
+    print(format_summary(results), flush=True)  # first: a write that fails must not lose the numbers
     if cfg.output_path:
         write_results(cfg, results, report)
     if store is not None and not cfg.offload_dir:  # resume state is only for interrupted runs
         shutil.rmtree(store.root, ignore_errors=True)
-    print(format_summary(results))
     return results

@@ -46,8 +46,9 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
         model, tokenizer, adapter, reader = load(cfg, device)
         manifest = bit_manifest(cfg.quant, adapter.block_spec(model.config))
     max_pos = adapter.max_positions(model.config)
-    seqlen = cfg.seqlen or max_pos
+    seqlen, why = cfg.seqlen_for(max_pos)
     check_seqlen(seqlen, max_pos)
+    print(why)
     placement, mapping = None, None
     if cfg.multigpu:
         placement, mapping = shard(model, adapter, cfg.nsamples, seqlen)

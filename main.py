@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_fewshot", type=int, default=0)
     p.add_argument("--limit", type=int, default=-1, help="evaluate only the first N windows / documents")
     p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=None, help="default: the model's max positions")
+    p.add_argument("--seqlen", type=int, default=None, help="default: min(the model's max positions, 2048)")
     p.add_argument("--calib_dataset", default="mix", help="mix, wikitext2, ptb, c4, wiki_leads or file:PATH")
     p.add_argument("--seed", type=int, default=2, help="0 .. 2^32-1 (k-means' random_state range)")
     for i, k in zip(range(1, 6), (32, 4, 4, 32, 32)):

@@ -19,8 +19,17 @@ LAYER_MSE_WINDOWS = 4  # calibration windows the layer_mse search scores on
 LAYER_MSE_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 
 
+def block_device(block: QuantBlock) -> torch.device:
+    """Where the block's weights live (its layer's device under --multigpu placement)."""
+    return next(block.layer.parameters()).device
+
+
 def activation_quantizers(ctx: BlockContext) -> dict[str, ActQuantizer]:
+    """Per point, its quantizer on the block's device. The observers keep their ranges and samples
+    on the CPU, so a quantizer built from them starts there: moved here, before anything runs it
+    (layer_mse's search runs the block with them)."""
     policy = methods.policy(ctx.cfg)
+    device = block_device(ctx.block)
     taps = {}
     for point, role in ctx.spec.points.items():
         qspec, metric = policy.activation(ctx, point, role)
@@ -34,7 +43,7 @@ def activation_quantizers(ctx: BlockContext) -> dict[str, ActQuantizer]:
         if metric == "mse":
             gmin, gmax = mse_clip_ranges(obs.sample(), gmin, gmax, sizes, qspec.bits, qspec.grid)
         cmin, cmax = expand_groups(gmin, sizes), expand_groups(gmax, sizes)
-        taps[point] = ActQuantizer(qspec, cmin, cmax)
+        taps[point] = ActQuantizer(qspec, cmin, cmax).to(device)
         taps[point].ranges = (cmin, cmax)  # what layer_mse's search clips
     return taps
 
@@ -46,6 +55,7 @@ def layer_mse_search(block: QuantBlock, taps: dict, inputs: torch.Tensor, fp_out
     that minimises the block's output MSE on the first few calibration windows (greedy)."""
     k = min(LAYER_MSE_WINDOWS, inputs.shape[0])
     chosen = {}
+    device = block_device(block)
 
     def loss() -> float:
         return float((run_block(block, inputs[:k], layer_kwargs) - fp_out[:k]).float().pow(2).mean())
@@ -57,7 +67,8 @@ def layer_mse_search(block: QuantBlock, taps: dict, inputs: torch.Tensor, fp_out
         cmin, cmax = tap.ranges
         best = (loss(), 1.0, tap)
         for ratio in LAYER_MSE_RATIOS[1:]:
-            candidate = ActQuantizer(dataclasses.replace(tap.spec, clip=ratio), cmin, cmax)
+            # The ranges are the observers' (CPU): the candidate's scale and zero must follow the block.
+            candidate = ActQuantizer(dataclasses.replace(tap.spec, clip=ratio), cmin, cmax).to(device)
             block.taps[point] = candidate
             value = loss()
             if value < best[0]:

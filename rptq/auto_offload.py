@@ -30,7 +30,7 @@ def auto_offload(cfg: RunConfig, device) -> tuple[RunConfig, bool]:
     if not needs_calibration(bit_manifest(cfg.quant, adapter.block_spec(config))):
         return cfg, False
     dtype = default_dtype(device)
-    need = estimate_need(config, adapter, dtype, cfg.nsamples, cfg.seqlen or adapter.max_positions(config))
+    need = estimate_need(config, adapter, dtype, cfg.nsamples, cfg.seqlen_for(adapter.max_positions(config))[0])
     available = int(cfg.max_memory_gib * GIB) if cfg.max_memory_gib else available_bytes(device)
     if fits_in_memory(need, available):
         return cfg, False

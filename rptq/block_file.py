@@ -81,8 +81,18 @@ def _gather(perm: torch.Tensor, size: int, where: str, point: str) -> torch.Tens
     return perm
 
 
+def _float_dtype(layer: torch.nn.Module) -> torch.dtype:
+    """The dtype the model around a block runs in: its skeleton's (uniform in a Hugging Face model)."""
+    return next(p.dtype for p in layer.parameters() if p.is_floating_point())
+
+
 def load_block(block: QuantBlock, path: Path, device="cpu") -> QuantBlock:
     """Fill a freshly made block (its layer may be an empty skeleton) from ``path``.
+
+    The layer's float tensors take the skeleton's dtype -- the run's, as the model around it was
+    made (models.loading.default_dtype for the device, or the model being calibrated) -- whatever
+    dtype the file was written in; quantizer ranges and online transforms stay fp32, as calibration
+    keeps them on every device.
 
     Raises :class:`CheckpointError` (one line) for an unknown format or any missing,
     unexpected or wrongly shaped tensor, before the block is touched.
@@ -100,6 +110,12 @@ def load_block(block: QuantBlock, path: Path, device="cpu") -> QuantBlock:
     except ValueError as exc:
         raise CheckpointError(f"{where}: {first_line(exc)}") from None
     _check_layer_state(block.layer, layer_state, where)
+    # A block saved on a GPU (fp16) and read on the CPU (fp32), or the reverse, would otherwise keep
+    # its saved dtype beside resident tensors in the run's. Packed weights were rebuilt above in their
+    # saved dtype -- bit for bit the calibrated weight -- and are cast here, one rounding, like the
+    # in-memory model cast: dequantizing in the target dtype would round scale and zero first.
+    dtype = _float_dtype(block.layer)
+    layer_state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in layer_state.items()}
     spec = block.spec
     gathers = {}
     for edge in spec.norm_edges:

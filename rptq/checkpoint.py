@@ -98,26 +98,32 @@ def _check_linears(block: QuantBlock, listed: dict, index: int) -> None:
     for name, entry in listed.items():
         weight = block.layer.get_submodule(name).weight
         codes = block.weight_codes.get(name, {})
-        bits = len(codes["planes"]) if codes.get("kind") == "binary" else codes.get("bits", 8 * weight.element_size())
+        if codes:
+            bits = len(codes["planes"]) if codes.get("kind") == "binary" else codes.get("bits")
+        else:  # a float linear: once loaded its width is the run's dtype (load_block casts), not the file's
+            bits = entry.get("bits") if entry.get("kind") == "float" else "float"
         if list(weight.shape) != entry.get("shape") or bits != entry.get("bits"):
             raise CheckpointError(f"block {index} {name}: quant.json lists {entry.get('shape')} at "
                                   f"{entry.get('bits')} bits, the block file holds {list(weight.shape)} at {bits}")
 
 
-def load_quantized(directory: str | os.PathLike, device: torch.device):
+def load_quantized(directory: str | os.PathLike, device: torch.device, dtype: torch.dtype | None = None):
     """Returns (model, tokenizer, adapter, info) from a :func:`save_quantized` directory.
+
+    Every model tensor comes in ``dtype`` (default: the run's dtype on ``device``), whatever
+    the checkpoint was saved in: resident tensors and blocks alike, never a mix.
 
     A missing, corrupt or mismatched directory is a one-line UserError naming it; nothing
     is evaluated or written before every file has been read and checked.
     """
     root = Path(directory)
     try:
-        return _load_quantized(root, device)
+        return _load_quantized(root, device, dtype)
     except CheckpointError as exc:
         raise UserError(f"--load_quantized {root}: {exc}; re-create it with --save_quantized") from None
 
 
-def _load_quantized(root: Path, device: torch.device):
+def _load_quantized(root: Path, device: torch.device, dtype: torch.dtype | None):
     # Lazy on purpose: transformers takes ~1.1 s to import (python -X importtime on the 2-core dev
     # machine), and a run whose checks fail before any model is loaded should not pay it.
     from accelerate import init_empty_weights
@@ -129,7 +135,7 @@ def _load_quantized(root: Path, device: torch.device):
         adapter = adapter_for(config)
     except Exception as exc:  # missing/corrupt config.json, an architecture we do not know
         raise CheckpointError(f"config.json: {first_line(exc)}") from None
-    dtype = default_dtype(device)
+    dtype = dtype or default_dtype(device)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = adapter.layers(model)

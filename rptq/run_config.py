@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from .config import QuantConfig
 
+# The default --seqlen is capped at the papers' 2048 tokens: a model's maximum position count (8192
+# for SmolLM2) would make every quantized block build T x T fp32 attention scores per head.
+SEQLEN_CAP = 2048
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -39,6 +43,13 @@ class RunConfig:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "quant"}
         out.update(dataclasses.asdict(self.quant))
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def seqlen_for(self, max_positions: int) -> tuple[int, str]:
+        """(the calibration / evaluation window length this run uses, the line that says why)."""
+        if self.seqlen:
+            return self.seqlen, f"seqlen {self.seqlen} (--seqlen)"
+        seqlen = min(max_positions, SEQLEN_CAP)
+        return seqlen, f"seqlen {seqlen} (default: min(model max positions {max_positions}, {SEQLEN_CAP}))"
 
     @property
     def eval_limit(self) -> int | None:

@@ -53,7 +53,8 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
         model, tokenizer, adapter, reader = load(cfg, device)
         manifest = bit_manifest(cfg.quant, adapter.block_spec(model.config))
     check_model(cfg, model.config, adapter, adapter.layers(model)[0])
-    seqlen = cfg.seqlen or adapter.max_positions(model.config)
+    seqlen, why = cfg.seqlen_for(adapter.max_positions(model.config))
+    print(why)
     check_texts(cfg, tokenizer, seqlen)  # file: texts hold a window: before calibration, not after it
     placement, mapping = None, None
     if cfg.multigpu:

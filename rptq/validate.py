@@ -116,7 +116,7 @@ def check_model(cfg: RunConfig, config, adapter, layer=None) -> None:
     """The flags against the model's config (config.json alone, before the load; or the loaded model's, for
     GGUF): the sequence length and the cluster counts. More clusters than channels is refused, not clamped:
     results.json would record a count that was never used."""
-    check_seqlen(cfg.seqlen or adapter.max_positions(config), adapter.max_positions(config))
+    check_seqlen(cfg.seqlen_for(adapter.max_positions(config))[0], adapter.max_positions(config))
     if not calibrates(cfg) or "reorder" not in cfg.quant.transforms:
         return
     limits = cluster_limits(adapter.block_spec(config), layer if layer is not None else _meta_layer(config, adapter))

@@ -9,6 +9,9 @@ from common.errors import UserError
 from eval.data import check_dataset_name
 from eval.tasks import check_tasks
 
+from .checkpoint import read_manifest, user_errors
+from .checkpoint_dir import check_save_target
+from .checkpoint_info import check_load_flags
 from .run_config import RunConfig
 
 
@@ -21,10 +24,14 @@ def check_dir_arg(flag: str, value: str | None) -> Path | None:
     return path
 
 
-def validate(cfg: RunConfig) -> None:
-    """Everything checkable before a model is loaded: fail in seconds, not after calibration."""
+def validate(cfg: RunConfig, given: frozenset[str] = frozenset()) -> None:
+    """Everything checkable before a model is loaded: fail in seconds, not after calibration.
+
+    ``given``: the flags set on the command line, checked against a --load_quantized checkpoint."""
     for flag in ("output_path", "offload_dir", "save_quantized"):
         check_dir_arg(f"--{flag}", getattr(cfg, flag))
+    if cfg.save_quantized:
+        check_save_target(cfg.save_quantized)
     if cfg.eval_ppl:
         for name in cfg.ppl_datasets:
             check_dataset_name(name, "ppl")
@@ -40,6 +47,11 @@ def validate(cfg: RunConfig) -> None:
             raise UserError("--multigpu needs visible CUDA devices; none found (check CUDA_VISIBLE_DEVICES)")
     if cfg.load_quantized and (cfg.offload_dir or cfg.save_quantized):
         raise UserError("--load_quantized evaluates a saved model; drop --offload_dir/--save_quantized")
+    if cfg.load_quantized:
+        root = Path(cfg.load_quantized)
+        with user_errors(root):
+            info = read_manifest(root)
+        check_load_flags(cfg, given, info)
     if cfg.eval_base_ppl and (cfg.offload_dir or cfg.load_quantized):
         raise UserError("--eval_base_ppl needs the unquantized model in memory; drop --offload_dir/--load_quantized "
                         "(or run the FP16 row separately with --wbits 16 --abits 16)")

@@ -59,7 +59,9 @@ def _remove_stale(dest: Path) -> None:
 def interrupted_hint(dest: Path) -> str:
     """For a missing checkpoint: where a save killed between its two renames left the previous one."""
     aside = [p for p in _siblings(dest, _REPLACED) if (p / "quant.json").is_file()]
-    return f"; a killed --save_quantized left the previous checkpoint at {aside[-1]}: rename it back" if aside else ""
+    if not aside:
+        return ""
+    return f"; a killed --save_quantized left the previous checkpoint at {aside[-1]}: rename it back to {dest.name}"
 
 
 @contextmanager

@@ -185,6 +185,23 @@ def test_save_failing_midway_leaves_the_old_checkpoint_and_no_debris(made, tmp_p
     assert _results(tmp_path / "out")["ppl"] == made["sq_run"]["ppl"]
 
 
+def test_save_killed_between_its_renames_points_to_the_old_checkpoint(made, tmp_path, capsys):
+    """The one moment without DIR: the old checkpoint renamed aside, the new one not yet in place."""
+    shutil.copytree(made["sq"], tmp_path / ".sq.replaced-0badf00d")
+    code, _, err = _load(made, tmp_path / "sq", tmp_path / "out", capsys)
+    _one_error(code, err, f"left the previous checkpoint at {tmp_path / '.sq.replaced-0badf00d'}: rename it back")
+
+
+def test_out_of_core_save_stamps_the_copied_blocks_and_reloads_exactly(made, tmp_path, capsys):
+    code, _, err = _main([*_calib(made["model"], made["cache"]), "--wbits", "4", "--abits", "4", *SMALL,
+                          "--offload_dir", tmp_path / "off", "--save_quantized", tmp_path / "q",
+                          "--output_path", tmp_path / "a"], capsys)
+    assert code == 0, err
+    code, _, err = _load(made, tmp_path / "q", tmp_path / "b", capsys)
+    assert code == 0, err
+    assert _results(tmp_path / "b")["ppl"] == _results(tmp_path / "a")["ppl"]
+
+
 def test_save_over_a_directory_that_is_not_a_checkpoint_is_refused(made, tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "paper.tex").write_text("mine")

@@ -82,7 +82,8 @@ def check_load_flags(cfg: RunConfig, given: frozenset[str], info: dict) -> None:
             ours, theirs = _at(current, where), _at(saved, where)
             if theirs is not _MISSING and ours != theirs:
                 raise UserError(f"--{flag} sets {'.'.join(where)} = {json.dumps(ours)}, but checkpoint {path} was "
-                                f"made with {json.dumps(theirs)}; --load_quantized evaluates it as saved: drop --{flag}")
+                                f"made with {json.dumps(theirs)}; --load_quantized evaluates it as saved: "
+                                f"drop --{flag}")
 
 
 def _quant_from_flat(flat: dict) -> QuantConfig:

@@ -269,11 +269,20 @@ def build_config(args):
                      plot_layers=args.plot_layers)
 
 
+def given_flags(argv=None) -> frozenset[str]:
+    """The options set on the command line, not defaulted: --load_quantized refuses those that contradict
+    the checkpoint (a default is not a contradiction)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         configure_hub()  # before any hub lookup: offline mode when it cannot be reached
-        run(build_config(args))
+        run(build_config(args), given_flags(argv))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

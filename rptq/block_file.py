@@ -36,7 +36,8 @@ def _small_index(perm: torch.Tensor) -> torch.Tensor:
     return perm.to(torch.int16 if perm.numel() <= torch.iinfo(torch.int16).max else torch.int32)
 
 
-def save_block(block: QuantBlock, path: Path) -> None:
+def save_block(block: QuantBlock, path: Path, identity: dict | None = None) -> None:
+    """``identity``: where the file belongs ({"layer": i, "checkpoint": id}), checked on load."""
     state = block.layer.state_dict()
     tensors, packed = {}, {}
     for name, codes in block.weight_codes.items():
@@ -66,7 +67,26 @@ def save_block(block: QuantBlock, path: Path) -> None:
         online[point] = [t.kind for t in steps.steps]
         for i, t in enumerate(steps.steps):
             tensors.update({f"online.{point}.{i}.{name}": value for name, value in t.state().items()})
-    atomic_save(tensors, path, {"format": FORMAT, "taps": taps, "online": online, "packed": packed})
+    atomic_save(tensors, path, {"format": FORMAT, "taps": taps, "online": online, "packed": packed, **(identity or {})})
+
+
+def restamp_block(source: Path, dest: Path, identity: dict) -> None:
+    """A copy of a block file (an out-of-core run's) that records where it now belongs."""
+    tensors, meta = read_tensors(source)
+    atomic_save(tensors, dest, {**meta, **identity})
+
+
+def _check_identity(meta: dict, expect: dict, where: str) -> None:
+    """A block file is the layer and checkpoint its name and quant.json say: not swapped, renamed or copied in."""
+    if any(key not in meta for key in expect):
+        raise CheckpointError(f"{where} records no layer index or checkpoint id (not saved as part of this "
+                              "checkpoint)")
+    if meta["layer"] != expect["layer"]:
+        raise CheckpointError(f"{where} holds layer {meta['layer']}, not layer {expect['layer']} "
+                              "(block files swapped or renamed)")
+    if meta["checkpoint"] != expect["checkpoint"]:
+        raise CheckpointError(f"{where} belongs to checkpoint {meta['checkpoint']}, not this one "
+                              f"({expect['checkpoint']}; copied in from another checkpoint)")
 
 
 def _check_layer_state(layer: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -86,7 +106,7 @@ def _float_dtype(layer: torch.nn.Module) -> torch.dtype:
     return next(p.dtype for p in layer.parameters() if p.is_floating_point())
 
 
-def load_block(block: QuantBlock, path: Path, device="cpu") -> QuantBlock:
+def load_block(block: QuantBlock, path: Path, device="cpu", expect: dict | None = None) -> QuantBlock:
     """Fill a freshly made block (its layer may be an empty skeleton) from ``path``.
 
     The layer's float tensors take the skeleton's dtype -- the run's, as the model around it was
@@ -94,14 +114,17 @@ def load_block(block: QuantBlock, path: Path, device="cpu") -> QuantBlock:
     dtype the file was written in; quantizer ranges and online transforms stay fp32, as calibration
     keeps them on every device.
 
-    Raises :class:`CheckpointError` (one line) for an unknown format or any missing,
-    unexpected or wrongly shaped tensor, before the block is touched.
+    Raises :class:`CheckpointError` (one line) for an unknown format, an identity other than
+    ``expect`` ({"layer", "checkpoint"}), or any missing, unexpected or wrongly shaped tensor,
+    before the block is touched.
     """
     where = Path(path).name
     tensors, meta = read_tensors(path)  # unpacked on the CPU: the bitwise guarantee is CPU arithmetic
     if meta.get("format") not in READABLE:
         raise CheckpointError(f"{where} has block format {meta.get('format')!r}; this version reads "
                               f"{', '.join(READABLE)}")
+    if expect is not None:
+        _check_identity(meta, expect, where)
     layer_state = {k[len("layer."):]: v for k, v in tensors.items() if k.startswith("layer.")}
     codes = {}
     try:

@@ -3,25 +3,33 @@
 The directory is a layer store of block files (rptq/layer_store.py, format in
 rptq/block_file.py) plus the tensors outside the decoder layers (resident.safetensors),
 the HF config and tokenizer, and quant.json, written last so its presence marks a complete
-save. Loading builds an empty HF model from the config, fills it, and checks every file
-against it before anything is evaluated.
+save, and the identity every block file must carry (checkpoint id, layer index), with what made
+it (code digest, git commit, the run's model, config and bit manifest). Loading builds an empty HF
+model from the config, fills it, and checks every file against it and against quant.json's bit
+manifest before anything is evaluated.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from common.atomic import atomic_write_text
 from common.errors import UserError
+from common.provenance import code_digest
+from eval.report import versions
 from models.block import QuantBlock
 from models.loading import default_dtype
 from models.registry import adapter_for
 
 from .block_file import FORMAT, READABLE, block_file_summary
+from .checkpoint_checks import check_stored_quantizers
+from .checkpoint_dir import interrupted_hint, replacing
 from .layer_store import LayerStore
 from .packed_weights import size_section
 from .tensor_file import CheckpointError, atomic_save, check_tensors, first_line, read_tensors
@@ -44,38 +52,46 @@ def save_quantized(out_dir: str | os.PathLike, model, adapter, tokenizer, info: 
     """Fused, quantized model: block files + resident tensors + config/tokenizer + quant.json.
 
     ``blocks_from``: copy block files from this store (out-of-core runs) instead of the model.
-    Returns the size section (also in quant.json): decoder weights as stored vs fp16.
+    The directory is written beside ``out_dir`` and replaces it only when complete
+    (rptq/checkpoint_dir.py). Returns the size section (also in quant.json): decoder weights as
+    stored vs fp16.
     """
-    store = LayerStore(out_dir)
+    with replacing(out_dir) as work:
+        return _write(work, model, adapter, tokenizer, info, blocks_from)
+
+
+def _write(root: Path, model, adapter, tokenizer, info: dict, blocks_from: LayerStore | None) -> dict:
+    store = LayerStore(root)
+    checkpoint_id = uuid.uuid4().hex  # each block file records it: a block of another save is refused
     layers = adapter.layers(model)
     linear_names = tuple(adapter.block_spec(model.config).linear_inputs)
     linears = []
     for i in range(len(layers)):
         if blocks_from is not None:
-            store.root.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(blocks_from.block_path(i), store.block_path(i))
+            store.copy_block(i, blocks_from, checkpoint_id)
         else:
-            store.save_block(i, layers[i])
+            store.save_block(i, layers[i], checkpoint_id)
         linears.append(block_file_summary(store.block_path(i), linear_names))
-    atomic_save(_resident_state(model, adapter), store.root / "resident.safetensors", {"format": FORMAT})
+    atomic_save(_resident_state(model, adapter), root / "resident.safetensors", {"format": FORMAT})
     config = model.config
     if hasattr(config, "quantization_config"):  # GGUF loads carry one; our weights are plain tensors
         del config.quantization_config
-    config.save_pretrained(str(store.root))
-    tokenizer.save_pretrained(str(store.root))
-    (store.root / "quant.json").unlink(missing_ok=True)  # an old one would count in the size
-    size = size_section(linears, _files_bytes(store.root))
-    manifest = {"format": FORMAT, "num_layers": len(layers), "size": size,
+    config.save_pretrained(str(root))
+    tokenizer.save_pretrained(str(root))
+    size = size_section(linears, _files_bytes(root))
+    manifest = {"format": FORMAT, "checkpoint_id": checkpoint_id, "num_layers": len(layers), "size": size,
                 "linears": [{name: {k: e[k] for k in ("kind", "shape", "bits", "groups", "scale_format") if k in e}
-                             for name, e in layer.items()} for layer in linears], **info}
+                             for name, e in layer.items()} for layer in linears],
+                "code_digest": code_digest(), "git": versions()["git"], **info}
     # Last: its presence marks a complete save.
-    atomic_write_text(store.root / "quant.json", json.dumps(manifest, indent=1))
+    atomic_write_text(root / "quant.json", json.dumps(manifest, indent=1))
     return size
 
 
-def _read_manifest(root: Path) -> dict:
+def read_manifest(root: Path) -> dict:
+    """quant.json of a complete checkpoint this version reads (CheckpointError otherwise)."""
     if not root.is_dir():
-        raise CheckpointError("no such directory")
+        raise CheckpointError(f"no such directory{interrupted_hint(root)}")
     if not (root / "quant.json").is_file():
         raise CheckpointError("not a complete --save_quantized directory (no quant.json)")
     try:
@@ -86,6 +102,9 @@ def _read_manifest(root: Path) -> dict:
         fmt = info.get("format") if isinstance(info, dict) else None
         raise CheckpointError(f"unknown checkpoint format {fmt!r} (this version reads {', '.join(READABLE)}); "
                               "use the version that wrote it")
+    if not info.get("checkpoint_id"):
+        raise CheckpointError("saved by an older version that recorded no checkpoint id for its block files, "
+                              "so a swapped or foreign block would go unnoticed")
     return info
 
 
@@ -117,8 +136,15 @@ def load_quantized(directory: str | os.PathLike, device: torch.device, dtype: to
     is evaluated or written before every file has been read and checked.
     """
     root = Path(directory)
-    try:
+    with user_errors(root):
         return _load_quantized(root, device, dtype)
+
+
+@contextmanager
+def user_errors(root: Path) -> Iterator[None]:
+    """A CheckpointError becomes the one-line UserError that names the directory and the fix."""
+    try:
+        yield
     except CheckpointError as exc:
         raise UserError(f"--load_quantized {root}: {exc}; re-create it with --save_quantized") from None
 
@@ -129,7 +155,11 @@ def _load_quantized(root: Path, device: torch.device, dtype: torch.dtype | None)
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    info = _read_manifest(root)
+    info = read_manifest(root)
+    current = code_digest()
+    if info.get("code_digest") != current:  # a warning: refusing would block every reload after any code change
+        print(f"warning: {root} was saved by other quantization code (code digest {info.get('code_digest')}, git "
+              f"{info.get('git')}; now {current}): loading is exact, but its numbers are that code's")
     try:
         config = AutoConfig.from_pretrained(str(root))
         adapter = adapter_for(config)
@@ -150,8 +180,9 @@ def _load_quantized(root: Path, device: torch.device, dtype: torch.dtype | None)
     store = LayerStore(root)
     listed = info.get("linears") or [{}] * len(layers)
     for i in range(len(layers)):
-        layers[i] = store.load_block(i, adapter.make_block(layers[i], spec), device)
+        layers[i] = store.load_block(i, adapter.make_block(layers[i], spec), device, info["checkpoint_id"])
         _check_linears(layers[i], listed[i] if i < len(listed) else {}, i)
+        check_stored_quantizers(layers[i], info.get("bit_manifest") or {}, i)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(root))
     except Exception as exc:

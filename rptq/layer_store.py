@@ -16,8 +16,12 @@ import torch
 from common.atomic import atomic_write_text
 from models.block import QuantBlock
 
-from .block_file import load_block, save_block
+from .block_file import load_block, restamp_block, save_block
 from .tensor_file import atomic_save, read_tensors
+
+
+def _identity(index: int, checkpoint: str | None) -> dict:
+    return {"layer": index, **({"checkpoint": checkpoint} if checkpoint else {})}
 
 
 class LayerStore:
@@ -29,11 +33,17 @@ class LayerStore:
     def block_path(self, index: int) -> Path:
         return self.root / f"block-{index:05d}.safetensors"
 
-    def save_block(self, index: int, block: QuantBlock) -> None:
-        save_block(block, self.block_path(index))
+    def save_block(self, index: int, block: QuantBlock, checkpoint: str | None = None) -> None:
+        """``checkpoint``: the id of the --save_quantized directory it belongs to (recorded with its index)."""
+        save_block(block, self.block_path(index), _identity(index, checkpoint))
 
-    def load_block(self, index: int, block: QuantBlock, device="cpu") -> QuantBlock:
-        return load_block(block, self.block_path(index), device)
+    def load_block(self, index: int, block: QuantBlock, device="cpu", checkpoint: str | None = None) -> QuantBlock:
+        """With ``checkpoint``: the file must record this index and id (not swapped or copied in)."""
+        return load_block(block, self.block_path(index), device, _identity(index, checkpoint) if checkpoint else None)
+
+    def copy_block(self, index: int, source: "LayerStore", checkpoint: str) -> None:
+        """Another store's block file, stamped as this checkpoint's (out-of-core runs save this way)."""
+        restamp_block(source.block_path(index), self.block_path(index), _identity(index, checkpoint))
 
     # -- resumable calibration ------------------------------------------------------------
     # state.json: {"fingerprint": what the layers depend on (rptq/run_calibration.py), "next_layer",

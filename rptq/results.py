@@ -13,8 +13,9 @@ from .run_report import method_info, write_plot_data
 
 def assemble_results(cfg: RunConfig, seqlen: int, manifest: dict, evaluation: Evaluation, base_ppl: dict,
                      report: CalibrationReport | None, tasks_bos: bool | None, checkpoint: dict | None,
-                     auto_offloaded: bool) -> dict:
-    """The record of one run (results.json; eval.table and eval.report read it)."""
+                     auto_offloaded: bool, loaded_from: dict | None = None) -> dict:
+    """The record of one run (results.json; eval.table and eval.report read it). ``loaded_from``: the
+    --load_quantized checkpoint (``cfg`` then holds its model and settings)."""
     return {
         "model": cfg.model,
         "config": {**cfg.flat(), "seqlen": seqlen},
@@ -32,6 +33,7 @@ def assemble_results(cfg: RunConfig, seqlen: int, manifest: dict, evaluation: Ev
         "layer_errors": report.layer_errors() if report is not None else [],
         "decisions": report.decisions() if report is not None else [],
         **({"checkpoint": checkpoint} if checkpoint is not None else {}),
+        **({"loaded_from": loaded_from} if loaded_from is not None else {}),
         "memory": {"peak_rss_mb": peak_rss_mb(),
                    "out_of_core": "auto" if auto_offloaded else "requested" if cfg.offload_dir else None},
         "versions": versions(),

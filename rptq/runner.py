@@ -12,6 +12,7 @@ from models.registry import adapter_for
 
 from .auto_offload import auto_offload, needs_calibration
 from .checkpoint import load_quantized, save_quantized
+from .checkpoint_info import loaded_from, saved_run_config, source_digest
 from .evaluate import evaluate, perplexities, tasks_bos
 from .layer_store import LayerStore
 from .load import load, shard
@@ -24,8 +25,9 @@ from .run_report import annotate_transforms
 from .validate import check_calibration_data, check_model, check_texts, validate
 
 
-def run(cfg: RunConfig) -> dict:
-    validate(cfg)
+def run(cfg: RunConfig, given: frozenset[str] = frozenset()) -> dict:
+    """``given``: the flags set on the command line (main.py), checked against a --load_quantized checkpoint."""
+    validate(cfg, given)
     config = None if cfg.load_quantized else load_config(cfg.model, cfg.cache_dir)  # config.json, no weights
     if config is not None:  # GGUF (None): checked right after its load instead
         check_model(cfg, config, adapter_for(config))
@@ -46,8 +48,11 @@ def run(cfg: RunConfig) -> dict:
 
 
 def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
+    loaded = None
     if cfg.load_quantized:
         model, tokenizer, adapter, info = load_quantized(cfg.load_quantized, device)
+        cfg = saved_run_config(cfg, info, adapter.block_spec(model.config))  # the checkpoint labels the run
+        loaded = loaded_from(cfg, info)
         reader, manifest = None, info["bit_manifest"]
     else:
         model, tokenizer, adapter, reader = load(cfg, device)
@@ -82,14 +87,15 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
     if cfg.save_quantized:
         with write_errors(cfg.save_quantized, "--save_quantized"):
             size = save_quantized(cfg.save_quantized, model, adapter, tokenizer,
-                                  {"model": cfg.model, "bit_manifest": manifest, "config": cfg.flat()},
+                                  {"model": cfg.model, "model_digest": source_digest(cfg), "bit_manifest": manifest,
+                                   "config": cfg.flat()},
                                   blocks_from=store if reader is not None else None)
         checkpoint = {"path": str(cfg.save_quantized), **size}
         print(f"checkpoint {cfg.save_quantized}: {describe_size(size)}")
 
     evaluation = evaluate(cfg, model, tokenizer, adapter, reader, store, device, seqlen)
     results = assemble_results(cfg, seqlen, manifest, evaluation, base_ppl, report,
-                               tasks_bos(cfg, model, tokenizer), checkpoint, auto_offloaded)
+                               tasks_bos(cfg, model, tokenizer), checkpoint, auto_offloaded, loaded)
     print(format_summary(results), flush=True)  # first: a write that fails must not lose the numbers
     if cfg.output_path:
         write_results(cfg, results, report)

@@ -15,6 +15,9 @@ from eval.tasks import check_tasks
 from models.loading import resolve
 
 from .config import FP
+from .checkpoint import read_manifest, user_errors
+from .checkpoint_dir import check_save_target
+from .checkpoint_info import check_load_flags
 from .run_config import RunConfig
 
 DIR_FLAGS = ("output_path", "offload_dir", "save_quantized", "cache_dir")
@@ -48,8 +51,10 @@ def calibrates(cfg: RunConfig) -> bool:
     return not cfg.load_quantized and (cfg.quant.weight_bits < FP or cfg.quant.act_bits < FP)
 
 
-def validate(cfg: RunConfig) -> None:
-    """Everything checkable before a model is loaded: fail in seconds, not after calibration."""
+def validate(cfg: RunConfig, given: frozenset[str] = frozenset()) -> None:
+    """Everything checkable before a model is loaded: fail in seconds, not after calibration.
+
+    ``given``: the flags set on the command line, checked against a --load_quantized checkpoint."""
     for flag in DIR_FLAGS:
         check_dir_arg(f"--{flag}", getattr(cfg, flag))
     if cfg.save_quantized:
@@ -57,6 +62,7 @@ def validate(cfg: RunConfig) -> None:
         if source.kind == "local" and Path(cfg.save_quantized).resolve() == Path(source.location).resolve():
             raise UserError(f"--save_quantized {cfg.save_quantized} is the model's own directory (its config and "
                             "tokenizer would be overwritten); pass another directory")
+        check_save_target(cfg.save_quantized)
     if cfg.eval_ppl or cfg.eval_base_ppl:
         for name in cfg.ppl_datasets:
             check_dataset_name(name, "ppl")
@@ -72,6 +78,11 @@ def validate(cfg: RunConfig) -> None:
             raise UserError("--multigpu needs visible CUDA devices; none found (check CUDA_VISIBLE_DEVICES)")
     if cfg.load_quantized and (cfg.offload_dir or cfg.save_quantized):
         raise UserError("--load_quantized evaluates a saved model; drop --offload_dir/--save_quantized")
+    if cfg.load_quantized:
+        root = Path(cfg.load_quantized)
+        with user_errors(root):
+            info = read_manifest(root)
+        check_load_flags(cfg, given, info)
     if cfg.eval_base_ppl and (cfg.offload_dir or cfg.load_quantized):
         raise UserError("--eval_base_ppl needs the unquantized model in memory; drop --offload_dir/--load_quantized "
                         "(or run the FP16 row separately with --wbits 16 --abits 16)")

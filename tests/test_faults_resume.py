@@ -42,8 +42,11 @@ def _run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
 
 def _interrupt_after(layer: int, cmd: list[str], tmp: Path) -> tuple[int, str, str]:
     """Run ``cmd`` until it has saved ``layer``'s state (the test-only pause), then send SIGINT."""
+    # SIGINT back to its default in the child: a shell running the suite in the background (CI
+    # runners, `make test &`) starts it ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp, **{PAUSE_ENV: str(layer)}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(600, proc.kill)  # a child that never reaches the pause fails, not hangs
     watchdog.start()
     try:

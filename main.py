@@ -7,7 +7,8 @@ import sys
 
 from common.errors import UserError
 from models.hub import configure_hub
-from rptq.config import DEFAULT_CLUSTERS, FPTQSettings, GPTQTSettings, QuantConfig, RotationSettings, SmoothSettings
+from rptq.config import (DEFAULT_CLUSTERS, FPTQSettings, GPTQTSettings, QuantConfig, ResidualSettings,
+                         RotationSettings, SmoothSettings)
 from rptq.methods import METHODS, POLICIES, PRESETS, STEPS
 from rptq.run_calibration import CalibrationInterrupted
 from rptq.run_config import RunConfig
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FPTQ's K/V cache bits (fptq policy; default 8; 16: off)")
     p.add_argument("--rotation", default=None, choices=("duquant", "hadamard", "random"),
                    help="online rotation at the linear inputs: DuQuant's (R1, zigzag, R2), block Hadamard, random")
+    p.add_argument("--residual_rotation", default=None, choices=("hadamard", "random"),
+                   help="R1 of the residual_rotate step (quarot): randomized Hadamard (random orthogonal where no "
+                        "Hadamard of the width is built) or random orthogonal")
     p.add_argument("--rotation_block", type=int, default=None, help="power of two (rotate step; default 128)")
     p.add_argument("--rotation_steps", type=int, default=None, help="DuQuant's greedy steps (rotate step; default 256)")
     p.add_argument("--no_permute", action="store_true", help="DuQuant without the zigzag permutation (and R2)")
@@ -193,6 +197,10 @@ def quant_config(args):
     base["rotation"] = RotationSettings(**rotation)
     fptq = {k: v for k, v in (("v0", args.fptq_v0), ("v1", args.fptq_v1), ("kv_bits", args.kv_bits)) if v is not None}
     base["fptq"] = FPTQSettings(**fptq)
+    if args.residual_rotation is not None and "residual_rotate" not in transforms:
+        raise UserError(f"--residual_rotation chooses R1 of the residual_rotate step; --method {args.method} runs: "
+                        f"{','.join(transforms)} (add residual_rotate to --transforms)")
+    base["residual"] = ResidualSettings(kind=args.residual_rotation or "hadamard")
     base["gptqt"] = GPTQTSettings(inter_bits=args.inter_bits, variant=args.gptqt_variant or "B")
     quant = QuantConfig(**base)
     refuse_unused(args, quant)
@@ -254,6 +262,9 @@ def build_config(args):
     if args.pack_weight and not args.save_quantized:
         raise UserError("--pack_weight stores packed weights in a --save_quantized directory; pass --save_quantized DIR")
     quant = quant_config(args)
+    if args.save_quantized and "residual_rotate" in quant.transforms:
+        raise UserError("--save_quantized cannot yet store a residual-rotated model (its norms and head change "
+                        "form); evaluate in the same run, or drop residual_rotate")
     split = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())  # noqa: E731
     ppl_datasets = split(PPL_DEFAULT if args.ppl_datasets is None else args.ppl_datasets)
     if (args.eval_ppl or args.eval_base_ppl) and not ppl_datasets:

@@ -22,7 +22,7 @@ from common.errors import UserError
 
 from .block import QuantBlock
 from .spec import (KEY, LINEAR_IN, LN_OUT, PROBS, QUERY, VALUE, BlockSpec, HeadLayout, LinearEdge,
-                   NormEdge, QKEdge)
+                   NormEdge, QKEdge, ResidualSpec)
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
@@ -157,6 +157,10 @@ class LlamaAdapter:
 
     def block_spec(self, config) -> BlockSpec:
         return llama_block_spec(config)
+
+    def residual_spec(self, config) -> ResidualSpec:
+        return ResidualSpec(embeddings=("model.embed_tokens",), writers=("self_attn.o_proj", "mlp.down_proj"),
+                            final_norm="model.norm", head="lm_head")
 
     def layers(self, model) -> nn.ModuleList:
         return model.model.layers

@@ -8,7 +8,7 @@ from common.errors import UserError
 
 from .block import QuantBlock
 from .spec import (KEY, LINEAR_IN, LN_OUT, PROBS, QUERY, VALUE, BlockSpec, HeadLayout, LinearEdge,
-                   NormEdge, QKEdge)
+                   NormEdge, QKEdge, ResidualSpec)
 
 
 def opt_block_spec(config) -> BlockSpec:
@@ -67,6 +67,14 @@ class OPTAdapter:
 
     def block_spec(self, config) -> BlockSpec:
         return opt_block_spec(config)
+
+    def residual_spec(self, config) -> ResidualSpec:
+        projected = config.word_embed_proj_dim != config.hidden_size
+        return ResidualSpec(embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+                            writers=("self_attn.out_proj", "fc2"), final_norm="model.decoder.final_layer_norm",
+                            head="lm_head", layer_norm=True,
+                            unsupported="its embeddings are projected (word_embed_proj_dim != hidden_size)"
+                            if projected else "")
 
     def layers(self, model) -> nn.ModuleList:
         return model.model.decoder.layers

@@ -94,3 +94,23 @@ class BlockSpec:
 
     def linear_edge(self, point: str) -> LinearEdge | None:
         return next((e for e in self.linear_edges if e.point == point), None)
+
+
+@dataclass(frozen=True)
+class ResidualSpec:
+    """What rotating the residual stream as a whole needs (QuaRot/SpinQuant R1), as module paths.
+
+    ``embeddings`` and ``head`` are relative to the causal LM; ``writers`` (the linears whose
+    output is added to the residual) relative to a decoder layer. The residual's readers are the
+    block's ``norm_edges`` (every norm of a pre-norm block reads the residual), plus ``final_norm``
+    read by ``head``. ``layer_norm``: the norms subtract the channel mean, so the residual is made
+    zero-mean first (then they act as RMSNorm and are replaced by one). ``unsupported``: why this
+    particular configuration cannot be rotated (empty if it can).
+    """
+
+    embeddings: tuple[str, ...]  # tables whose rows are added to the residual (tokens, learned positions)
+    writers: tuple[str, ...]
+    final_norm: str
+    head: str
+    layer_norm: bool = False
+    unsupported: str = ""

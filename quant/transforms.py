@@ -142,6 +142,13 @@ class BlockRotation(ChannelTransform):
     def consumer(self, weight):
         return self.apply(weight)  # rows of W are transformed like tokens
 
+    def producer(self, weight, bias):
+        """Output rows B^T W and bias b B. Exact only where nothing between the producer and the
+        point mixes channels across blocks (attention's P V within heads); ``foldable`` stays False,
+        so only a caller that knows that (rptq.fold.place_within_heads) folds it."""
+        rows = self.apply(weight.t()).t().contiguous()
+        return rows, None if bias is None else self.apply(bias)
+
     def hessian(self, H):
         H.copy_(self.apply(self.apply(H).t()).t())  # B^T H B for symmetric H
         return H

@@ -48,6 +48,15 @@ class RotationSettings:
 
 
 @dataclass(frozen=True)
+class ResidualSettings:
+    """QuaRot's rotations: R1 on the residual stream (the residual_rotate step), R2 per head
+    (head_rotate), R4 at the MLP's second linear input (mlp_rotate); KV cache clipping."""
+
+    kind: str = "hadamard"  # R1: randomized Hadamard (random orthogonal where none is built) | random
+    kv_clip: float = 0.95  # QuaRot's K/V clipping ratio (per token x head, asymmetric)
+
+
+@dataclass(frozen=True)
 class GPTQTSettings:
     inter_bits: int = 0  # step-1 bits; 0 = wbits + 1
     variant: str = "B"
@@ -84,6 +93,7 @@ class QuantConfig:
     fptq: FPTQSettings = field(default_factory=FPTQSettings)
     rotation: RotationSettings = field(default_factory=RotationSettings)
     gptqt: GPTQTSettings = field(default_factory=GPTQTSettings)
+    residual: ResidualSettings = field(default_factory=ResidualSettings)
 
     def reorders(self, point: str) -> bool:
         """Whether reorder point 'R1'..'R5' is clustered."""

@@ -109,3 +109,24 @@ def place_qk(block: QuantBlock, tq: ChannelTransform, tk: ChannelTransform, obse
             if point in observers:
                 observers[point].transform(t)
     return where
+
+
+@torch.no_grad()
+def place_within_heads(block: QuantBlock, point: str, t: ChannelTransform, observers: dict | None = None) -> str:
+    """An orthogonal block of size head_dim at a per-head edge's point (QuaRot's R2), folded into
+    the producers' rows (P V acts on tokens, so V B within each head gives O B within each head;
+    the same block on every head, so each query head of a GQA group sees its K/V head's block)
+    and the consumer's columns. Anything else, or after an online transform, runs online."""
+    edge = block.spec.linear_edge(point)
+    if (edge is None or not edge.per_head or getattr(t, "block", None) != block.spec.heads.head_dim
+            or len(block.online[point]) or (edge.value_point and len(block.online[edge.value_point]))):
+        return place(block, point, t, observers)
+    for name in edge.producers:
+        _set_rows(block.module(name), t)
+    consumer = block.module(edge.consumer)
+    consumer.weight.data = t.consumer(consumer.weight.data)
+    if observers is not None:
+        for p in (edge.value_point, point):
+            if p in observers:
+                observers[p].transform(t)
+    return ROWS

@@ -16,6 +16,7 @@ from .block_report import BlockReport
 from .calibrate import calibrate_block
 from .config import QuantConfig
 from .layer_store import LayerStore
+from .residual_rotate import STEP as RESIDUAL_STEP, rotate_residual
 from .tensor_file import CheckpointError
 
 
@@ -39,6 +40,7 @@ class CalibrationReport:
     earlier_s: float = 0.0  # calibration seconds of the earlier attempts, up to their last finished layer
     resumed_from: int | None = None  # first_layer when this run resumed a state, else None
     plot_data: dict = field(default_factory=dict)  # layer -> point -> channel ranges before/after
+    residual: dict = field(default_factory=dict)  # the model-level residual rotation (R1), if any
 
     @property
     def seconds(self) -> float:
@@ -53,7 +55,8 @@ class CalibrationReport:
         records = self.records()
         sums = {k: sum(r["timing"][k] for r in records) for k in ("stats_s", "transform_s", "weights_s", "output_s")}
         return {"capture_s": self.capture_s, "total_s": self.seconds, **sums,
-                "passes_per_layer": max((r["timing"]["passes"] for r in records), default=0)}
+                "passes_per_layer": max((r["timing"]["passes"] for r in records), default=0),
+                **({"residual_rotation": self.residual} if self.residual else {})}
 
     def layer_errors(self) -> list[dict]:
         """Per calibrated layer: the quantized block's output error against the FP block on the same
@@ -88,6 +91,11 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
     spec = adapter.block_spec(model.config)
     layers = adapter.layers(model)
     report = CalibrationReport()
+    if RESIDUAL_STEP in cfg.transforms:  # model-level (embeddings, every layer, head): before layer 0's inputs
+        if layer_source is not None or captured is not None:
+            raise UserError("residual_rotate rotates the embeddings and every layer at once and needs the model in "
+                            "memory; drop --offload_dir (or raise --max_memory), or drop residual_rotate")
+        report.residual = rotate_residual(model, adapter, cfg)
     inputs, layer_kwargs = captured or capture_block_inputs(model, layers, windows, device)
     report.capture_s = time.perf_counter() - start
     first = 0

@@ -17,9 +17,13 @@ from ..config import FP, QuantConfig, point_reorder
 
 # step name -> (module, function)
 STEPS = {"reorder": ("rptq", "reorder_step"), "smooth": ("smoothquant", "smooth_step"), "lae": ("fptq", "lae_step"),
-         "rotate": ("duquant", "rotate_step"), "qk_rotate": ("duquant", "qk_rotate_step")}
+         "rotate": ("duquant", "rotate_step"), "qk_rotate": ("duquant", "qk_rotate_step"),
+         # residual_rotate is model-level: rptq.pipeline rotates the whole model before layer 0 (wherever it is listed)
+         "residual_rotate": ("quarot", "residual_step"), "head_rotate": ("quarot", "head_rotate_step"),
+         "mlp_rotate": ("quarot", "mlp_rotate_step")}
 # activation policy -> module with activation(ctx, point, role) and describe(cfg, spec, point, role)
-POLICIES = {"rptq": "rptq", "uniform": "rptq", "smoothquant": "smoothquant", "fptq": "fptq", "duquant": "duquant"}
+POLICIES = {"rptq": "rptq", "uniform": "rptq", "smoothquant": "smoothquant", "fptq": "fptq", "duquant": "duquant",
+            "quarot": "quarot"}
 
 # Settings each preset implies; a flag given on the command line wins. Documented in the README.
 PRESETS: dict[str, dict] = {
@@ -36,6 +40,9 @@ PRESETS: dict[str, dict] = {
     "rotation": dict(transforms=("rotate", "qk_rotate"), abits_policy="duquant", grid="full", w_quantizer="rtn",
                      w_range="minmax", w_group_size=0, w_clip=0.8, wbits=4, abits=4,
                      rotation=dict(kind="hadamard")),
+    "quarot": dict(transforms=("residual_rotate", "head_rotate", "qk_rotate", "mlp_rotate"), abits_policy="quarot",
+                   grid="symmetric", w_quantizer="gptq", w_range="minmax", w_group_size=0, w_clip=1.0, wbits=4,
+                   abits=4, rotation=dict(act_clip=0.9)),
 }
 METHODS = tuple(PRESETS)
 
@@ -106,6 +113,19 @@ ASSUMPTIONS: dict[str, tuple[str, ...]] = {
     "rotate": ("DuQuant: the rotation search runs on a seeded sample of calibration token rows of the point "
                "(--rotation_block, 2048 rows) from the FP pass, not on the block's output for the mean input "
                "sequence as the official code does",),
+    "residual_rotate": ("QuaRot R1: a randomized Hadamard D H (random signs on H's rows) of the hidden width where "
+                        "one is built (m * 2^k, m from Paley I/II), else a random orthogonal matrix (QR of a "
+                        "Gaussian, sign-fixed), seeded by --seed; which one is in results.json",
+                        "QuaRot R1: the LM head is untied from the embeddings when they share a tensor (the final "
+                        "norm's gain goes into the head only); OPT's LayerNorms become RMSNorms on a zero-mean "
+                        "residual (SliceGPT), the final LayerNorm's shift a head bias"),
+    "quarot": ("QuaRot: activations on the symmetric grid +-(2^(b-1) - 1) (QuaRot's code clamps to "
+               "[-2^(b-1), 2^(b-1) - 1]); Q and the softmax output stay FP as in QuaRot's fake-quant code",
+               "QuaRot: K and V per token x head (group = head_dim), asymmetric, clip 0.95, at --abits",
+               "QuaRot: weights per output channel, symmetric, GPTQ (damp --percdamp, no act-order) without "
+               "QuaRot's weight clipping search (--w_clip 1.0; RTN with --w_quantizer rtn)",
+               "QuaRot: R2 and R4 are plain Hadamards (random orthogonal where none of the width is built), "
+               "R2 the same on every head"),
     "gptqt": ("GPTQT: intermediate bits n = k + 1; level sets on the n-bit integer grid; re-explore gammas "
               "0.50..1.50 scored by the Hessian-diagonal-weighted error; variant B (GPTQ compensates the final "
               "rounding)",),

@@ -1,0 +1,78 @@
+"""QuaRot (Ashkboos et al., NeurIPS 2024, arXiv 2404.00456): rotate so that no channel is an outlier.
+
+R1, a randomized Hadamard on the whole residual stream, is model-level (rptq.residual_rotate, run
+by the pipeline before the first layer is captured; its per-block step here does nothing). Per
+block: R2, a Hadamard of size head_dim folded into the value rows and the attention output's
+consumer columns (``head_rotate``); R3, a Hadamard on Q and K after RoPE, online (DuQuant's
+``qk_rotate``); R4, a Hadamard of the MLP width online at the MLP's second linear input with its
+transpose in the consumer's columns (``mlp_rotate``). Quantizers: every linear input per token,
+symmetric, dynamic, clip 0.9; K and V per token x head, asymmetric, clip 0.95; Q and the softmax
+output FP; weights per output channel, symmetric, GPTQ (spec: shared/methods/quarot_spinquant.md).
+"""
+from __future__ import annotations
+
+from models.spec import KEY, LINEAR_IN, LN_OUT, VALUE
+from quant.hadamard import orthogonal_mixer
+from quant.quantizer import QuantSpec
+from quant.transforms import BlockRotation
+
+from ..config import FP, QuantConfig
+from ..context import BlockContext
+from ..fold import place_within_heads
+
+
+def residual_step(ctx: BlockContext) -> None:
+    """R1 was applied to the whole model before calibration (rptq.pipeline); nothing per block."""
+
+
+def head_rotate_step(ctx: BlockContext) -> None:
+    """R2: the same head_dim x head_dim Hadamard on every head's value channels (folded)."""
+    head_dim = ctx.spec.heads.head_dim
+    H, kind = orthogonal_mixer(head_dim, ctx.generator(salt=20), randomized=False)
+    for edge in ctx.spec.linear_edges:
+        if not edge.per_head:
+            continue
+        where = place_within_heads(ctx.block, edge.point, BlockRotation(H), ctx.observers)
+        ctx.placements.append({"point": edge.point, "transform": "rotation", "where": where, "step": "head_rotate"})
+        ctx.decisions.setdefault(edge.point, {})["head_rotate"] = {"kind": kind, "block": head_dim, "where": where}
+
+
+def mlp_rotate_step(ctx: BlockContext) -> None:
+    """R4: a Hadamard of the full width (random orthogonal where none is built) online at every
+    free linear edge's point (fc2 / down_proj input); its transpose goes into the consumer."""
+    for i, edge in enumerate(ctx.spec.linear_edges):
+        if edge.per_head:
+            continue
+        width = ctx.block.module(edge.consumer).in_features
+        H, kind = orthogonal_mixer(width, ctx.generator(salt=40 + i), randomized=False)
+        where = ctx.apply(edge.point, BlockRotation(H), step="mlp_rotate")
+        ctx.decisions.setdefault(edge.point, {})["mlp_rotate"] = {"kind": kind, "block": width, "where": where}
+
+
+def _bits(cfg: QuantConfig, role: str) -> int:
+    """Linear inputs, K and V at abits (only K and V with --only_quant_kv); Q and P stay FP."""
+    if cfg.act_bits >= FP:
+        return FP
+    if cfg.only_quant_kv:
+        return cfg.abits if role in (KEY, VALUE) else FP
+    return cfg.abits if role in (LN_OUT, LINEAR_IN, KEY, VALUE) else FP
+
+
+def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str]:
+    cfg = ctx.cfg
+    bits = _bits(cfg, role)
+    if role in (KEY, VALUE):
+        heads = ctx.spec.heads
+        return QuantSpec(bits=bits, group_sizes=(heads.head_dim,) * heads.num_kv_heads, dynamic="token",
+                         grid="full", clip=cfg.residual.kv_clip), "minmax"
+    return QuantSpec(bits=bits, dynamic="token", grid="symmetric", clip=cfg.rotation.act_clip), "minmax"
+
+
+def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
+    bits = _bits(cfg, role)
+    if bits >= FP:
+        return {"bits": bits, "granularity": "none", "static": False}
+    if role in (KEY, VALUE):
+        return {"bits": bits, "granularity": f"token x head dynamic, asymmetric, clip {cfg.residual.kv_clip}",
+                "static": False}
+    return {"bits": bits, "granularity": f"token dynamic, symmetric, clip {cfg.rotation.act_clip}", "static": False}

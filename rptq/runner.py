@@ -12,6 +12,7 @@ from models.placement import dispatch
 from .auto_offload import auto_offload, needs_calibration
 from .checkpoint import load_quantized, save_quantized
 from .evaluate import evaluate, perplexities, tasks_bos
+from .export import describe_export, export_compressed_tensors
 from .layer_store import LayerStore
 from .load import load, shard
 from .methods import bit_manifest
@@ -45,6 +46,9 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
     else:
         model, tokenizer, adapter, reader = load(cfg, device)
         manifest = bit_manifest(cfg.quant, adapter.block_spec(model.config))
+    if cfg.export_dir and reader is not None:
+        raise UserError("--export needs the quantized model in memory and this one is calibrated out of core; "
+                        "--save_quantized here and export from --load_quantized where the model fits")
     max_pos = adapter.max_positions(model.config)
     seqlen = cfg.seqlen or max_pos
     check_seqlen(seqlen, max_pos)
@@ -70,6 +74,10 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
         manifest = annotate_transforms(manifest, report.decisions()[0]["placements"])
     if mapping is not None:  # hooks on the new blocks, so evaluation inputs follow the layers
         dispatch(model, mapping)
+    export = None
+    if cfg.export_dir:  # before --save_quantized: a refusal leaves nothing written
+        export = export_compressed_tensors(cfg.export_dir, model, adapter, tokenizer)
+        print("\n".join(describe_export(export)))
     checkpoint = None
     if cfg.save_quantized:
         size = save_quantized(cfg.save_quantized, model, adapter, tokenizer,
@@ -80,7 +88,7 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
 
     evaluation = evaluate(cfg, model, tokenizer, adapter, reader, store, device, seqlen)
     results = assemble_results(cfg, seqlen, manifest, evaluation, base_ppl, report,
-                               tasks_bos(cfg, model, tokenizer), checkpoint, auto_offloaded)
+                               tasks_bos(cfg, model, tokenizer), checkpoint, auto_offloaded, export)
     if cfg.output_path:
         write_results(cfg, results, report)
     if store is not None and not cfg.offload_dir:  # resume state is only for interrupted runs

@@ -238,3 +238,27 @@ def test_zero_point_outside_the_code_range_is_refused():
     assert torch.equal(_signed_zero(torch.tensor([[0.0, 15.0]]), 4, "full", "x"), torch.tensor([[-8, 7]],
                                                                                                 dtype=torch.int8))
     assert _signed_zero(torch.zeros(2, 1), 8, "symmetric", "x") is None
+
+
+def test_w4a8_fptq_per_token_reloads_with_exact_weights(models, tmp_path):
+    """FPTQ's uniform case (every linear input per-token dynamic): int4 asymmetric weights in groups with 8-bit
+    per-token inputs, int-quantized (zero points unpacked, so transformers' default load works)."""
+    from transformers import AutoModelForCausalLM
+
+    flags = ["--method", "fptq", "--w_group_size", "32", "--fptq_v0", "0", "--fptq_v1", "0"]
+    ours_dir, export, results = _export(models, tmp_path, "opt", flags)
+    qc = _quantization_config(export)
+    (scheme,) = qc["config_groups"].values()
+    assert qc["format"] == "int-quantized" and scheme["weights"]["num_bits"] == 4
+    assert scheme["weights"]["symmetric"] is False and scheme["weights"]["group_size"] == 32
+    assert scheme["input_activations"]["num_bits"] == 8 and scheme["input_activations"]["strategy"] == "token"
+    assert results["export"]["not_in_format"] == {"k": "8-bit", "v": "8-bit"}  # FPTQ's KV cache quantizers
+    theirs = AutoModelForCausalLM.from_pretrained(str(export))
+    ours, adapter = _ours(ours_dir)
+    _linear_input_only(ours, adapter)
+    with torch.no_grad():
+        with_act, theirs_act = ours(_ids()).logits, theirs(_ids()).logits
+        _no_activation_quant(ours, adapter, theirs)
+        no_act, theirs_no_act = ours(_ids()).logits, theirs(_ids()).logits
+    assert _rel(no_act, theirs_no_act) <= TOL
+    assert _rel(with_act, theirs_act) < 2 * _rel(with_act, no_act)

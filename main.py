@@ -9,6 +9,7 @@ from common.errors import UserError
 from models.hub import configure_hub
 from rptq.config import (DEFAULT_CLUSTERS, FPTQSettings, GPTQTSettings, QuantConfig, ResidualSettings,
                          RotationSettings, SmoothSettings)
+from rptq.export_rules import FORMATS as EXPORT_FORMATS
 from rptq.methods import METHODS, POLICIES, PRESETS, STEPS
 from rptq.run_calibration import CalibrationInterrupted
 from rptq.run_config import RunConfig
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "up to 5 significant bits (smallest checkpoints; changes the numbers)")
     p.add_argument("--load_quantized", "--load", dest="load_quantized", default=None,
                    help="evaluate a --save_quantized directory (no calibration); --load is the reference's name")
+    p.add_argument("--export", nargs=2, default=None, metavar=("FORMAT", "DIR"),
+                   help="also write the quantized model as a Hugging Face directory that transformers and vLLM load; "
+                        "FORMAT: compressed-tensors")
     p.add_argument("--act_dist_plot", action="store_true", help="draw activation ranges before/after the transforms")
     p.add_argument("--plot_layers", default="0,mid,-1", help="layers to draw with --act_dist_plot")
     p.add_argument("--no_resume", action="store_true",
@@ -261,6 +265,8 @@ def build_config(args):
             raise UserError(f"--R{i}_clusters must be at least 1 (got {count})")
     if args.pack_weight and not args.save_quantized:
         raise UserError("--pack_weight stores packed weights in a --save_quantized directory; pass --save_quantized DIR")
+    if args.export and args.export[0] not in EXPORT_FORMATS:
+        raise UserError(f"--export {args.export[0]}: unknown format; one of {', '.join(EXPORT_FORMATS)}")
     quant = quant_config(args)
     if args.save_quantized and "residual_rotate" in quant.transforms:
         raise UserError("--save_quantized cannot yet store a residual-rotated model (its norms and head change "
@@ -275,7 +281,8 @@ def build_config(args):
                      limit=args.limit, nsamples=args.nsamples, seqlen=args.seqlen, calib_dataset=args.calib_dataset,
                      cache_dir=args.cache_dir, output_path=args.output_path, device=args.device,
                      offload_dir=args.offload_dir, save_quantized=args.save_quantized,
-                     load_quantized=args.load_quantized, multigpu=args.multigpu, max_memory_gib=args.max_memory,
+                     load_quantized=args.load_quantized, export_format=args.export and args.export[0],
+                     export_dir=args.export and args.export[1], multigpu=args.multigpu, max_memory_gib=args.max_memory,
                      resume=not args.no_resume, progress=not args.no_progress, act_dist_plot=args.act_dist_plot,
                      plot_layers=args.plot_layers)
 

@@ -13,7 +13,7 @@ from .run_report import method_info, write_plot_data
 
 def assemble_results(cfg: RunConfig, seqlen: int, manifest: dict, evaluation: Evaluation, base_ppl: dict,
                      report: CalibrationReport | None, tasks_bos: bool | None, checkpoint: dict | None,
-                     auto_offloaded: bool, loaded_from: dict | None = None) -> dict:
+                     auto_offloaded: bool, loaded_from: dict | None = None, export: dict | None = None) -> dict:
     """The record of one run (results.json; eval.table and eval.report read it). ``loaded_from``: the
     --load_quantized checkpoint (``cfg`` then holds its model and settings)."""
     return {
@@ -34,6 +34,7 @@ def assemble_results(cfg: RunConfig, seqlen: int, manifest: dict, evaluation: Ev
         "decisions": report.decisions() if report is not None else [],
         **({"checkpoint": checkpoint} if checkpoint is not None else {}),
         **({"loaded_from": loaded_from} if loaded_from is not None else {}),
+        **({"export": export} if export is not None else {}),
         "memory": {"peak_rss_mb": peak_rss_mb(),
                    "out_of_core": "auto" if auto_offloaded else "requested" if cfg.offload_dir else None},
         "versions": versions(),

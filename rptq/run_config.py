@@ -32,6 +32,8 @@ class RunConfig:
     offload_dir: str | None = None
     save_quantized: str | None = None
     load_quantized: str | None = None
+    export_format: str | None = None  # --export FORMAT DIR (rptq.export_rules.FORMATS)
+    export_dir: str | None = None
     multigpu: bool = False
     max_memory_gib: float | None = None  # None: what the device has free when the run starts
     resume: bool = True

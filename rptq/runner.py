@@ -14,6 +14,7 @@ from .auto_offload import auto_offload, needs_calibration
 from .checkpoint import load_quantized, save_quantized
 from .checkpoint_info import loaded_from, saved_run_config, source_digest
 from .evaluate import evaluate, perplexities, tasks_bos
+from .export import describe_export, export_compressed_tensors
 from .layer_store import LayerStore
 from .load import load, shard
 from .methods import bit_manifest
@@ -57,6 +58,9 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
     else:
         model, tokenizer, adapter, reader = load(cfg, device)
         manifest = bit_manifest(cfg.quant, adapter.block_spec(model.config))
+    if cfg.export_dir and reader is not None:
+        raise UserError("--export needs the quantized model in memory and this one is calibrated out of core; "
+                        "--save_quantized here and export from --load_quantized where the model fits")
     check_model(cfg, model.config, adapter, adapter.layers(model)[0])
     seqlen, why = cfg.seqlen_for(adapter.max_positions(model.config))
     print(why)
@@ -83,6 +87,10 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
         manifest = annotate_transforms(manifest, report.decisions()[0]["placements"])
     if mapping is not None:  # hooks on the new blocks, so evaluation inputs follow the layers
         dispatch(model, mapping)
+    export = None
+    if cfg.export_dir:  # before --save_quantized: a refusal leaves nothing written
+        export = export_compressed_tensors(cfg.export_dir, model, adapter, tokenizer)
+        print("\n".join(describe_export(export)))
     checkpoint = None
     if cfg.save_quantized:
         with write_errors(cfg.save_quantized, "--save_quantized"):
@@ -95,7 +103,7 @@ def _run(cfg: RunConfig, device, auto_offloaded: bool) -> dict:
 
     evaluation = evaluate(cfg, model, tokenizer, adapter, reader, store, device, seqlen)
     results = assemble_results(cfg, seqlen, manifest, evaluation, base_ppl, report,
-                               tasks_bos(cfg, model, tokenizer), checkpoint, auto_offloaded, loaded)
+                               tasks_bos(cfg, model, tokenizer), checkpoint, auto_offloaded, loaded, export)
     print(format_summary(results), flush=True)  # first: a write that fails must not lose the numbers
     if cfg.output_path:
         write_results(cfg, results, report)

@@ -18,6 +18,8 @@ from .config import FP
 from .checkpoint import read_manifest, user_errors
 from .checkpoint_dir import check_save_target
 from .checkpoint_info import check_load_flags
+from .export import check_export_dir
+from .export_rules import export_refusal
 from .run_config import RunConfig
 
 DIR_FLAGS = ("output_path", "offload_dir", "save_quantized", "cache_dir")
@@ -86,8 +88,21 @@ def validate(cfg: RunConfig, given: frozenset[str] = frozenset()) -> None:
     if cfg.eval_base_ppl and (cfg.offload_dir or cfg.load_quantized):
         raise UserError("--eval_base_ppl needs the unquantized model in memory; drop --offload_dir/--load_quantized "
                         "(or run the FP16 row separately with --wbits 16 --abits 16)")
+    if cfg.export_dir:
+        check_export(cfg)
     if cfg.act_dist_plot and not cfg.output_path:
         raise UserError("--act_dist_plot draws into OUTPUT_PATH/plots; pass --output_path DIR")
+
+
+def check_export(cfg: RunConfig) -> None:
+    """--export: what the flags decide (a --load_quantized model is checked when exported)."""
+    check_export_dir(cfg.export_dir)
+    if cfg.offload_dir:
+        raise UserError("--export needs the quantized model in memory; drop --offload_dir (or --save_quantized here "
+                        "and export from --load_quantized where the model fits)")
+    reason = None if cfg.load_quantized else export_refusal(cfg.quant)
+    if reason:
+        raise UserError(f"--export {cfg.export_format}: {reason}")
 
 
 def check_seqlen(seqlen: int, max_positions: int) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import main as cli
+from rptq.flags import quant_config
 from models.registry import adapter_for
 from rptq import act_quantizers
 from rptq.checkpoint import load_quantized, save_quantized
@@ -40,7 +41,7 @@ ERROR_RATIO = 1.10
 
 
 def _config(*argv):
-    return cli.quant_config(cli.build_parser().parse_args(["tiny", *argv]))
+    return quant_config(cli.build_parser().parse_args(["tiny", *argv]))
 
 
 def _model(arch):

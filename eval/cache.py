@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.atomic import atomic_write
+from common.atomic import atomic_write, write_errors
 
 DEFAULT_CACHE = Path(os.environ.get("RPTQ_CACHE", Path.home() / ".cache" / "rptq-toolkit"))
 
@@ -38,6 +38,7 @@ def cached_tensor(cache_dir: str | os.PathLike | None, key: dict, compute: Calla
     if path.is_file():
         return load_file(str(path))["data"]
     value = compute()
-    atomic_write(path, lambda tmp: save_file({"data": value.contiguous()}, tmp,
-                                             metadata={"key": json.dumps(key, sort_keys=True)}))
+    with write_errors(root, "--cache_dir"):
+        atomic_write(path, lambda tmp: save_file({"data": value.contiguous()}, tmp,
+                                                 metadata={"key": json.dumps(key, sort_keys=True)}))
     return value

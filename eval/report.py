@@ -6,19 +6,13 @@
 """
 from __future__ import annotations
 
-import errno
 import json
 import resource
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
-from common.atomic import atomic_write_text
-from common.errors import UserError
-
-# A full disk, a quota, a read-only or forbidden place: the user's to fix, so one line, not a traceback.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR}
+from common.atomic import atomic_write_text, write_errors
 
 
 def versions() -> dict:
@@ -40,19 +34,6 @@ def versions() -> dict:
         git = "unknown"
     return {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval_version,
             "git": git}
-
-
-@contextmanager
-def write_errors(path, flag: str = "--output_path"):
-    """Turns a failed write under ``path`` into a UserError naming it (the atomic writers leave nothing
-    half-written behind)."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in WRITE_ERRNOS:
-            raise
-        raise UserError(f"could not write {path}: {exc.strerror} ({errno.errorcode[exc.errno]}); free space or pass "
-                        f"another {flag}") from None
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import torch
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_text, write_errors
 from models.block import QuantBlock
 
 from .block_file import load_block, restamp_block, save_block
 from .tensor_file import atomic_save, read_tensors
+
+
+_WHERE = "--output_path (its calibration_state), --offload_dir or --save_quantized"
 
 
 def _identity(index: int, checkpoint: str | None) -> dict:
@@ -35,7 +38,8 @@ class LayerStore:
 
     def save_block(self, index: int, block: QuantBlock, checkpoint: str | None = None) -> None:
         """``checkpoint``: the id of the --save_quantized directory it belongs to (recorded with its index)."""
-        save_block(block, self.block_path(index), _identity(index, checkpoint))
+        with write_errors(self.root, _WHERE):
+            save_block(block, self.block_path(index), _identity(index, checkpoint))
 
     def load_block(self, index: int, block: QuantBlock, device="cpu", checkpoint: str | None = None) -> QuantBlock:
         """With ``checkpoint``: the file must record this index and id (not swapped or copied in)."""
@@ -43,7 +47,8 @@ class LayerStore:
 
     def copy_block(self, index: int, source: "LayerStore", checkpoint: str) -> None:
         """Another store's block file, stamped as this checkpoint's (out-of-core runs save this way)."""
-        restamp_block(source.block_path(index), self.block_path(index), _identity(index, checkpoint))
+        with write_errors(self.root, _WHERE):
+            restamp_block(source.block_path(index), self.block_path(index), _identity(index, checkpoint))
 
     # -- resumable calibration ------------------------------------------------------------
     # state.json: {"fingerprint": what the layers depend on (rptq/run_calibration.py), "next_layer",
@@ -57,10 +62,11 @@ class LayerStore:
     def save_progress(self, next_layer: int, inputs: torch.Tensor, fingerprint, layers: list[dict] | None = None,
                       calibration_s: float = 0.0) -> None:
         """Written after a layer's block file: the inputs of the next layer, then the marker."""
-        atomic_save({"inputs": inputs}, self.inputs_path(next_layer))
-        atomic_write_text(self.root / "state.json", json.dumps(
-            {"fingerprint": fingerprint, "next_layer": next_layer, "layers": layers or [],
-             "calibration_s": calibration_s}))
+        with write_errors(self.root, _WHERE):  # a full disk: the state so far stays whole and resumable
+            atomic_save({"inputs": inputs}, self.inputs_path(next_layer))
+            atomic_write_text(self.root / "state.json", json.dumps(
+                {"fingerprint": fingerprint, "next_layer": next_layer, "layers": layers or [],
+                 "calibration_s": calibration_s}))
         self._drop_inputs(keep=next_layer)
 
     def progress(self) -> dict | None:

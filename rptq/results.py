@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.report import peak_rss_mb, versions, write_errors, write_json_atomic
+from common.atomic import write_errors
+from eval.report import peak_rss_mb, versions, write_json_atomic
 
 from .evaluate import Evaluation
 from .pipeline import CalibrationReport

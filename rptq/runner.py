@@ -5,7 +5,8 @@ import shutil
 from pathlib import Path
 
 from common.errors import UserError
-from eval.report import format_summary, write_errors
+from common.atomic import write_errors
+from eval.report import format_summary
 from models.loading import load_config, pick_device
 from models.placement import dispatch
 from models.registry import adapter_for

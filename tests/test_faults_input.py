@@ -204,7 +204,7 @@ def test_disk_full_on_checkpoint_is_one_line(model_dir, monkeypatch, tmp_path, c
 def test_write_errors_pass_other_os_errors_through():
     """Only the user's disk problems become one line; anything else stays a bug with its traceback."""
     from common.errors import UserError
-    from eval.report import write_errors
+    from common.atomic import write_errors
 
     with pytest.raises(UserError, match="read-only"):
         with write_errors("/x"):
@@ -212,3 +212,25 @@ def test_write_errors_pass_other_os_errors_through():
     with pytest.raises(OSError):
         with write_errors("/x"):
             raise OSError(errno.EBADF, "bad file descriptor")
+
+
+def test_full_disk_under_the_calibration_state_and_token_cache_is_one_line(tmp_path, monkeypatch):
+    """The resume store's and the token cache's writes end as one line naming their place (the state
+    written so far stays whole: the atomic writers never leave half a file)."""
+    import torch
+
+    from common.errors import UserError
+    from eval import cache
+    from rptq import layer_store
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(layer_store, "atomic_save", full)
+    store = layer_store.LayerStore(tmp_path / "state")
+    with pytest.raises(UserError, match=f"could not write {tmp_path / 'state'}: No space left on device"):
+        store.save_progress(1, torch.zeros(2, 3), {"model": "m"})
+    assert store.progress() is None
+    monkeypatch.setattr(cache, "atomic_write", full)
+    with pytest.raises(UserError, match="ENOSPC.*--cache_dir"):
+        cache.cached_tensor(tmp_path / "cache", {"what": "t"}, lambda: torch.zeros(3))

@@ -106,7 +106,12 @@ def refuse_unused(args, quant: QuantConfig) -> None:
             ("--fptq_v1", args.fptq_v1, "the lae step", "lae" in quant.transforms),
             ("--kv_bits", args.kv_bits, "--abits_policy fptq", quant.abits_policy == "fptq"),
             ("--rotation_block", args.rotation_block, "the rotate step", "rotate" in quant.transforms),
-            ("--rotation_steps", args.rotation_steps, "the rotate step", "rotate" in quant.transforms)):
+            ("--rotation_steps", args.rotation_steps, "the rotate step", "rotate" in quant.transforms),
+            ("--no_permute", args.no_permute or None, "the rotate step", "rotate" in quant.transforms),
+            ("--outlier_index", None if args.outlier_index == "official" else args.outlier_index,
+             "the rotate step", "rotate" in quant.transforms),
+            ("--act_clip", args.act_clip, "--abits_policy duquant or quarot",
+             quant.abits_policy in ("duquant", "quarot"))):
         if given is not None and not active:
             raise UserError(f"{flag} is used only with {needs}; --method {quant.method} does not run it (drop the "
                             "flag or add what it needs)")

@@ -234,3 +234,11 @@ def test_full_disk_under_the_calibration_state_and_token_cache_is_one_line(tmp_p
     monkeypatch.setattr(cache, "atomic_write", full)
     with pytest.raises(UserError, match="ENOSPC.*--cache_dir"):
         cache.cached_tensor(tmp_path / "cache", {"what": "t"}, lambda: torch.zeros(3))
+
+
+@pytest.mark.parametrize("flags", [["--no_permute"], ["--outlier_index", "paper"], ["--act_clip", "0.8"]])
+def test_rotation_flags_without_their_step_are_refused(flags, capsys):
+    """DuQuant's zigzag, outlier rule and activation clipping do nothing under --method rptq: refused."""
+    assert cli.main(["tiny", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {flags[0]} is used only with")

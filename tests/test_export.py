@@ -178,7 +178,7 @@ REFUSALS = {
     "cluster_ranges": (["--abits", "8", "--w_group_size", "32", "--reorder", "35"], "per-cluster activation ranges"),
     "per_sequence": (["--abits", "8", "--reorder", "", "--a_dynamic"], "--a_dynamic_method per_token"),
     "fp16": (["--wbits", "16", "--abits", "16"], "not quantized"),
-    "act_clip": (["--method", "duquant", "--transforms", "smooth", "--rotation_steps", "2"], "--act_clip 1"),
+    "act_clip": (["--method", "duquant", "--transforms", "smooth"], "--act_clip 1"),
 }
 
 

@@ -150,7 +150,14 @@ class BlockRotation(ChannelTransform):
         return rows, None if bias is None else self.apply(bias)
 
     def hessian(self, H):
-        H.copy_(self.apply(self.apply(H).t()).t())  # B^T H B for symmetric H
+        """B^T H B for symmetric H, block-wise: two (n*k, b) x (b, b) products, O(n^2 b).
+
+        The transpose between them is made contiguous: as a strided view, matmul cannot fold it
+        into one product and runs a batched one over n tiny (k, b) matrices instead -- 5x the
+        whole DuQuant+GPTQ calibration on a busy 2-core CPU (issue #21), and thread-count
+        dependent in its last bit (768 channels, block 128: two threads differed from one). The
+        contiguous form gives the strided form's one-thread result, on any thread count."""
+        H.copy_(self.apply(self.apply(H).t().contiguous()).t())
         return H
 
 

@@ -162,3 +162,31 @@ def test_duquant_same_seed_identical_rotations_and_results():
         quantize_model(quant, adapter_for(quant.config), calib, cfg, progress=False)
         outs.append((_logits(quant, ids), quant.model.layers[0].online["qkv_in"].steps[0].R.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_block_rotation_hessian_is_blockwise_exact_and_thread_invariant():
+    """#21: B^T H B by two contiguous block-wise products. It is the dense product up to rounding,
+    the same bits on one thread as on two, and the bits of the former strided form on one thread
+    (so runs whose old result did not depend on the thread count keep their numbers)."""
+    from quant.rotation import apply_block_rotation, block_diag_matrix
+    from quant.threads import single_thread_on_cpu
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 768, generator=gen)
+    H = x.t() @ x / x.shape[0]
+    R = random_orthogonal(128, gen)
+    t = BlockRotation(R)
+    B = block_diag_matrix(R, 6)
+    dense = (B.t() @ H.double() @ B).float()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = t.hessian(H.clone())
+    finally:
+        torch.set_num_threads(threads)
+    with single_thread_on_cpu(H.device):
+        one = t.hessian(H.clone())
+        strided = apply_block_rotation(apply_block_rotation(H, t.R).t(), t.R).t()
+    assert torch.allclose(two, dense, rtol=1e-4, atol=1e-5)
+    assert torch.equal(one, two)
+    assert torch.equal(one, strided)

@@ -6,8 +6,9 @@ block: R2, a Hadamard of size head_dim folded into the value rows and the attent
 consumer columns (``head_rotate``); R3, a Hadamard on Q and K after RoPE, online (DuQuant's
 ``qk_rotate``); R4, a Hadamard of the MLP width online at the MLP's second linear input with its
 transpose in the consumer's columns (``mlp_rotate``). Quantizers: every linear input per token,
-symmetric, dynamic, clip 0.9; K and V per token x head, asymmetric, clip 0.95; Q and the softmax
-output FP; weights per output channel, symmetric, GPTQ (spec: shared/methods/quarot_spinquant.md).
+symmetric on QuaRot's grid (quant.grid "quarot"), dynamic, clip 0.9; K and V per token x head,
+asymmetric, clip 0.95; Q and the softmax output FP; weights per output channel, symmetric, GPTQ
+(spec: shared/methods/quarot_spinquant.md).
 """
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str
         heads = ctx.spec.heads
         return QuantSpec(bits=bits, group_sizes=(heads.head_dim,) * heads.num_kv_heads, dynamic="token",
                          grid="full", clip=cfg.residual.kv_clip), "minmax"
-    return QuantSpec(bits=bits, dynamic="token", grid="symmetric", clip=cfg.rotation.act_clip), "minmax"
+    # QuaRot's grid: scale = clip * absmax / (2^(b-1) - 1) on codes -2^(b-1) .. 2^(b-1) - 1, so a clipped
+    # token's negative side keeps the extra code (the toolkit's "symmetric" grid stops at -(2^(b-1) - 1)).
+    return QuantSpec(bits=bits, dynamic="token", grid="quarot", clip=cfg.rotation.act_clip), "minmax"
 
 
 def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
@@ -75,4 +78,5 @@ def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
     if role in (KEY, VALUE):
         return {"bits": bits, "granularity": f"token x head dynamic, asymmetric, clip {cfg.residual.kv_clip}",
                 "static": False}
-    return {"bits": bits, "granularity": f"token dynamic, symmetric, clip {cfg.rotation.act_clip}", "static": False}
+    return {"bits": bits, "granularity": f"token dynamic, symmetric (codes -2^(b-1)..2^(b-1)-1), clip "
+            f"{cfg.rotation.act_clip}", "static": False}

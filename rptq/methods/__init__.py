@@ -128,7 +128,9 @@ ASSUMPTIONS: dict[str, tuple[str, ...]] = {
                "i < 80, of least sum |w_hat - w|^2.4; quant.clip_search), on the toolkit's symmetric grid "
                "+-(2^(b-1) - 1) (QuaRot's weight codes may also take -2^(b-1))",
                "QuaRot: R2 and R4 are plain Hadamards (random orthogonal where none of the width is built), "
-               "R2 the same on every head"),
+               "R2 the same on every head; the online mixer across heads at o_proj's input (QuaRot's partial "
+               "Hadamard) is a Hadamard of order num_heads where one is built, else random orthogonal "
+               "(SmolLM2-135M's 9 heads: random; QuaRot's code has no order-9 Hadamard)"),
     "gptqt": ("GPTQT: intermediate bits n = k + 1; level sets on the n-bit integer grid; re-explore gammas "
               "0.50..1.50 scored by the Hessian-diagonal-weighted error; variant B (GPTQ compensates the final "
               "rounding)",),

@@ -5,10 +5,10 @@ by the pipeline before the first layer is captured; its per-block step here does
 block: R2, a Hadamard of size head_dim folded into the value rows and the attention output's
 consumer columns, plus QuaRot's online Hadamard across the heads there (``head_rotate``); R3, a
 Hadamard on Q and K after RoPE, online (DuQuant's ``qk_rotate``); R4, a Hadamard of the MLP width
-online at the MLP's second linear input with its transpose in the consumer's columns (``mlp_rotate``). Quantizers: every linear input per token,
-symmetric on QuaRot's grid (quant.grid "quarot"), dynamic, clip 0.9; K and V per token x head,
-asymmetric, clip 0.95; Q and the softmax output FP; weights per output channel, symmetric, GPTQ
-after QuaRot's clipping search (spec: shared/methods/quarot_spinquant.md).
+online at the MLP's second linear input with its transpose in the consumer's columns (``mlp_rotate``).
+Quantizers: every linear input per token, symmetric on QuaRot's grid (quant.grid "quarot"), dynamic,
+clip 0.9; K and V per token x head, asymmetric, clip 0.95; Q and the softmax output FP; weights per
+output channel, symmetric, GPTQ after QuaRot's clipping search (spec: shared/methods/quarot_spinquant.md).
 """
 from __future__ import annotations
 

@@ -91,3 +91,20 @@ def test_clip_search_is_quarots_range_search():
     assert float((searched - w).pow(2).sum()) < float((plain - w).pow(2).sum())
     codes, scale, zero = weight_codes(w, None, 4, spec)
     assert int(codes.min()) >= -7 and int(codes.max()) <= 7 and torch.equal((codes - zero) * scale, searched)
+
+
+def test_heads_without_a_hadamard_get_a_random_mixer_and_stay_exact():
+    """3 heads (no Hadamard of order 3, like SmolLM2's 9): the across-heads mixer at the attention output
+    is random orthogonal, placed online, and the model is unchanged with quantization off."""
+    model = tiny_opt(seed=0, hidden=48, layers=1, heads=3, ffn=96)
+    ids = _ids(2, 0)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    quant = copy.deepcopy(model)
+    report = quantize_model(quant, adapter_for(quant.config), _ids(2, 5),
+                            QuantConfig(**{**QUAROT, "wbits": 16, "abits": 16}), progress=False)
+    with torch.no_grad():
+        out = quant(ids, use_cache=False).logits
+    assert float((out - ref).pow(2).mean() / ref.pow(2).mean()) < 1e-8
+    decision = next(d["head_rotate"] for d in report.layers[0].decisions.values() if "head_rotate" in d)
+    assert decision["across_heads"] == {"kind": "random", "heads": 3, "where": "online"}

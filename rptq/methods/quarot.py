@@ -42,7 +42,7 @@ def head_rotate_step(ctx: BlockContext) -> None:
         ctx.placements.append({"point": edge.point, "transform": "rotation", "where": where, "step": "head_rotate"})
         n_heads = ctx.block.module(edge.consumer).in_features // heads.head_dim
         across, across_kind = orthogonal_mixer(n_heads, ctx.generator(salt=25), randomized=False)
-        mix = torch.kron(across, torch.eye(heads.head_dim, dtype=across.dtype))  # channel h*d + i -> head h
+        mix = torch.kron(across.contiguous(), torch.eye(heads.head_dim, dtype=across.dtype))  # channel h*d+i: head h
         online = ctx.apply(edge.point, BlockRotation(mix), step="head_rotate")
         ctx.decisions.setdefault(edge.point, {})["head_rotate"] = {
             "kind": kind, "block": heads.head_dim, "where": where,

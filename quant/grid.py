@@ -8,7 +8,9 @@ Three grids, named by where they come from:
 - ``reference``: RPTQ's UniformAffineQuantizer: scale (max - min) / 2^b, zero point
   round(-(max + min) / (2 scale)) on the signed codes -2^(b-1) .. 2^(b-1) - 1, so the grid's 2^b levels
   span [min, max - scale] and the top step is clipped;
-- ``symmetric``: scale max|x| / (2^(b-1) - 1), zero point 0 (SmoothQuant, FPTQ activations).
+- ``symmetric``: scale max|x| / (2^(b-1) - 1), zero point 0 (SmoothQuant, FPTQ activations);
+- ``quarot``: the same scale and zero point on the two's-complement codes -2^(b-1) .. 2^(b-1) - 1
+  (QuaRot's sym_quant: a clipped range's negative side rounds onto the extra code -2^(b-1)).
 Every grid quantizes as clamp(round(x / scale) + zero) and dequantizes as (code - zero) * scale, in
 fp32: codes plus the same scale and zero give the fake-quantized value bit for bit.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-GRIDS = ("full", "reference", "symmetric")
+GRIDS = ("full", "reference", "symmetric", "quarot")
 # A floor, not a working value: it only keeps a constant group from dividing by zero. (The RPTQ
 # reference floors at 1e-4 and clamps zero points to +-1e4, which maps a near-constant group far
 # from 0 onto the wrong value; a floor this small lets it round-trip.)
@@ -31,7 +33,7 @@ def code_range(bits: int, grid: str = "full") -> tuple[int, int]:
     """(qmin, qmax) of the integer codes of a grid."""
     if grid == "full":
         return 0, 2**bits - 1
-    if grid == "reference":
+    if grid in ("reference", "quarot"):
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if grid == "symmetric":
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
@@ -55,7 +57,7 @@ def zero_point(xmin: torch.Tensor, xmax: torch.Tensor, scale: torch.Tensor, grid
         return torch.round(-xmin / scale)
     if grid == "reference":
         return torch.round(-(xmax + xmin) / (2 * scale))
-    if grid == "symmetric":
+    if grid in ("symmetric", "quarot"):
         return torch.zeros_like(scale)
     raise _unknown(grid)
 
@@ -66,7 +68,7 @@ def affine_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, grid: str =
         scale = (xmax - xmin) / (2**bits - 1)
     elif grid == "reference":
         scale = (xmax - xmin) / 2**bits
-    elif grid == "symmetric":
+    elif grid in ("symmetric", "quarot"):
         scale = torch.maximum(xmin.abs(), xmax.abs()) / (2 ** (bits - 1) - 1)
     else:
         raise _unknown(grid)

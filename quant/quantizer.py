@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .bitpack import snap_scales_sf8
+from .clip_search import clip_search
 from .grid import affine_params, code_dtype, code_range, dequantize, fake_quant, quantize, zero_point
 
 FULL_PRECISION = 16
@@ -177,6 +178,7 @@ class WeightSpec:
     clip: float = 1.0
     fp16_scales: bool = False
     sf8_scales: bool = False
+    clip_search: bool = False  # QuaRot's per-(row, group) range search (quant.clip_search), after ``clip``
 
 
 def weight_group_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int,
@@ -190,10 +192,13 @@ def weight_group_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | Non
         wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
     if spec.clip != 1.0:
         wmin, wmax = wmin * spec.clip, wmax * spec.clip
+    if spec.clip_search:
+        wmin, wmax = clip_search(weight, sizes, wmin, wmax, bits, spec.grid)
     scale, zero = affine_params(wmin, wmax, bits, spec.grid)
     if spec.fp16_scales or spec.sf8_scales:
         snap = snap_scales_sf8 if spec.sf8_scales else fp16_representable
-        flat = (wmax == wmin) & (wmax != 0) if spec.grid != "symmetric" else torch.zeros_like(wmax, dtype=torch.bool)
+        symmetric = spec.grid in ("symmetric", "quarot")  # zero point 0: no constant group to place
+        flat = (wmax == wmin) & (wmax != 0) if not symmetric else torch.zeros_like(wmax, dtype=torch.bool)
         if bool(flat.any()):
             scale, flat_zero = _flat_group_grid(wmax, flat, scale, bits, spec.grid, snap)
         else:

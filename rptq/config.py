@@ -82,6 +82,7 @@ class QuantConfig:
     w_range: str = "minmax"  # minmax (reference) | with_zero (GPTQ's convention)
     w_group_size: int = 0  # 0: per row, per input cluster where the input is reordered; N: groups of N
     w_clip: float = 1.0
+    w_clip_search: bool = False  # QuaRot's per-row weight range search (quant.clip_search; quarot preset)
     fp16_scales: bool = False  # weight scales on fp16 numbers (packed checkpoints are then exact)
     sf8_scales: bool = False  # weight scales rounded up onto 1-byte sf8 numbers (smallest checkpoints)
     percdamp: float = 0.01

@@ -51,6 +51,7 @@ _ACT_SPECS = {
     "dynamic per token, groups": QuantSpec(4, (24, 24), dynamic="token", grid="symmetric"),
     "dynamic per sequence": QuantSpec(4, dynamic="sequence"),
     "dynamic per sequence, groups": QuantSpec(3, (16, 32), dynamic="sequence", grid="reference"),
+    "dynamic per token, QuaRot's grid, clipped": QuantSpec(4, dynamic="token", grid="quarot", clip=0.9),
 }
 
 
@@ -132,3 +133,35 @@ def test_gptqt_step_one_codes_are_the_grids():
 def test_bcq_binary_codes_rebuild_its_weight(layout):
     w_hat, coded = bcq_quantize(_weight(), 3, LAYOUTS[layout], iters=3)
     assert coded.bits.dtype == torch.bool and torch.equal(coded.dequantize(), w_hat)
+
+
+@pytest.mark.parametrize("bits", [4, 8])  # at clip 0.9 the extra code is reached from 4 bits up
+def test_quarot_grid_is_the_symmetric_scale_on_twos_complement_codes(bits):
+    """QuaRot's sym_quant: scale clip * absmax / (2^(b-1) - 1), codes clamped to -2^(b-1) .. 2^(b-1) - 1;
+    a clipped token's negative side reaches the extra code, and nowhere else does it differ."""
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(bits)) * 2
+    x[::2] = -x[::2]  # half the tokens have their absmax on the negative side
+    quarot, symmetric = (ActQuantizer(QuantSpec(bits, dynamic="token", grid=grid, clip=0.9))
+                         for grid in ("quarot", "symmetric"))
+    codes, scale, zero = quarot.quantize(x)
+    sym_codes, sym_scale, _ = symmetric.quantize(x)
+    assert code_range(bits, "quarot") == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) and _in_range(codes, bits, "quarot")
+    assert torch.equal(scale, sym_scale) and not bool(zero.any())
+    assert int(codes.min()) == -(2 ** (bits - 1))  # clip 0.9: the extra code is used
+    assert torch.equal(quarot.dequantize(codes, scale, zero), quarot(x))
+    assert torch.equal(quarot(x), fake_quant(x, scale, zero, bits, "quarot"))
+    differs = codes != sym_codes
+    assert bool(differs.any()) and bool((codes[differs] == -(2 ** (bits - 1))).all())
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_clip_searched_ranges_keep_codes_on_the_grid(grid, layout):
+    """QuaRot's clipping search only narrows the ranges: RTN and GPTQ codes stay in range and exact."""
+    w, x, sizes = _weight(), _inputs(), LAYOUTS[layout]
+    spec = WeightSpec(4, sizes, grid, clip_search=True)
+    codes, scale, zero = weight_codes(w, sizes, 4, spec)
+    assert _in_range(codes, 4, grid)
+    assert torch.equal(dequantize_weight(codes, scale, zero, sizes), quantize_weight_rtn(w, sizes, 4, spec))
+    w_hat, codes = _gptq(x).quantize_codes(w, scale, zero, 4, sizes, blocksize=16, grid=grid)
+    assert _in_range(codes, 4, grid) and torch.equal(dequantize_weight(codes, scale, zero, sizes), w_hat)

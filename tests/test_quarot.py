@@ -54,6 +54,7 @@ def test_quarot_from_the_command_line(model_dir, cache, tmp_path, capsys):  # no
     assert manifest["q"]["bits"] == 16 and manifest["k"]["bits"] == 4 and manifest["fc2_in"]["static"] is False
     assert manifest["fc2_in"]["transforms"] == ["rotation@online"]
     assert res["config"]["grid"] == "symmetric" and res["config"]["w_quantizer"] == "gptq"
+    assert res["config"]["w_clip_search"] is True and "-2^(b-1)..2^(b-1)-1" in manifest["fc2_in"]["granularity"]
     assert res["ppl"]["ptb"] > 1
 
 
@@ -66,3 +67,44 @@ def test_quarot_refusals_are_one_line(model_dir, cache, tmp_path, capsys, extra,
     code, err = run(small(model_dir, cache, tmp_path / "out", *extra), capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "save").exists()
+
+
+def test_clip_search_is_quarots_range_search():
+    """Each row's range is the best of p = 1, 0.99, .., 0.21 of its absmax under sum |w_hat - w|^2.4 (brute force
+    here), never worse than the full range; the codes stay on the grid and dequantize to the RTN weight."""
+    from quant.grid import affine_params, fake_quant
+    from quant.quantizer import WeightSpec, quantize_weight_rtn, weight_codes, weight_group_params
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    w[:, 5] *= 12  # an outlier column: clipping pays
+    spec = WeightSpec(4, None, "symmetric", include_zero=True, clip_search=True)
+    scale, _ = weight_group_params(w, None, 4, spec)
+    absmax = w.abs().amax(1, keepdim=True)
+    errs = []
+    for i in range(80):
+        s, z = affine_params(-absmax * (1 - i / 100), absmax * (1 - i / 100), 4, "symmetric")
+        errs.append((fake_quant(w, s, z, 4, "symmetric") - w).abs().pow(2.4).sum(1))
+    best = torch.stack(errs, 1).argmin(1)
+    want, _ = affine_params(-absmax[:, 0] * (1 - best / 100), absmax[:, 0] * (1 - best / 100), 4, "symmetric")
+    assert torch.allclose(scale[:, 0], want) and bool((best > 0).any())
+    plain = quantize_weight_rtn(w, None, 4, WeightSpec(4, None, "symmetric"))
+    searched = quantize_weight_rtn(w, None, 4, spec)
+    assert float((searched - w).pow(2).sum()) < float((plain - w).pow(2).sum())
+    codes, scale, zero = weight_codes(w, None, 4, spec)
+    assert int(codes.min()) >= -7 and int(codes.max()) <= 7 and torch.equal((codes - zero) * scale, searched)
+
+
+def test_heads_without_a_hadamard_get_a_random_mixer_and_stay_exact():
+    """3 heads (no Hadamard of order 3, like SmolLM2's 9): the across-heads mixer at the attention output
+    is random orthogonal, placed online, and the model is unchanged with quantization off."""
+    model = tiny_opt(seed=0, hidden=48, layers=1, heads=3, ffn=96)
+    ids = _ids(2, 0)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    quant = copy.deepcopy(model)
+    report = quantize_model(quant, adapter_for(quant.config), _ids(2, 5),
+                            QuantConfig(**{**QUAROT, "wbits": 16, "abits": 16}), progress=False)
+    with torch.no_grad():
+        out = quant(ids, use_cache=False).logits
+    assert float((out - ref).pow(2).mean() / ref.pow(2).mean()) < 1e-8
+    decision = next(d["head_rotate"] for d in report.layers[0].decisions.values() if "head_rotate" in d)
+    assert decision["across_heads"] == {"kind": "random", "heads": 3, "where": "online"}

@@ -41,8 +41,8 @@ PRESETS: dict[str, dict] = {
                      w_range="minmax", w_group_size=0, w_clip=0.8, wbits=4, abits=4,
                      rotation=dict(kind="hadamard")),
     "quarot": dict(transforms=("residual_rotate", "head_rotate", "qk_rotate", "mlp_rotate"), abits_policy="quarot",
-                   grid="symmetric", w_quantizer="gptq", w_range="minmax", w_group_size=0, w_clip=1.0, wbits=4,
-                   abits=4, rotation=dict(act_clip=0.9)),
+                   grid="symmetric", w_quantizer="gptq", w_range="minmax", w_group_size=0, w_clip=1.0,
+                   w_clip_search=True, wbits=4, abits=4, rotation=dict(act_clip=0.9)),
 }
 METHODS = tuple(PRESETS)
 
@@ -75,7 +75,7 @@ def weight_groups(cfg: QuantConfig, columns: int, point_groups: tuple[int, ...] 
 def weight_spec(cfg: QuantConfig, columns: int, point_groups: tuple[int, ...] | None) -> WeightSpec:
     return WeightSpec(bits=cfg.weight_bits, group_sizes=weight_groups(cfg, columns, point_groups), grid=cfg.grid,
                       include_zero=cfg.w_range == "with_zero", clip=cfg.w_clip, fp16_scales=cfg.fp16_scales,
-                      sf8_scales=cfg.sf8_scales)
+                      sf8_scales=cfg.sf8_scales, clip_search=cfg.w_clip_search)
 
 
 def describe_weight(cfg: QuantConfig, spec, point: str) -> dict:
@@ -119,13 +119,18 @@ ASSUMPTIONS: dict[str, tuple[str, ...]] = {
                         "QuaRot R1: the LM head is untied from the embeddings when they share a tensor (the final "
                         "norm's gain goes into the head only); OPT's LayerNorms become RMSNorms on a zero-mean "
                         "residual (SliceGPT), the final LayerNorm's shift a head bias"),
-    "quarot": ("QuaRot: activations on the symmetric grid +-(2^(b-1) - 1) (QuaRot's code clamps to "
-               "[-2^(b-1), 2^(b-1) - 1]); Q and the softmax output stay FP as in QuaRot's fake-quant code",
+    "quarot": ("QuaRot: linear inputs on QuaRot's grid (quant.grid 'quarot'): scale clip * absmax / (2^(b-1) - 1), "
+               "codes clamped to [-2^(b-1), 2^(b-1) - 1] as its sym_quant does; Q and the softmax output stay FP "
+               "as in QuaRot's fake-quant code",
                "QuaRot: K and V per token x head (group = head_dim), asymmetric, clip 0.95, at --abits",
-               "QuaRot: weights per output channel, symmetric, GPTQ (damp --percdamp, no act-order) without "
-               "QuaRot's weight clipping search (--w_clip 1.0; RTN with --w_quantizer rtn)",
+               "QuaRot: weights per output channel, symmetric, GPTQ (damp --percdamp, no act-order; RTN with "
+               "--w_quantizer rtn) with QuaRot's clipping search (its --w_clip: per row the shrink p = 1 - i/100, "
+               "i < 80, of least sum |w_hat - w|^2.4; quant.clip_search), on the toolkit's symmetric grid "
+               "+-(2^(b-1) - 1) (QuaRot's weight codes may also take -2^(b-1))",
                "QuaRot: R2 and R4 are plain Hadamards (random orthogonal where none of the width is built), "
-               "R2 the same on every head"),
+               "R2 the same on every head; the online mixer across heads at o_proj's input (QuaRot's partial "
+               "Hadamard) is a Hadamard of order num_heads where one is built, else random orthogonal "
+               "(SmolLM2-135M's 9 heads: random; QuaRot's code has no order-9 Hadamard)"),
     "gptqt": ("GPTQT: intermediate bits n = k + 1; level sets on the n-bit integer grid; re-explore gammas "
               "0.50..1.50 scored by the Hessian-diagonal-weighted error; variant B (GPTQ compensates the final "
               "rounding)",),

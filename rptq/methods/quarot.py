@@ -3,13 +3,16 @@
 R1, a randomized Hadamard on the whole residual stream, is model-level (rptq.residual_rotate, run
 by the pipeline before the first layer is captured; its per-block step here does nothing). Per
 block: R2, a Hadamard of size head_dim folded into the value rows and the attention output's
-consumer columns (``head_rotate``); R3, a Hadamard on Q and K after RoPE, online (DuQuant's
-``qk_rotate``); R4, a Hadamard of the MLP width online at the MLP's second linear input with its
-transpose in the consumer's columns (``mlp_rotate``). Quantizers: every linear input per token,
-symmetric, dynamic, clip 0.9; K and V per token x head, asymmetric, clip 0.95; Q and the softmax
-output FP; weights per output channel, symmetric, GPTQ (spec: shared/methods/quarot_spinquant.md).
+consumer columns, plus QuaRot's online Hadamard across the heads there (``head_rotate``); R3, a
+Hadamard on Q and K after RoPE, online (DuQuant's ``qk_rotate``); R4, a Hadamard of the MLP width
+online at the MLP's second linear input with its transpose in the consumer's columns (``mlp_rotate``).
+Quantizers: every linear input per token, symmetric on QuaRot's grid (quant.grid "quarot"), dynamic,
+clip 0.9; K and V per token x head, asymmetric, clip 0.95; Q and the softmax output FP; weights per
+output channel, symmetric, GPTQ after QuaRot's clipping search (spec: shared/methods/quarot_spinquant.md).
 """
 from __future__ import annotations
+
+import torch
 
 from models.spec import KEY, LINEAR_IN, LN_OUT, VALUE
 from quant.hadamard import orthogonal_mixer
@@ -26,15 +29,24 @@ def residual_step(ctx: BlockContext) -> None:
 
 
 def head_rotate_step(ctx: BlockContext) -> None:
-    """R2: the same head_dim x head_dim Hadamard on every head's value channels (folded)."""
-    head_dim = ctx.spec.heads.head_dim
-    H, kind = orthogonal_mixer(head_dim, ctx.generator(salt=20), randomized=False)
+    """R2: the same head_dim x head_dim Hadamard on every head's value channels (folded), then, as
+    QuaRot's online partial Hadamard at o_proj's input, a num_heads mixer across the heads (online,
+    its transpose in o_proj's columns): together a full-width rotation, so no head's scale dominates
+    the token's quantization range (R2 alone leaves each head's magnitude where it was)."""
+    heads = ctx.spec.heads
+    H, kind = orthogonal_mixer(heads.head_dim, ctx.generator(salt=20), randomized=False)
     for edge in ctx.spec.linear_edges:
         if not edge.per_head:
             continue
         where = place_within_heads(ctx.block, edge.point, BlockRotation(H), ctx.observers)
         ctx.placements.append({"point": edge.point, "transform": "rotation", "where": where, "step": "head_rotate"})
-        ctx.decisions.setdefault(edge.point, {})["head_rotate"] = {"kind": kind, "block": head_dim, "where": where}
+        n_heads = ctx.block.module(edge.consumer).in_features // heads.head_dim
+        across, across_kind = orthogonal_mixer(n_heads, ctx.generator(salt=25), randomized=False)
+        mix = torch.kron(across.contiguous(), torch.eye(heads.head_dim, dtype=across.dtype))  # channel h*d+i: head h
+        online = ctx.apply(edge.point, BlockRotation(mix), step="head_rotate")
+        ctx.decisions.setdefault(edge.point, {})["head_rotate"] = {
+            "kind": kind, "block": heads.head_dim, "where": where,
+            "across_heads": {"kind": across_kind, "heads": n_heads, "where": online}}
 
 
 def mlp_rotate_step(ctx: BlockContext) -> None:
@@ -65,7 +77,9 @@ def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str
         heads = ctx.spec.heads
         return QuantSpec(bits=bits, group_sizes=(heads.head_dim,) * heads.num_kv_heads, dynamic="token",
                          grid="full", clip=cfg.residual.kv_clip), "minmax"
-    return QuantSpec(bits=bits, dynamic="token", grid="symmetric", clip=cfg.rotation.act_clip), "minmax"
+    # QuaRot's grid: scale = clip * absmax / (2^(b-1) - 1) on codes -2^(b-1) .. 2^(b-1) - 1, so a clipped
+    # token's negative side keeps the extra code (the toolkit's "symmetric" grid stops at -(2^(b-1) - 1)).
+    return QuantSpec(bits=bits, dynamic="token", grid="quarot", clip=cfg.rotation.act_clip), "minmax"
 
 
 def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
@@ -75,4 +89,5 @@ def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
     if role in (KEY, VALUE):
         return {"bits": bits, "granularity": f"token x head dynamic, asymmetric, clip {cfg.residual.kv_clip}",
                 "static": False}
-    return {"bits": bits, "granularity": f"token dynamic, symmetric, clip {cfg.rotation.act_clip}", "static": False}
+    return {"bits": bits, "granularity": f"token dynamic, symmetric (codes -2^(b-1)..2^(b-1)-1), clip "
+            f"{cfg.rotation.act_clip}", "static": False}

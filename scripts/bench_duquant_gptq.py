@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import hashlib
 import os
 import pstats
 import sys
@@ -29,20 +28,11 @@ from models.synthetic import OPT_125M_SHAPE, inject_opt_outliers, random_opt  # 
 from rptq import methods  # noqa: E402
 from rptq.flags import quant_config  # noqa: E402
 from rptq.pipeline import quantize_model  # noqa: E402
+from scripts.bench_calibration import _digest  # noqa: E402  (the same digest: weights and per-layer errors)
 
 TARGET_RATIO = 2.0  # issue #21: DuQuant with GPTQ weights within 2x of DuQuant with RTN
 PHASES = (("stats pass (FP)", "stats_s"), ("transforms", "transform_s"), ("weights", "weights_s"),
           ("output pass", "output_s"), ("total", "total_s"))
-
-
-def _digest(model, report) -> str:
-    """bench_calibration's digest: the quantized weights and the per-layer errors."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().contiguous().numpy().tobytes())
-    h.update(repr(report.layer_errors()).encode())
-    return h.hexdigest()[:16]
 
 
 def _run(w_quantizer: str, args, profile: bool):

@@ -30,18 +30,11 @@ from models.registry import adapter_for
 from rptq.config import QuantConfig
 from rptq.pipeline import quantize_model
 from tests.helpers import inject_opt_outliers, tiny_opt
+from tests.test_reference_groups import code_limits  # the grids written out plainly, once
 
 HIDDEN, HEADS, FFN = 32, 2, 64
 HEAD_DIM = HIDDEN // HEADS
 CLUSTERS = {"R1": 4, "R2": 2, "R3": 2, "R4": 4, "R5": 4}
-
-
-def code_limits(bits, grid):
-    if grid == "full":
-        return 0, 2**bits - 1
-    if grid == "reference":
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
 
 
 def fake_quantize(x, scale, zero, bits, grid):
@@ -90,7 +83,7 @@ def weight_from_codes(linear, codes_entry):
 
 def read_block(block):
     """Everything the NumPy forward needs, as float64 arrays and plain values."""
-    layer, attn = block.layer, block.layer.self_attn
+    layer = block.layer
     for point, online in block.online.items():
         assert len(online) == 0, f"{point}: RPTQ on OPT should fold every transform"
     names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",

@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a_dynamic", action="store_true", help="dynamic activation ranges")
     p.add_argument("--a_dynamic_method", default="per_cluster", choices=("per_cluster", "per_token"),
                    help="per_cluster: one range per cluster and sequence (reference); per_token: per token and cluster")
-    p.add_argument("--grid", default=None, choices=("reference", "full", "symmetric"),
+    p.add_argument("--grid", default=None, choices=("reference", "full", "symmetric", "quarot"),
                    help="integer grid: reference (RPTQ: 2^b levels over [min, max-step]), full (2^b-1 steps over "
-                        "[min, max]), symmetric")
+                        "[min, max]), symmetric (codes +-(2^(b-1)-1)), quarot (symmetric scale on codes -2^(b-1)..2^(b-1)-1)")
     p.add_argument("--w_quantizer", default=None, choices=("gptq", "rtn", "normal", "gptqt", "bcq"),
                    help="normal = rtn (the reference's name); gptqt: GPTQT binary codes (3/2 bits); bcq: plain "
                         "binary coding (greedy + alternating)")

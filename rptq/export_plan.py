@@ -47,7 +47,7 @@ def _signed_zero(zero: torch.Tensor, bits: int, grid: str, where: str) -> torch.
     """Our zero points on the format's codes -2^(b-1) .. 2^(b-1) - 1 (None: symmetric). The full grid's
     codes 0 .. 2^b - 1 shift by 2^(b-1), code and zero alike, so (code - zero) * scale is unchanged; the
     reference grid's codes are already signed. A zero point outside the code range has no b-bit form."""
-    if grid == "symmetric":
+    if grid in ("symmetric", "quarot"):  # zero 0; quarot also uses code -2^(b-1), which the format has
         if bool(zero.ne(0).any()):
             raise UserError(f"{where}: a symmetric grid with a non-zero zero point; re-run the quantization")
         return None
@@ -63,7 +63,7 @@ def _signed_zero(zero: torch.Tensor, bits: int, grid: str, where: str) -> torch.
 
 def _weight_args(bits: int, grid: str, group: int | None) -> dict:
     strategy = {"strategy": "group", "group_size": group} if group else {"strategy": "channel"}
-    return {"num_bits": bits, "type": "int", "symmetric": grid == "symmetric", **strategy}
+    return {"num_bits": bits, "type": "int", "symmetric": grid in ("symmetric", "quarot"), **strategy}
 
 
 def _regroup(per_column: torch.Tensor, group: int | None) -> torch.Tensor | None:
@@ -111,7 +111,7 @@ def _input(plan: LinearPlan, spec, tap, where: str) -> None:
         raise UserError(f"{where}: " + rules.PER_SEQUENCE)
     if spec.clip != 1.0:
         raise UserError(f"{where}: " + rules.CLIPPED.format(clip=spec.clip))
-    symmetric = spec.grid == "symmetric"
+    symmetric = spec.grid in ("symmetric", "quarot")
     plan.input_args = {"num_bits": spec.bits, "type": "int", "symmetric": symmetric,
                        "strategy": "token" if spec.dynamic else "tensor", "dynamic": bool(spec.dynamic)}
     if not spec.dynamic:

@@ -20,7 +20,7 @@ _FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def _qmin(bits: int, grid: str) -> int:
-    """The container's code origin: 0 for the full grid; the signed grids (reference, symmetric)
+    """The container's code origin: 0 for the full grid; the signed grids (reference, symmetric, quarot)
     live inside -2^(b-1) .. 2^(b-1) - 1."""
     qmin, _ = code_range(bits, grid)
     return 0 if qmin == 0 else -(2 ** (bits - 1))
@@ -60,7 +60,7 @@ def unpack_linear(prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> 
                  "offset": packed.offset.float(), "group_sizes": groups}
     else:
         grid = meta.get("grid")
-        if grid not in ("full", "reference", "symmetric") or _qmin(packed.bits, grid) != packed.qmin:
+        if grid not in ("full", "reference", "symmetric", "quarot") or _qmin(packed.bits, grid) != packed.qmin:
             raise ValueError(f"packed weight {prefix}: grid {grid!r} does not match its code origin {packed.qmin}")
         codes = {"kind": "affine", "codes": packed.integer_codes().to(code_dtype(packed.bits, grid)),
                  "scale": packed.group_scale(), "zero": packed.group_zero(), "bits": packed.bits, "grid": grid,

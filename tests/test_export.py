@@ -263,3 +263,21 @@ def test_w4a8_fptq_per_token_reloads_with_exact_weights(models, tmp_path):
     ours, adapter = _ours(ours_dir)
     _linear_input_only(ours, adapter)
     _assert_matches_with_and_without_activation_quant(ours, adapter, theirs)
+
+
+def test_quarot_grid_weights_with_the_extra_negative_code_reload_exactly(models, tmp_path):
+    """QuaRot's weight grid (codes -8..7, scale absmax / 7): clipped rows use code -8, which the format's
+    symmetric int4 holds, so the exported weights are ours."""
+    from transformers import AutoModelForCausalLM
+
+    flags = ["--wbits", "4", "--abits", "16", "--reorder", "", "--grid", "quarot", "--w_quantizer", "rtn",
+             "--w_clip", "0.85"]
+    ours_dir, export, _ = _export(models, tmp_path, "llama", flags)
+    (scheme,) = _quantization_config(export)["config_groups"].values()
+    assert scheme["weights"]["symmetric"] is True and scheme["weights"]["strategy"] == "channel"
+    ours, adapter = _ours(ours_dir)
+    codes = [c["codes"] for block in adapter.layers(ours) for c in block.weight_codes.values()]
+    assert min(int(c.min()) for c in codes) == -8 and max(int(c.max()) for c in codes) <= 7
+    theirs = AutoModelForCausalLM.from_pretrained(str(export))
+    with torch.no_grad():
+        assert _rel(ours(_ids()).logits, theirs(_ids()).logits) <= TOL

@@ -53,7 +53,7 @@ def test_quarot_from_the_command_line(model_dir, cache, tmp_path, capsys):  # no
     manifest = res["bit_manifest"]
     assert manifest["q"]["bits"] == 16 and manifest["k"]["bits"] == 4 and manifest["fc2_in"]["static"] is False
     assert manifest["fc2_in"]["transforms"] == ["rotation@online"]
-    assert res["config"]["grid"] == "symmetric" and res["config"]["w_quantizer"] == "gptq"
+    assert res["config"]["grid"] == "quarot" and res["config"]["w_quantizer"] == "gptq"
     assert res["config"]["w_clip_search"] is True and "-2^(b-1)..2^(b-1)-1" in manifest["fc2_in"]["granularity"]
     assert res["ppl"]["ptb"] > 1
 

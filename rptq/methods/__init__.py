@@ -41,7 +41,7 @@ PRESETS: dict[str, dict] = {
                      w_range="minmax", w_group_size=0, w_clip=0.8, wbits=4, abits=4,
                      rotation=dict(kind="hadamard")),
     "quarot": dict(transforms=("residual_rotate", "head_rotate", "qk_rotate", "mlp_rotate"), abits_policy="quarot",
-                   grid="symmetric", w_quantizer="gptq", w_range="minmax", w_group_size=0, w_clip=1.0,
+                   grid="quarot", w_quantizer="gptq", w_range="minmax", w_group_size=0, w_clip=1.0,
                    w_clip_search=True, wbits=4, abits=4, rotation=dict(act_clip=0.9)),
 }
 METHODS = tuple(PRESETS)
@@ -125,8 +125,9 @@ ASSUMPTIONS: dict[str, tuple[str, ...]] = {
                "QuaRot: K and V per token x head (group = head_dim), asymmetric, clip 0.95, at --abits",
                "QuaRot: weights per output channel, symmetric, GPTQ (damp --percdamp, no act-order; RTN with "
                "--w_quantizer rtn) with QuaRot's clipping search (its --w_clip: per row the shrink p = 1 - i/100, "
-               "i < 80, of least sum |w_hat - w|^2.4; quant.clip_search), on the toolkit's symmetric grid "
-               "+-(2^(b-1) - 1) (QuaRot's weight codes may also take -2^(b-1))",
+               "i < 80, of least sum |w_hat - w|^2.4; quant.clip_search), on QuaRot's grid (scale absmax / (2^(b-1) - 1), codes "
+               "-2^(b-1) .. 2^(b-1) - 1 as its WeightQuantizer's sym_quant: a clipped or GPTQ-updated weight may "
+               "take the extra negative code)",
                "QuaRot: R2 and R4 are plain Hadamards (random orthogonal where none of the width is built), "
                "R2 the same on every head; the online mixer across heads at o_proj's input (QuaRot's partial "
                "Hadamard) is a Hadamard of order num_heads where one is built, else random orthogonal "

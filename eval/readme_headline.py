@@ -90,7 +90,8 @@ def _label(row: Row, tree: dict[str, list[dict]]) -> str:
     """The row's name, plus DuQuant's greedy step count as its run recorded it (the script's ROT_STEPS)."""
     runs = tree.get(row.key) or []
     rotation = (runs[0]["config"].get("rotation") or {}) if runs else {}
-    if rotation.get("kind") == "duquant" and rotation.get("steps"):
+    rotates = runs and "rotate" in ((runs[0].get("method") or {}).get("transforms") or ())  # else not used
+    if rotates and rotation.get("kind") == "duquant" and rotation.get("steps"):
         return f"{row.label} ({rotation['steps']} greedy steps)"
     return row.label
 

@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from common.tee import add_out_flag, out_argument, tee_stdout  # noqa: E402
 from eval.report import peak_rss_mb  # noqa: E402
 from models.registry import adapter_for  # noqa: E402
 from models.synthetic import OPT_125M_SHAPE, inject_opt_outliers, random_opt  # noqa: E402
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--digest", action="store_true",
                     help="also print a SHA-256 of the quantized weights and per-layer errors: a speed change "
                          "must leave it unchanged")
+    add_out_flag(ap, "calibration.txt")
     args = ap.parse_args()
 
     shape = dict(OPT_125M_SHAPE, num_hidden_layers=args.layers, max_position_embeddings=2048)
@@ -99,4 +101,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with tee_stdout(out_argument()):  # --out: the same report in a file
+        main()

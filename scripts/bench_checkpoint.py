@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from common.tee import add_out_flag, out_argument, tee_stdout  # noqa: E402
 from models.registry import adapter_for  # noqa: E402
 from models.synthetic import OPT_125M_SHAPE, inject_opt_outliers, random_opt  # noqa: E402
 from rptq.checkpoint import load_quantized, save_quantized  # noqa: E402
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--scales", default="exact,fp16,sf8")
     ap.add_argument("--no_reload", action="store_true", help="skip the reload check")
+    add_out_flag(ap, "checkpoint.txt")
     args = ap.parse_args()
 
     shape = dict(OPT_125M_SHAPE, num_hidden_layers=args.layers, max_position_embeddings=2048)
@@ -96,4 +98,5 @@ def _zero_exceptions(root: Path) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    with tee_stdout(out_argument()):  # --out: the same report in a file
+        main()

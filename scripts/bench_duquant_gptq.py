@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import main as cli  # noqa: E402
+from common.tee import add_out_flag, out_argument, tee_stdout  # noqa: E402
 from models.registry import adapter_for  # noqa: E402
 from models.synthetic import OPT_125M_SHAPE, inject_opt_outliers, random_opt  # noqa: E402
 from rptq import methods  # noqa: E402
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--digest", action="store_true", help="also print a SHA-256 of each run's weights and errors")
     ap.add_argument("--profile", choices=("rtn", "gptq"), default=None, help="cProfile that run (slows it)")
+    add_out_flag(ap, "duquant_gptq.txt")
     args = ap.parse_args()
 
     results = {q: _run(q, args, args.profile == q) for q in ("rtn", "gptq")}
@@ -84,4 +86,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with tee_stdout(out_argument()):  # --out: the same report in a file
+        main()

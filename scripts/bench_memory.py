@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from common.tee import add_out_flag, out_argument, tee_stdout  # noqa: E402
+
 SHARD_BYTES = 1 << 30
 
 
@@ -77,6 +79,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--work", default="/tmp/rptq-bench-memory")
+    add_out_flag(ap, "memory.txt")
     args = ap.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -104,4 +107,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with tee_stdout(out_argument()):  # --out: the same report in a file
+        main()

@@ -1,15 +1,21 @@
 """Figures for quant/rotation.py: search time, orthogonality of R by accumulation precision, and
 the outlier reduction on the DuQuant spec's synthetic input (section 11.9, no smoothing).
 
-    PYTHONPATH=. python scripts/bench_rotation.py
+    python scripts/bench_rotation.py [--out FILE]
 """
+import argparse
+import os
+import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from quant.quantizer import affine_params, fake_quant
-from quant.rotation import (apply_block_rotation, apply_duquant, duquant_transform, greedy_rotation,
-                            randomised_base, step_rotation, sylvester_hadamard)
+import torch  # noqa: E402
+
+from common.tee import add_out_flag, out_argument, tee_stdout  # noqa: E402
+from quant.quantizer import affine_params, fake_quant  # noqa: E402
+from quant.rotation import (apply_block_rotation, apply_duquant, duquant_transform,  # noqa: E402
+                            greedy_rotation, randomised_base, step_rotation, sylvester_hadamard)
 
 
 def orth_err(r):
@@ -28,6 +34,9 @@ def stats(name, x):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_out_flag(ap, "rotation.txt")
+    ap.parse_args()
     torch.set_num_threads(1)
     x = torch.randn(2048, 1536, generator=torch.Generator().manual_seed(0))
     x[:, [7, 900]] *= 30
@@ -67,4 +76,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with tee_stdout(out_argument()):  # --out: the same report in a file
+        main()

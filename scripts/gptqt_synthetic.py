@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from common.tee import add_out_flag, out_argument, tee_stdout  # noqa: E402
 from quant.bcq import bcq_quantize  # noqa: E402
 from quant.gptqt import GPTQTConfig, gptqt_quantize  # noqa: E402
 from quant.quantizer import quantize_weight_rtn, weight_group_params  # noqa: E402
@@ -46,6 +47,7 @@ def methods(k: int):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=0)
+    add_out_flag(ap, "gptqt_synthetic.txt")
     args = ap.parse_args()
     w, x = synthetic_layer(seed=args.seed)
     H = gptq_for(x).hessian.double()
@@ -64,4 +66,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with tee_stdout(out_argument()):  # --out: the same report in a file
+        main()

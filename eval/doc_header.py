@@ -72,7 +72,7 @@ def settings_lines(runs: dict[str, dict], cfg: dict) -> list[str]:
             f"{len(calib)} calibrated runs took {sum(calib) / 3600:.1f} h of calibration in all. The papers' "
             f"{PAPER_CALIB[0]} × {PAPER_CALIB[1]} tokens are {factor:.0f}× as many (attention over 2048-token "
             f"windows costs more per token still), so the same runs would need at least "
-            f"{factor * sum(calib) / 3600:.0f} h of calibration on this machine") if calib else "No run measured yet"
+            f"{factor * sum(calib) / 3600:.1f} h of calibration on this machine") if calib else "No run measured yet"
     return [f"- Calibration: {n} random windows of {seqlen} tokens ({(n or 0) * (seqlen or 0):,} tokens) from "
             f"`{cfg.get('calib_dataset')}` train; seeds {', '.join(map(str, seeds)) or '?'} (seed 2 for every "
             "row, 3 and 4 in addition for the rows the methods table compares; the seed draws the windows and "

@@ -175,7 +175,10 @@ run_one() {  # plan line: run it into OUT, store it in RUNS, log its wall time i
     local name cmd t0=$SECONDS log
     name=$(cut -f3 <<< "$1") cmd=$(cut -f4 <<< "$1") log="$OUT/logs/${name//\//_}.log"
     echo "== $name (log: $log)"
-    rm -rf "${OUT:?}/$name"  # a run from other code or another command: start clean
+    # A run interrupted mid-calibration resumes from OUT/<run>/calibration_state (main.py) when the command and
+    # code are the same; one left by other code or another command would be refused there: start it clean.
+    if [[ "$(cat "$OUT/$name/.plan" 2>/dev/null)" != "$cmd $DIGEST" ]]; then rm -rf "${OUT:?}/$name"; fi
+    mkdir -p "$OUT/$name" && printf '%s\n' "$cmd $DIGEST" > "$OUT/$name/.plan"
     if ! eval "\"\$PYTHON\" $cmd --output_path \"\$OUT/\$name\"" > "$log" 2>&1; then
         echo "FAILED $name; last lines of $log:" >&2
         tail -n 15 "$log" >&2

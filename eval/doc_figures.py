@@ -1,31 +1,34 @@
-"""The figures of docs/results.md: copies of the W4A4 runs' activation-range PNGs next to the doc, and the
-per-layer error of the W4A4 runs drawn side by side (files written atomically; returns the markdown lines)."""
+"""The figures of docs/results.md, drawn from the runs stored in docs/runs alone: the activation ranges of the
+W4A4 runs from their stored plot data, and the per-layer error of the W4A4 runs side by side from their
+results.json (PNG files written atomically next to the doc; returns the markdown lines)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from common.atomic import atomic_write
 from eval.error_plots import plot_layer_errors
+from eval.figures import save_png
+from eval.plot_data import data_files, read_plot_data
+from eval.range_plots import plot_channel_ranges
 
 
 def figures_section(runs: dict[str, dict], doc: Path) -> list[str]:
-    """Copy the W4A4 runs' activation-range figures next to the doc and draw the per-layer error of the
-    W4A4 runs side by side (RPTQ vs per-tensor, and the other methods' W4A4 runs where present)."""
+    """Draw each W4A4 run's stored plot data (RPTQ, per-tensor) and the per-layer error of the W4A4 runs
+    (RPTQ vs per-tensor, and the rotation methods' W4A4 runs where present)."""
     rptq, per_tensor = runs.get("ppl/W4A4"), runs.get("ppl/W4A4-per-tensor")
     if rptq is None or per_tensor is None:
         return ["(not generated yet: needs ppl/W4A4 and ppl/W4A4-per-tensor)"]
     figures = doc.parent / "figures"
     lines = []
     for tag, run in (("rptq-w4a4", rptq), ("per-tensor-w4a4", per_tensor)):
-        pngs = sorted((Path(run["_path"]).parent / "plots").glob("layer*_*.png"))
-        for png in pngs:
-            dest = figures / f"{tag}-{png.name}"
-            atomic_write(dest, lambda tmp, src=png: shutil.copyfile(src, tmp))
-            lines += [f"![{tag} {png.stem}](figures/{dest.name})", ""]
+        stored = Path(run["_path"]).parent
+        for file in data_files(stored, run) if (run.get("plots") or {}).get("data") else []:
+            data, meta = read_plot_data(file)
+            meta.setdefault("model", run.get("model", "?"))
+            dest = save_png(plot_channel_ranges(data, meta), figures / f"{tag}-{file.stem}.png")
+            lines += [f"![{tag} {file.stem}](figures/{dest.name})", ""]
     curves = [("RPTQ W4A4", rptq), ("per-tensor W4A4", per_tensor)]
-    curves += [(f"{name.split('/')[1]}", runs[name]) for name in ("methods/W4A4-duquant", "methods/W4A4-rotation")
-               if name in runs]
+    curves += [(name.split("/")[1], runs[name]) for name in ("methods/W4A4-duquant", "methods/W4A4-rotation",
+                                                             "methods/W4A4-quarot") if name in runs]
     curves = [(label, run["layer_errors"]) for label, run in curves if run.get("layer_errors")]
     if not curves:
         return lines + ["(no per-layer errors recorded in these runs)"]

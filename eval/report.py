@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from common.atomic import atomic_write_text, write_errors
+from common.provenance import code_digest
 
 
 def versions() -> dict:
@@ -32,8 +33,10 @@ def versions() -> dict:
                              cwd=Path(__file__).resolve().parent.parent, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         git = "unknown"
+    # code_digest: the quantization sources' digest, so a document built from stored runs can tell which
+    # runs were produced by other code than its own (issue #23: stale runs are listed by name).
     return {"torch": torch.__version__, "transformers": transformers.__version__, "lm_eval": lm_eval_version,
-            "git": git}
+            "git": git, "code_digest": code_digest()}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

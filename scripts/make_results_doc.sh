@@ -1,44 +1,46 @@
 #!/usr/bin/env bash
-# Generate docs/results.md entirely from scripted runs (no hand-typed numbers).
+# Generate docs/results.md: run what is not stored yet, store each finished run in docs/runs, render the doc.
 #
 #   scripts/make_results_doc.sh
 #
-# Runs (each skipped when its results.json exists, so an interrupted run resumes), all perplexity runs on
-# the same calibration windows and the same PPL_LIMIT evaluation windows of ptb and wiki_leads:
-#   paper    $OUT/ppl/<ROW>      the paper's 7 rows (scripts/reproduce_table.sh) plus W4A4 per-tensor, uniform
-#   methods  $OUT/methods/<name> SmoothQuant, FPTQ, DuQuant, Hadamard rotation, naive and RTN baselines
-#   weights  $OUT/weights/<name> weight-only 3/2 bits: RTN, GPTQ, GPTQT, BCQ
-#   diffs    $OUT/diffs/<name>   W4A4 and W4A3KV with one reference behaviour switched to its alternative
-#   tasks    $OUT/tasks/<name>   zero-shot accuracies (local task data) for FP16, W4A4, W4A4 per-tensor
-#   ref      $OUT/ref/fp16-5x512 FP16 PTB ppl on the first 5 windows of 512 tokens (checked by the tests)
-# then renders the tables (python -m eval.table) and writes DOC atomically (python -m eval.results_doc).
-# Environment: OUT (out/results-smollm2), DOC (docs/results.md), MODEL (smollm2-135m), SECTIONS (all of
-# "paper methods weights diffs tasks ref"; a section also runs the paper rows it compares with),
-# PPL_LIMIT (8), NSAMPLES (16 calibration windows), TASK_LIMIT (40), ROT_STEPS (64; DuQuant's paper default is 256, fewer to fit a 2-core
-# CPU), ONLY (space-separated run names, e.g. "methods/W4A4-duquant ppl/W4A8": run just those and render
-# the rows that exist), JOBS (2 runs at once; OMP_NUM_THREADS defaults to 1 when JOBS > 1), PLAN_ONLY=1 (print the
-# planned runs as SECTION NAME lines and exit), PYTHON (.venv/bin/python). Each run's output goes to
-# $OUT/logs/<name>.log; steps.tsv logs each run's wall time.
+# Every run the document shows is stored as docs/runs/<section>/<run>/{results.json,command.txt} (section: ppl,
+# methods, weights, diffs, tasks, ref; results.json stripped small, plus the plot data of the runs a figure
+# draws), and the document is rendered from docs/runs alone (python -m eval.results_doc), so it regenerates on
+# any machine. A run is skipped when docs/runs holds its results.json, its command.txt equals the planned
+# command and its code digest (versions.code_digest) equals the checkout's (common.provenance.code_digest);
+# otherwise it runs into OUT and is stored as soon as it finishes, so an interrupted generation resumes where
+# it stopped, across sessions too. Order: FP16, the methods table's rows (seed 2), zero-shot, the rest, then
+# seeds 3 and 4 of the rows the methods table compares (<run>-seed3, <run>-seed4), so a partial generation
+# gives the most useful partial doc. Settings: SmolLM2-135M, NSAMPLES PTB-train calibration windows x 512,
+# PPL_LIMIT windows x 512 of ptb and wiki_leads (diffs: ptb only), TASK_LIMIT documents per task.
+# Environment: OUT (out/results-smollm2: run directories and logs/), RUNS (docs/runs), DOC (docs/results.md),
+# MODEL (smollm2-135m), SECTIONS (all of "paper methods weights diffs tasks ref"), NSAMPLES (32), PPL_LIMIT
+# (40), TASK_LIMIT (500), ROT_STEPS (64; DuQuant's paper uses 256), ONLY (space-separated runs, e.g.
+# "methods/W4A4-duquant ppl/W4A8": run just those), JOBS (2 runs at once; OMP_NUM_THREADS defaults to 1 when
+# JOBS > 1), PLAN_ONLY=1 (print the plan as TIER SECTIONS RUN COMMAND lines, tab-separated, and exit), PYTHON
+# (.venv/bin/python). Logs: OUT/logs/<run>.log; RUNS/steps.tsv: each executed run's wall time.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 case "${1:-}" in
-    -h|--help) sed -n '2,22s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,24s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
 esac
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHON="${PYTHON:-.venv/bin/python}"
 OUT="${OUT:-out/results-smollm2}"
+RUNS="${RUNS:-docs/runs}"
 DOC="${DOC:-docs/results.md}"
 MODEL="${MODEL:-smollm2-135m}"
 ALL_SECTIONS="paper methods weights diffs tasks ref"
 SECTIONS="${SECTIONS:-$ALL_SECTIONS}"
-PPL_LIMIT="${PPL_LIMIT:-8}"
-NSAMPLES="${NSAMPLES:-16}"
-TASK_LIMIT="${TASK_LIMIT:-40}"
+PPL_LIMIT="${PPL_LIMIT:-40}"
+NSAMPLES="${NSAMPLES:-32}"
+TASK_LIMIT="${TASK_LIMIT:-500}"
 ROT_STEPS="${ROT_STEPS:-64}"
 JOBS="${JOBS:-2}"
+EXTRA_SEEDS="3 4"  # eval.doc_runs.EXTRA_SEEDS; the base runs use seed 2
 if (( JOBS > 1 )); then
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # JOBS processes share the cores
 fi
@@ -48,93 +50,96 @@ for s in $SECTIONS; do
         exit 2
     fi
 done
-PAPER_ROWS="FP16 W4A16 W4A8 W4A4 W4A4KV W4A3KV W3A3KV"
 CALIB=(--calib_dataset ptb --nsamples "$NSAMPLES" --seqlen 512 --seed 2 --no_progress)
-PPL_ARGS=(--ppl_datasets ptb,wiki_leads "${CALIB[@]}" --limit "$PPL_LIMIT")
-DIFF_ARGS=(--ppl_datasets ptb "${CALIB[@]}" --limit "$PPL_LIMIT")  # the diffs table compares ptb only
+PPL_ARGS=(--eval_ppl --ppl_datasets ptb,wiki_leads "${CALIB[@]}" --limit "$PPL_LIMIT")
+DIFF_ARGS=(--eval_ppl --ppl_datasets ptb "${CALIB[@]}" --limit "$PPL_LIMIT")  # the diffs table compares ptb only
 TASK_ARGS=(--tasks piqa,arc_easy,arc_challenge,openbookqa,boolq --tasks_source local "${CALIB[@]}"
            --limit "$TASK_LIMIT")
 PLOT_ARGS=(--act_dist_plot --plot_layers mid)
 REF_ARGS=(--wbits 16 --abits 16 --eval_ppl --ppl_datasets ptb --limit 5 --seqlen 512 --seed 2 --no_progress)
 
-mkdir -p "$OUT/logs"
-STEPS="$OUT/steps.tsv"  # name, wall seconds, finished at, OMP_NUM_THREADS, JOBS; one line per run executed
-COMMANDS="$OUT/commands.txt"  # every command of the plan, shell-quoted, whether run, skipped or not selected
-script_start=$(date +%s)
-NAMES=() CMDS=() QUEUE=()  # every planned run (name, quoted command); indices of those to run
+declare -A SEEN=()
+PLAN=()  # "tier<TAB>sections<TAB>run<TAB>command", command = main.py MODEL flags (no interpreter, no --output_path)
 
-selected() {  # sections...: whether any of them is in SECTIONS
-    local s
-    for s in "$@"; do [[ " $SECTIONS " == *" $s "* ]] && return 0; done
-    return 1
+plan() {  # tier, "sections using it", run, flags...: note the run once (the first tier that names it wins)
+    local tier=$1 sections=$2 name=$3; shift 3
+    [[ -n "${SEEN[$name]:-}" ]] && return
+    SEEN[$name]=1
+    PLAN+=("$tier"$'\t'"$sections"$'\t'"$name"$'\t'"$(printf '%q ' main.py "$MODEL" "$@" | sed 's/ $//; s/\\,/,/g')")
 }
 
-plan() {  # "sections using it", name, command...: note the command; queue it when one of the sections is selected
-    local sections=$1 name=$2 i; shift 2
-    for i in "${!NAMES[@]}"; do [[ "${NAMES[$i]}" == "$name" ]] && return; done
-    NAMES+=("$name")
-    CMDS+=("$(printf '%q ' "$@" | sed 's/ $//; s/\\,/,/g')")  # %q escapes commas needlessly
-    # shellcheck disable=SC2086
-    if selected $sections && { [[ -z "${ONLY:-}" ]] || [[ " $ONLY " == *" $name "* ]]; }; then
-        QUEUE+=("$((${#NAMES[@]} - 1))")
-    fi
-    if [[ -n "${PLAN_ONLY:-}" ]]; then echo "$sections $name"; fi
+seeded() {  # tier, sections, run, flags...: the run at seed 2, and at each extra seed (tier 9, section methods,
+    # whose table shows the spread) as <run>-seedN, without the plot flags (figures draw seed 2 only)
+    local tier=$1 sections=$2 name=$3 seed a; shift 3
+    plan "$tier" "$sections" "$name" "$@"
+    for seed in $EXTRA_SEEDS; do
+        local args=() prev=""
+        for a in "$@"; do
+            [[ $prev == --seed ]] && a=$seed
+            [[ $a == --act_dist_plot || $prev == --plot_layers || $a == --plot_layers ]] || args+=("$a")
+            prev=$a
+        done
+        plan 9 methods "$name-seed$seed" "${args[@]}"
+    done
 }
 
-main_run() {  # "sections", name (also the output directory under OUT), flags...
-    local sections=$1 name=$2; shift 2
-    plan "$sections" "$name" "$PYTHON" main.py "$MODEL" "$@" --output_path "$OUT/$name"
-}
-
-# paper: the paper's rows, one reproduce_table.sh call per row; the other sections compare with some of them
-for row in $PAPER_ROWS; do
-    case $row in
-        FP16) users="paper methods weights" ;;
-        W4A8) users="paper methods" ;;
-        W4A4) users="paper methods diffs" ;;
-        W4A3KV) users="paper diffs" ;;
-        *) users=paper ;;
-    esac
-    extra=()
-    [[ $row == W4A4 ]] && extra=("${PLOT_ARGS[@]}")  # the figures docs/results.md embeds
-    plan "$users" "ppl/$row" env ROWS="$row" OUT="$OUT/ppl" scripts/reproduce_table.sh "$MODEL" "${PPL_ARGS[@]}" \
-        "${extra[@]}"
-done
-main_run "paper methods" ppl/W4A4-per-tensor --wbits 4 --abits 4 --reorder "" --eval_ppl "${PPL_ARGS[@]}" \
-    "${PLOT_ARGS[@]}"
-main_run "paper methods" ppl/W4A4-uniform --wbits 4 --abits 4 --abits_policy uniform --eval_ppl "${PPL_ARGS[@]}"
-main_run paper ppl/W4A4-uniform-per-tensor --wbits 4 --abits 4 --abits_policy uniform --reorder "" \
-    --eval_ppl "${PPL_ARGS[@]}"
-
-# methods: each method's preset (see the README), on the same windows
-m() { main_run methods "methods/$1" "${@:2}" --eval_ppl "${PPL_ARGS[@]}"; }
+# Tier 0-1: FP16 and the methods table's rows (seed 2; the rows it compares also at the extra seeds, tier 9)
+plan 0 "paper methods weights" ppl/FP16 --wbits 16 --abits 16 "${PPL_ARGS[@]}"
+seeded 1 "paper methods diffs" ppl/W4A4 --wbits 4 --abits 4 "${PPL_ARGS[@]}" "${PLOT_ARGS[@]}"
+seeded 1 "paper methods" ppl/W4A4-uniform --wbits 4 --abits 4 --abits_policy uniform "${PPL_ARGS[@]}"
+m() { plan 1 methods "methods/$1" "${@:2}" "${PPL_ARGS[@]}"; }
+ms() { seeded 1 methods "methods/$1" "${@:2}" "${PPL_ARGS[@]}"; }
+ms W4A4-duquant --method duquant --rotation_steps "$ROT_STEPS"
+ms W4A4-rotation --method rotation
+m W4A4-quarot --method quarot
+m W4A4-spinquant --method spinquant
+seeded 1 "paper methods" ppl/W4A8 --wbits 4 --abits 8 "${PPL_ARGS[@]}"
+ms W4A8-fptq --method fptq
+ms W8A8-smoothquant-per-token --method smoothquant --a_dynamic
+seeded 1 "paper methods" ppl/W4A16 --wbits 4 --abits 16 "${PPL_ARGS[@]}"
+plan 1 "paper methods" ppl/W4A4-per-tensor --wbits 4 --abits 4 --reorder "" "${PPL_ARGS[@]}" "${PLOT_ARGS[@]}"
+m W4A4-quarot-rtn --method quarot --w_quantizer rtn
+m W4A4-duquant-gptq --method duquant --w_quantizer gptq --rotation_steps "$ROT_STEPS"
+m W4A4-quarot-reorder --method quarot --transforms residual_rotate,reorder --abits_policy uniform
+m W4A4-quarot-duquant --method duquant --transforms residual_rotate,smooth,rotate,qk_rotate \
+    --rotation_steps "$ROT_STEPS"
+m W4A4-duquant-clusters --method duquant --transforms smooth,rotate,qk_rotate,reorder --abits_policy uniform \
+    --rotation_steps "$ROT_STEPS"
 m W8A8-smoothquant --method smoothquant
-m W8A8-smoothquant-per-token --method smoothquant --a_dynamic
-m W4A8-fptq --method fptq
 m W4A8-fptq-gptq --method fptq --w_quantizer gptq
 m W4A8-naive --wbits 4 --abits 8 --reorder "" --w_quantizer rtn
 m W4A16-g128-rtn --wbits 4 --abits 16 --w_quantizer rtn --w_group_size 128 --grid full
-m W4A4-duquant --method duquant --rotation_steps "$ROT_STEPS"
-m W4A4-rotation --method rotation
-m W4A4-duquant-clusters --method duquant --transforms smooth,rotate,qk_rotate,reorder --abits_policy uniform \
-    --rotation_steps "$ROT_STEPS"
 
-# weights: weight-only binary coding against RTN and GPTQ, per output row and in groups of 128
+# Tier 2: zero-shot (no --eval_ppl: the perplexity of these settings is in the tables)
+plan 2 tasks tasks/FP16 --wbits 16 --abits 16 "${TASK_ARGS[@]}"
+plan 2 tasks tasks/W4A4 --wbits 4 --abits 4 "${TASK_ARGS[@]}"
+plan 2 tasks tasks/W4A4-duquant --method duquant --rotation_steps "$ROT_STEPS" "${TASK_ARGS[@]}"
+plan 2 tasks tasks/W8A8-smoothquant-per-token --method smoothquant --a_dynamic "${TASK_ARGS[@]}"
+
+# Tier 3: the rest of the paper's rows, weight-only binary coding, the differences from the reference, the
+# reference figure
+for row in W4A4KV W4A3KV W3A3KV; do
+    case $row in
+        W4A4KV) bits=(--wbits 4 --abits 4 --only_quant_kv); users=paper ;;
+        W4A3KV) bits=(--wbits 4 --abits 3 --only_quant_kv); users="paper diffs" ;;
+        W3A3KV) bits=(--wbits 3 --abits 3 --only_quant_kv); users=paper ;;
+    esac
+    plan 3 "$users" "ppl/$row" "${bits[@]}" "${PPL_ARGS[@]}"
+done
+plan 3 paper ppl/W4A4-uniform-per-tensor --wbits 4 --abits 4 --abits_policy uniform --reorder "" "${PPL_ARGS[@]}"
 for bits in 3 2; do
     for q in rtn gptq gptqt bcq; do
-        main_run weights "weights/W$bits-$q" --wbits "$bits" --abits 16 --reorder "" --grid full --w_range minmax \
-            --w_quantizer "$q" --eval_ppl "${PPL_ARGS[@]}"
+        plan 3 weights "weights/W$bits-$q" --wbits "$bits" --abits 16 --reorder "" --grid full --w_range minmax \
+            --w_quantizer "$q" "${PPL_ARGS[@]}"
     done
     for q in gptq gptqt; do
-        main_run weights "weights/W$bits-$q-g128" --wbits "$bits" --abits 16 --reorder "" --grid full \
-            --w_range minmax --w_quantizer "$q" --w_group_size 128 --eval_ppl "${PPL_ARGS[@]}"
+        plan 3 weights "weights/W$bits-$q-g128" --wbits "$bits" --abits 16 --reorder "" --grid full \
+            --w_range minmax --w_quantizer "$q" --w_group_size 128 "${PPL_ARGS[@]}"
     done
 done
-
-# diffs: the reference's behaviour (our default) against each alternative, one flag changed
 for cfg in W4A4 W4A3KV; do
     case $cfg in W4A4) bits=(--wbits 4 --abits 4) ;; W4A3KV) bits=(--wbits 4 --abits 3 --only_quant_kv) ;; esac
-    d() { main_run diffs "diffs/$cfg-$1" "${bits[@]}" "${@:2}" --eval_ppl "${DIFF_ARGS[@]}"; }
+    d() { plan 3 diffs "diffs/$cfg-$1" "${bits[@]}" "${@:2}" "${DIFF_ARGS[@]}"; }
     d grid-full --grid full
     d w-range-with-zero --w_range with_zero
     d metric-ema-channel --metric ema_channel
@@ -145,59 +150,69 @@ for cfg in W4A4 W4A3KV; do
     d a-dynamic --a_dynamic
     d a-dynamic-per-token --a_dynamic --a_dynamic_method per_token
 done
+plan 3 ref ref/fp16-5x512 "${REF_ARGS[@]}"
 
-# tasks (no --eval_ppl: the ppl of these settings is in the tables) and the reference figure
-main_run tasks tasks/FP16 --wbits 16 --abits 16 "${TASK_ARGS[@]}"
-main_run tasks tasks/W4A4 --wbits 4 --abits 4 "${TASK_ARGS[@]}"
-main_run tasks tasks/W4A4-per-tensor --wbits 4 --abits 4 --reorder "" "${TASK_ARGS[@]}"
-main_run ref ref/fp16-5x512 "${REF_ARGS[@]}"
+ORDERED="$(printf '%s\n' "${PLAN[@]}" | sort -s -t$'\t' -k1,1n)"  # by tier, in declaration order within one
+if [[ -n "${PLAN_ONLY:-}" ]]; then printf '%s\n' "$ORDERED"; exit 0; fi
 
-if [[ -n "${PLAN_ONLY:-}" ]]; then exit 0; fi
-printf '%s\n' "${CMDS[@]}" > "$COMMANDS"
+mkdir -p "$OUT/logs" "$RUNS"
+printf '%s\n' "$ORDERED" > "$RUNS/plan.tsv.tmp" && mv "$RUNS/plan.tsv.tmp" "$RUNS/plan.tsv"
+DIGEST="$("$PYTHON" -c 'from common.provenance import code_digest; print(code_digest())')"
+CURRENT=" $(cut -f3,4 <<< "$ORDERED" | "$PYTHON" -m eval.doc_runs current "$RUNS" "$DIGEST" | tr '\n' ' ') "
+QUEUE=()  # plan lines to run: selected, not current
+while IFS= read -r line; do
+    sections=$(cut -f2 <<< "$line") name=$(cut -f3 <<< "$line")
+    if [[ "$CURRENT" == *" $name "* ]]; then echo "skip $name: stored, same command and code digest"; continue; fi
+    # shellcheck disable=SC2086
+    for s in $sections; do
+        if [[ " $SECTIONS " == *" $s "* ]] && { [[ -z "${ONLY:-}" ]] || [[ " $ONLY " == *" $name "* ]]; }; then
+            QUEUE+=("$line"); break
+        fi
+    done
+done <<< "$ORDERED"
 
-run_one() {  # index: run one planned command, its output in logs/, its wall time in steps.tsv
-    local name=${NAMES[$1]} t0=$SECONDS log="$OUT/logs/${NAMES[$1]//\//_}.log"
+run_one() {  # plan line: run it into OUT, store it in RUNS, log its wall time in RUNS/steps.tsv
+    local name cmd t0=$SECONDS log
+    name=$(cut -f3 <<< "$1") cmd=$(cut -f4 <<< "$1") log="$OUT/logs/${name//\//_}.log"
     echo "== $name (log: $log)"
-    if ! eval "${CMDS[$1]}" > "$log" 2>&1; then
+    # A run interrupted mid-calibration resumes from OUT/<run>/calibration_state (main.py) when the command and
+    # code are the same; one left by other code or another command would be refused there: start it clean.
+    if [[ "$(cat "$OUT/$name/.plan" 2>/dev/null)" != "$cmd $DIGEST" ]]; then rm -rf "${OUT:?}/$name"; fi
+    mkdir -p "$OUT/$name" && printf '%s\n' "$cmd $DIGEST" > "$OUT/$name/.plan"
+    if ! eval "\"\$PYTHON\" $cmd --output_path \"\$OUT/\$name\"" > "$log" 2>&1; then
         echo "FAILED $name; last lines of $log:" >&2
         tail -n 15 "$log" >&2
         return 1
     fi
+    "$PYTHON" -m eval.doc_runs store "$OUT/$name" "$RUNS/$name" "$cmd"
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$((SECONDS - t0))" "$(date -u +%FT%TZ)" "${OMP_NUM_THREADS:-}" \
-        "$JOBS" >> "$STEPS"  # one short line per write: appends from parallel runs do not interleave
+        "$JOBS" >> "$RUNS/steps.tsv"  # one short line per write: appends from parallel runs do not interleave
     echo "done $name ($((SECONDS - t0)) s)"
 }
 
+if (( ${#QUEUE[@]} )); then  # the machine that runs them, once per distinct machine
+    machine="$("$PYTHON" -m eval.doc_runs machine)"
+    grep -qxF -- "$machine" "$RUNS/machines.txt" 2>/dev/null || echo "$machine" >> "$RUNS/machines.txt"
+fi
 failed=0
-for i in "${QUEUE[@]}"; do
-    if [[ -f "$OUT/${NAMES[$i]}/results.json" ]]; then
-        echo "skip ${NAMES[$i]}: results.json exists"
-        continue
-    fi
+for line in "${QUEUE[@]}"; do
     while (( $(jobs -rp | wc -l) >= JOBS )); do
         wait -n || failed=1
     done
     (( failed )) && break  # let the running ones finish, start no more
-    run_one "$i" &
+    run_one "$line" &
 done
 while (( $(jobs -rp | wc -l) > 0 )); do
     wait -n || failed=1
 done
+
+# The document from what is stored, also after a failure (a partial doc lists the rest as not run)
+"$PYTHON" -m eval.results_doc --runs "$RUNS" --doc "$DOC" --model "$MODEL"
+echo "wrote $DOC"
+if [[ "$RUNS" == docs/runs ]]; then  # the README's tables read the same stored runs
+    "$PYTHON" -m eval.readme_blocks --write
+fi
 if (( failed )); then
-    echo "error: a run failed (see above); finished runs are kept, rerun to resume" >&2
+    echo "error: a run failed (see above); finished runs are stored, rerun to resume" >&2
     exit 1
 fi
-
-# tables and the document
-for sub in ppl tasks; do
-    if compgen -G "$OUT/$sub/*/results.json" > /dev/null; then
-        "$PYTHON" -m eval.table "$OUT/$sub" --out "$OUT/$sub/table.md" > /dev/null
-    fi
-done
-# With ONLY (a subset of the runs), no section is required whole: each renders the rows that ran ("–" for
-# the others).
-REQUIRED="$SECTIONS"
-[[ -n "${ONLY:-}" ]] && REQUIRED=""
-"$PYTHON" -m eval.results_doc --out-dir "$OUT" --doc "$DOC" --model "$MODEL" --sections "$REQUIRED" \
-    --invocation-s "$(($(date +%s) - script_start))" --ppl-limit "$PPL_LIMIT" --task-limit "$TASK_LIMIT"
-echo "wrote $DOC"

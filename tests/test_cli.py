@@ -40,7 +40,10 @@ def test_fp_ppl_run_writes_schema_and_is_repeatable(model_dir, cache, tmp_path, 
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     b = json.loads((tmp_path / "b" / "results.json").read_text())
     assert set(a) >= {"model", "config", "bit_manifest", "ppl", "tasks", "timing", "memory", "versions"}
-    assert set(a["versions"]) == {"torch", "transformers", "lm_eval", "git"}
+    assert set(a["versions"]) == {"torch", "transformers", "lm_eval", "git", "code_digest"}
+    from common.provenance import code_digest  # the digest docs/runs compares with HEAD's (issue #23)
+
+    assert a["versions"]["code_digest"] == code_digest() and len(code_digest()) == 16
     assert a["ppl"]["ptb"] == b["ppl"]["ptb"] and 1 < a["ppl"]["ptb"] < 1e6
     assert a["config"]["seqlen"] == 128 and a["config"]["limit"] == 3
     assert all(entry["bits"] == 16 for entry in a["bit_manifest"].values())

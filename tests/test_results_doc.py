@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from eval import methods_doc, results_doc
+from eval import ablation_doc, doc_plan, methods_doc, results_doc
+from eval.doc_runs import dump
 from eval.results_doc import task_section
 from rptq.run_report import preset_defaults
 
@@ -41,7 +42,7 @@ def test_results_doc_has_rows_and_reference():
     assert 1.0 < _reference() < 1000.0
     labels = _table_labels(text)
     not_run = set(re.findall(r"ppl/[\w\-]+", " ".join(ln for ln in text.splitlines()
-                                                     if ln.startswith("Not run this time"))))
+                                                     if ln.startswith(("Not run this time", "Not run yet")))))
     for row in ROWS:  # every paper row is in the table, or named as not run
         assert row in labels or f"ppl/{row}" in not_run, f"row {row} missing from docs/results.md"
     assert "W4A4 (per-tensor baseline)" in labels and "W4A4 (uniform)" in labels
@@ -118,7 +119,7 @@ def _rotate(before, after):
 
 def _methods_runs():
     runs = {key: fake_run(ppl={"ptb": 60.0 + i, "wiki_leads": 20.0 + i}) for i, (key, _) in
-            enumerate(methods_doc.METHOD_ROWS)}
+            enumerate(doc_plan.METHOD_ROWS)}
     runs["ppl/FP16"] = fake_run(16, 16, ppl={"ptb": 50.0, "wiki_leads": 10.0}, calib_s=0.0)
     runs["methods/W8A8-smoothquant"] = fake_run(
         8, 8, ppl={"ptb": 55.0, "wiki_leads": 12.5}, abits_policy="smoothquant", grid="symmetric", w_quantizer="rtn",
@@ -137,15 +138,17 @@ def _methods_runs():
 def test_methods_section_reads_ppl_ratios_decisions_and_rotation_ranges():
     lines = methods_doc.methods_section(_methods_runs())
     rows = _rows(lines)
-    assert rows["FP16"][:5] == ["50.00", "×1.00", "10.00", "×1.00", "0"]
+    assert rows["FP16"][:6] == ["50.00", "×1.00", "10.00", "×1.00", "–", "0"]
     assert rows["W8A8 SmoothQuant (static per-tensor activations)"] == [
-        "55.00", "×1.10", "12.50", "×1.25", "5",
+        "55.00 (1 seed)", "×1.10", "12.50 (1 seed)", "×1.25", "2", "5",
         "smoothquant: transforms smooth; acts smoothquant; weights rtn symmetric per row/cluster"]
     assert rows["W8A8 SmoothQuant, per-token dynamic activations"][-1].startswith(
         "smoothquant: transforms smooth; acts smoothquant dynamic per token; weights gptq")
-    assert rows["W4A4 DuQuant"][:4] == ["70.00", "×1.40", "30.00", "×3.00"]
-    assert "- Lowest W4A4 ptb perplexity: W4A4 plain block-Hadamard rotation 60.00 (×1.20 FP16)." in lines
-    assert "- Lowest W4A4 wiki_leads perplexity: W4A4 plain block-Hadamard rotation 20.00 (×2.00 FP16)." in lines
+    assert rows["W4A4 DuQuant"][:4] == ["70.00 (1 seed)", "×1.40", "30.00 (1 seed)", "×3.00"]
+    ranking = next(ln for ln in lines if ln.startswith("- W4A4 ptb perplexity, lowest first: "))
+    assert ranking.startswith("- W4A4 ptb perplexity, lowest first: W4A4 plain block-Hadamard rotation 60.00 (1 seed); ")
+    assert "(not judged against W4A4 plain block-Hadamard rotation: |Δ| " in ranking
+    assert "higher than" not in ranking  # single-seed rows: no spread, never called different
     # FPTQ: per point, layers per strategy, then mean and max r
     assert lines[lines.index("| point | static | lae+static | dynamic | mean r | max r |") + 2:][:3] == [
         "| qkv_in | 1 | 1 | 0 | 55.0 | 100.0 |", "| down_in | 0 | 0 | 2 | 300.0 | 400.0 |", "| all | 1 | 1 | 2 |  |  |"]
@@ -157,18 +160,18 @@ def test_methods_section_reads_ppl_ratios_decisions_and_rotation_ranges():
 
 def test_weights_section_labels_from_config_and_gptqt_vs_gptq():
     runs = {"ppl/FP16": fake_run(16, 16, ppl={"ptb": 50.0, "wiki_leads": 10.0})}
-    for key in methods_doc.WEIGHT_RUNS:
+    for key in doc_plan.WEIGHT_RUNS:
         bits, q = int(key.split("/W")[1][0]), key.split("-", 1)[1]
         runs[key] = fake_run(bits, 16, ppl={"ptb": 100.0 * (4 - bits) + q.startswith("gptqt"), "wiki_leads": 40.0},
                              w_quantizer=q.split("-")[0], w_group_size=128 if q.endswith("g128") else 0,
                              grid="full", reorder="")
-    lines = methods_doc.weights_section(runs, caveat=True)
+    lines = ablation_doc.weights_section(runs, caveat=True)
     table = [ln for ln in lines if ln.startswith("| W")]
     assert table[0] == "| W3A16 | 3 | RTN | per row | 100.00 | ×2.00 | 40.00 | ×4.00 | 5 |"
     assert table[5] == "| W3A16 | 3 | GPTQT | 128 | 101.00 | ×2.02 | 40.00 | ×4.00 | 5 |"
-    assert "- 2-bit per row: GPTQT vs GPTQ ptb 201.00 vs 200.00 (×1.00); wiki_leads 40.00 vs 40.00 (×1.00)." in lines
+    assert "- 2-bit per row: GPTQT vs GPTQ ptb 201.00 vs 200.00 (×1.00); wiki_leads 40.00 vs 40.00 (×1.00) (one seed each)." in lines
     assert any("GGUF Q4_1" in ln for ln in lines)
-    assert not any("Q4_1" in ln for ln in methods_doc.weights_section(runs, caveat=False))
+    assert not any("Q4_1" in ln for ln in ablation_doc.weights_section(runs, caveat=False))
 
 
 def test_diffs_section_flags_from_config_ratios_and_point_errors():
@@ -177,16 +180,19 @@ def test_diffs_section_flags_from_config_ratios_and_point_errors():
                "weights": {"mlp.down_proj": 0.02, "self_attn.q_proj": 0.01}} for i in range(2)]
     runs = {"ppl/W4A4": fake_run(ppl={"ptb": 100.0}, layer_errors=errors),
             "ppl/W4A3KV": fake_run(4, 3, ppl={"ptb": 80.0}, only_quant_kv=True)}
-    for config, _ in methods_doc.DIFF_CONFIGS:
+    for config, _ in doc_plan.DIFF_CONFIGS:
         runs[f"diffs/{config}-grid-full"] = fake_run(ppl={"ptb": 120.0}, grid="full")
         runs[f"diffs/{config}-a-dynamic"] = fake_run(ppl={"ptb": 90.0}, a_dynamic=True)
         runs[f"diffs/{config}-a-dynamic-per-token"] = fake_run(ppl={"ptb": 45.0}, a_dynamic=True,
                                                                a_dynamic_method="per_token")
-    lines = methods_doc.diffs_section(runs)
+    lines = ablation_doc.diffs_section(runs)
     table = [ln for ln in lines if ln.startswith("| W4A")]
     assert table[0] == ("| W4A4 | integer grid | 2^b levels over [min, max − step] (`grid=reference`) | "
                         "`--grid full` | 100.00 | 120.00 | ×1.20 |")
-    assert not any("--metric" in ln for ln in table)  # items whose run is not there are left out
+    assert not any("--metric" in ln for ln in table)  # items whose run is not there: not run
+    assert table[2] == ("| W4A4 | static activation ranges | EMA over samples of each sample's cluster extreme "
+                        "(`metric=ema_minmax`) | `diffs/W4A4-metric-ema-channel` | 100.00 | not run | – |")
+    table = [ln for ln in table if "not run" not in ln]
     assert table[1] == ("| W4A4 | dynamic ranges (`--a_dynamic`) | one range per cluster and sequence "
                         "(`--a_dynamic, a_dynamic_method=per_cluster`) | `--a_dynamic --a_dynamic_method per_token` "
                         "| 90.00 | 45.00 | ×0.50 |")
@@ -199,67 +205,33 @@ def test_diffs_section_flags_from_config_ratios_and_point_errors():
     assert "mean 10.5 dB, min 10.0 dB over 2 layers" in lines[-1]
 
 
-def _write_out_dir(out: Path, runs: dict[str, dict]) -> None:
+def _write_runs(root: Path, runs: dict[str, dict]) -> None:
     for key, run in runs.items():
-        (out / key).mkdir(parents=True, exist_ok=True)
-        (out / key / "results.json").write_text(json.dumps(run))
-    (out / "commands.txt").write_text("main.py ...\n")
-    (out / "steps.tsv").write_text("ppl/FP16\t30\t2026-01-01T00:00:00Z\t1\t2\nref/fp16-5x512\t9\t2026\t\n")
-    for sub in ("ppl", "tasks"):
-        (out / sub / "table.md").write_text(f"| {sub} table |\n")
+        (root / key).mkdir(parents=True, exist_ok=True)
+        (root / key / "command.txt").write_text(f"main.py m {key}\n")
+        (root / key / "results.json").write_text(dump(run))
+    (root / "steps.tsv").write_text("ppl/FP16\t30\t2026-01-01T00:00:00Z\t1\t2\nref/fp16-5x512\t9\t2026\t\n")
 
 
 def _all_runs() -> dict[str, dict]:
-    runs = {key: fake_run() for keys in methods_doc.SECTION_RUNS.values() for key in keys}
+    runs = {key: fake_run() for key in doc_plan.all_runs()}
     runs.update(_methods_runs())
     runs["ppl/FP16"] = fake_run(16, 16, ppl={"ptb": 50.0, "wiki_leads": 10.0})
-    for key in methods_doc.SECTION_RUNS["tasks"]:
+    for key in doc_plan.SECTION_RUNS["tasks"]:
         runs[key] = fake_run(limit=40, ppl={}) | {"tasks": {"piqa": {"acc_norm": 0.5, "acc_norm_stderr": 0.1}}}
     runs["ref/fp16-5x512"] = fake_run(16, 16, limit=5, ppl={"ptb": 63.25})
     return runs
 
 
-def test_results_doc_main_renders_every_section_from_an_out_dir(tmp_path):
-    _write_out_dir(tmp_path, _all_runs())
+def test_results_doc_main_renders_every_section_from_docs_runs(tmp_path):
+    _write_runs(tmp_path / "runs", _all_runs())
     doc = tmp_path / "results.md"
-    assert results_doc.main(["--out-dir", str(tmp_path), "--doc", str(doc), "--model", "tiny",
-                             "--ppl-limit", "8", "--task-limit", "40"]) == 0
+    assert results_doc.main(["--runs", str(tmp_path / "runs"), "--doc", str(doc), "--model", "tiny"]) == 0
     text = doc.read_text()
     for heading in ("## Methods side by side", "## Weight-only: binary coding (GPTQT)",
                     "## Differences from the reference", "## Zero-shot accuracy", "## Wall time"):
         assert heading in text
-    assert "not generated yet" not in text and "<!-- fp16_ptb_ppl_5x512: 63.2500 -->" in text
+    assert "not run" not in text and "- Not run yet (0): none." in text
+    assert "<!-- fp16_ptb_ppl_5x512: 63.2500 -->" in text
     assert "| ppl/FP16 | 5.0 | 1.0 | 30 | 1 | 2 |" in text and "| ref/fp16-5x512 | 5.0 | 1.0 | 9 | unset | 1 |" in text
-    assert "Whole generation: 39 s" in text
-
-
-def test_results_doc_main_refuses_incomplete_sections_and_other_windows(tmp_path, capsys):
-    runs = _all_runs()
-    del runs["weights/W2-bcq"]
-    runs["methods/W4A8-fptq"]["config"]["nsamples"] = 32
-    _write_out_dir(tmp_path, runs)
-    args = ["--out-dir", str(tmp_path), "--doc", str(tmp_path / "d.md"), "--model", "tiny"]
-    assert results_doc.main(args + ["--sections", "weights"]) == 2
-    assert "runs missing: ['weights/W2-bcq']" in capsys.readouterr().err
-    assert results_doc.main(args + ["--sections", "methods"]) == 2
-    assert "differ in nsamples" in capsys.readouterr().err
-    runs["methods/W4A8-fptq"]["config"]["nsamples"] = 16
-    _write_out_dir(tmp_path, runs)
-    assert results_doc.main(args + ["--sections", "methods", "--ppl-limit", "8"]) == 0
-    text = (tmp_path / "d.md").read_text()
-    assert "Not run this time (CPU budget; `ONLY=... scripts/make_results_doc.sh` runs them): weights/W2-bcq." in text
-    assert results_doc.main(args + ["--ppl-limit", "24", "--sections", "ref"]) == 2
-    assert "used another --limit than PPL_LIMIT=24" in capsys.readouterr().err
-
-
-def test_script_plan_matches_the_runs_each_section_renders():
-    """make_results_doc.sh (PLAN_ONLY=1) plans, for every section, exactly the runs eval.methods_doc reads."""
-    out = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "PLAN_ONLY": "1"}, capture_output=True,
-                         text=True, check=True).stdout.split("\n")
-    planned: dict[str, set[str]] = {}
-    for line in filter(None, out):
-        *sections, name = line.split()
-        for s in sections:
-            planned.setdefault(s, set()).add(name)
-    assert planned == {s: set(keys) for s, keys in methods_doc.SECTION_RUNS.items()}
-    assert len({n for names in planned.values() for n in names}) == 53
+    assert "| all | 76 | 0.11 | 0.02 | 0.01 |" in text  # every planned run: 76 x 5 s calib, 76 x 1 s eval, 39 s

@@ -1,0 +1,71 @@
+"""Which runs docs/results.md shows, section by section, as keys "section/run" of docs/runs (the runs
+scripts/make_results_doc.sh plans; tests/test_runs_doc.py checks the two agree). Layout only: the
+numbers are in the runs."""
+from __future__ import annotations
+
+from eval.doc_runs import EXTRA_SEEDS, seed_key
+
+PAPER = ("FP16", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV",
+         "W4A4-per-tensor", "W4A4-uniform", "W4A4-uniform-per-tensor")
+# The methods table: (run, what the method is); the bit setting is prefixed from the run's own config.
+METHOD_ROWS = (
+    ("ppl/FP16", ""),
+    ("methods/W8A8-smoothquant", "SmoothQuant (static per-tensor activations)"),
+    ("methods/W8A8-smoothquant-per-token", "SmoothQuant, per-token dynamic activations"),
+    ("methods/W4A8-fptq", "FPTQ"),
+    ("methods/W4A8-fptq-gptq", "FPTQ with GPTQ weights (the paper's Table 7 ablation)"),
+    ("ppl/W4A8", "RPTQ"),
+    ("methods/W4A8-naive", "naive: per-tensor static activations, RTN weights"),
+    ("ppl/W4A16", "GPTQ weights per (row × cluster), activations FP16"),
+    ("methods/W4A16-g128-rtn", "RTN weights in groups of 128"),
+    ("ppl/W4A4", "RPTQ"),
+    ("ppl/W4A4-uniform", "RPTQ, uniform policy (every activation at 4 bits)"),
+    ("ppl/W4A4-per-tensor", "per-tensor (no reorder)"),
+    ("methods/W4A4-duquant", "DuQuant"),
+    ("methods/W4A4-duquant-gptq", "DuQuant with GPTQ weights"),
+    ("methods/W4A4-rotation", "plain block-Hadamard rotation"),
+    ("methods/W4A4-quarot", "QuaRot (GPTQ weights)"),
+    ("methods/W4A4-quarot-rtn", "QuaRot-RTN"),
+    ("methods/W4A4-spinquant", "SpinQuant"),
+    ("methods/W4A4-duquant-clusters", "DuQuant rotations + RPTQ clusters, static (experiment)"),
+    ("methods/W4A4-quarot-reorder", "QuaRot R1 + RPTQ clusters, uniform policy (composition)"),
+    ("methods/W4A4-quarot-duquant", "QuaRot R1 + DuQuant's smoothing and rotations (composition)"),
+)
+# The rows compared at W4A4 and W4A8/W8A8 run with every calibration seed (issue #23: spread).
+SEEDED = ("ppl/W4A4", "ppl/W4A4-uniform", "methods/W4A4-duquant", "methods/W4A4-rotation", "ppl/W4A8",
+          "methods/W4A8-fptq", "methods/W8A8-smoothquant-per-token", "ppl/W4A16")
+ROTATION_RUNS = ("methods/W4A4-duquant", "methods/W4A4-rotation", "methods/W4A4-duquant-clusters")
+# Weight-only: (bits, quantizer, group size) per run name.
+WEIGHT_RUNS = tuple(f"weights/W{b}-{q}" for b in (3, 2) for q in ("rtn", "gptq", "gptqt", "bcq", "gptq-g128",
+                                                                 "gptqt-g128"))
+# Differences from the reference: (alternative run suffix, item, the reference's behaviour, config key); the
+# default run is the paper row, except for dynamic ranges, whose "default" is the reference's --a_dynamic.
+DIFF_CONFIGS = (("W4A4", "ppl/W4A4"), ("W4A3KV", "ppl/W4A3KV"))
+_EMA = "EMA over samples of each sample's cluster extreme"
+DIFF_ITEMS = (
+    ("grid-full", "integer grid", "2^b levels over [min, max − step]", "grid"),
+    ("w-range-with-zero", "weight range", "plain per-group min/max (0 need not be on the grid)", "w_range"),
+    ("metric-ema-channel", "static activation ranges", _EMA, "metric"),
+    ("metric-minmax", "static activation ranges", _EMA, "metric"),
+    ("metric-mse", "static activation ranges", _EMA, "metric"),
+    ("metric-layer-mse", "static activation ranges", _EMA, "metric"),
+    ("kmeans-metric", "k-means features", "each channel's global min/max", "kmeans_features"),
+    ("a-dynamic-per-token", "dynamic ranges (`--a_dynamic`)", "one range per cluster and sequence",
+     "a_dynamic_method"),
+)
+DYNAMIC_DEFAULT = "a-dynamic"
+TASK_RUNS = ("tasks/FP16", "tasks/W4A4", "tasks/W4A4-duquant", "tasks/W8A8-smoothquant-per-token")
+SECTION_RUNS = {
+    "paper": tuple(f"ppl/{r}" for r in PAPER),
+    "methods": tuple(r for r, _ in METHOD_ROWS) + tuple(seed_key(k, s) for k in SEEDED for s in EXTRA_SEEDS),
+    "weights": ("ppl/FP16",) + WEIGHT_RUNS,
+    "diffs": tuple(d for _, d in DIFF_CONFIGS) + tuple(
+        f"diffs/{c}-{s}" for c, _ in DIFF_CONFIGS for s in (DYNAMIC_DEFAULT,) + tuple(i[0] for i in DIFF_ITEMS)),
+    "tasks": TASK_RUNS,
+    "ref": ("ref/fp16-5x512",),
+}
+
+
+def all_runs() -> list[str]:
+    """Every run some section shows, each once, in section order."""
+    return list(dict.fromkeys(k for keys in SECTION_RUNS.values() for k in keys))

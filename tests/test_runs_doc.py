@@ -1,0 +1,185 @@
+"""docs/runs as the data of docs/results.md (issue #23): the stored runs, the skip rule, mean ± std over
+seeds, the 2× spread rule, stale runs, the commit range, runs not run yet, a byte-identical rerender, and
+the script's plan. Everything on synthetic results.json files written here with known numbers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from statistics import mean, stdev
+
+from eval import doc_runs, results_doc
+from eval.doc_plan import SECTION_RUNS, SEEDED, all_runs
+from eval.doc_stats import Spread, compare
+from tests.test_results_doc import fake_run
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_results_doc.sh"
+DIGEST = "d1g35t0000000000"
+PTB = {  # run: ptb perplexity per seed (2, 3, 4); wiki_leads is ptb / 5
+    "ppl/W4A4": (100.0, 104.0, 109.0),
+    "methods/W4A4-duquant": (106.0, 107.5, 108.0),  # mean within 2 x the larger std of W4A4's: not different
+    "methods/W4A4-rotation": (130.0, 131.0, 133.0),  # far above duquant's: different
+}
+
+
+def _run(key: str, ptb: float, seed: int = 2, git: str = "aaa1111", digest: str = DIGEST, **cfg) -> dict:
+    w, a = (16, 16) if key.endswith("FP16") else (4, 4)
+    run = fake_run(w, a, ppl={"ptb": ptb, "wiki_leads": ptb / 5}, seed=seed, **({"limit": 40, "nsamples": 32} | cfg))
+    run["versions"] = {"git": git, "code_digest": digest, "torch": "2", "transformers": "5", "lm_eval": "0.4"}
+    return run
+
+
+def _tree(root: Path, runs: dict[str, dict], plan: dict[str, str] | None = None, steps: list[str] = ()) -> None:
+    for key, run in runs.items():
+        (root / key).mkdir(parents=True, exist_ok=True)
+        (root / key / "command.txt").write_text(f"main.py m {key}\n")
+        (root / key / "results.json").write_text(doc_runs.dump(run))
+    if plan is not None:
+        (root / "plan.tsv").write_text("".join(f"1\tmethods\t{k}\t{c}\n" for k, c in plan.items()))
+    (root / "steps.tsv").write_text("".join(line + "\n" for line in steps))
+    (root / "machines.txt").write_text("- CPU: test\n")
+
+
+def _seeded_runs() -> dict[str, dict]:
+    runs = {"ppl/FP16": _run("ppl/FP16", 50.0, calib_s=0.0), "ppl/W4A4-per-tensor": _run("x", 900.0, reorder=""),
+            "methods/W4A4-quarot": _run("x", 90.0, git="bbb2222")}
+    for key, values in PTB.items():
+        for seed, ptb in zip((2, 3, 4), values):
+            runs[key if seed == 2 else f"{key}-seed{seed}"] = _run(key, ptb, seed=seed)
+    runs["methods/W4A4-rotation-seed4"]["versions"]["code_digest"] = "0ld0000000000000"
+    return runs
+
+
+def _render(tmp_path: Path, runs: dict[str, dict], **kw) -> str:
+    root, doc = tmp_path / "runs", tmp_path / "doc" / "results.md"
+    _tree(root, runs, **kw)
+    assert results_doc.main(["--runs", str(root), "--doc", str(doc), "--model", "tiny", "--code-digest", DIGEST]) == 0
+    return doc.read_text()
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")]
+                                             for ln in text.splitlines() if ln.startswith("| "))}
+
+
+def test_methods_table_shows_mean_and_std_over_seeds_computed_by_hand(tmp_path):
+    rows = _rows(_render(tmp_path, _seeded_runs()))
+    for label, key in (("W4A4 RPTQ", "ppl/W4A4"), ("W4A4 DuQuant", "methods/W4A4-duquant")):
+        ptb = PTB[key]
+        wiki = [v / 5 for v in ptb]
+        assert rows[label][:6] == [f"{mean(ptb):.2f} ± {stdev(ptb):.2f}", f"×{mean(ptb) / 50.0:.2f}",
+                                   f"{mean(wiki):.2f} ± {stdev(wiki):.2f}", f"×{mean(wiki) / 10.0:.2f}", "2, 3, 4",
+                                   "5"]
+    assert rows["W4A4 QuaRot (GPTQ weights)"][:2] == ["90.00 (1 seed)", "×1.80"]
+    assert rows["FP16"][:2] == ["50.00", "×1.00"]  # nothing calibrated: no seed marker
+    assert rows["W4A4-spinquant SpinQuant"][:5] == ["not run", "–", "not run", "–", "–"]
+    assert rows["W4A4-spinquant SpinQuant"][-1] == "not run"
+
+
+def test_rows_are_called_different_only_beyond_twice_the_larger_spread(tmp_path):
+    text = _render(tmp_path, _seeded_runs())
+    line = next(ln for ln in text.splitlines() if ln.startswith("- W4A4 ptb perplexity, lowest first:"))
+    w4a4, duq, rot = (Spread(mean(v), stdev(v), 3) for v in PTB.values())
+    larger = max(w4a4.std, duq.std)
+    assert abs(w4a4.mean - duq.mean) <= 2 * larger  # the fixture's premise
+    assert (f"W4A4 DuQuant {duq.mean:.2f} ± {duq.std:.2f} (not different from W4A4 RPTQ: |Δ| "
+            f"{abs(duq.mean - w4a4.mean):.2f} ≤ 2 × {larger:.2f})") in line
+    assert abs(rot.mean - duq.mean) > 2 * max(rot.std, duq.std)
+    assert (f"W4A4 plain block-Hadamard rotation {rot.mean:.2f} ± {rot.std:.2f} (higher than W4A4 DuQuant: |Δ| "
+            f"{rot.mean - duq.mean:.2f} > 2 × {max(rot.std, duq.std):.2f})") in line
+    assert line.index("QuaRot") < line.index("W4A4 RPTQ") < line.index("DuQuant") < line.index("rotation")
+    # the rule itself: equal gaps, judged by the larger std; one seed on both sides is not judged
+    assert compare(Spread(10.0, 1.0, 3), Spread(12.5, 1.0, 3))[0] is True
+    assert compare(Spread(10.0, 1.0, 3), Spread(12.5, 1.5, 3))[0] is False
+    assert compare(Spread(10.0, None, 1), Spread(50.0, None, 1))[0] is None
+
+
+def test_header_states_commit_range_stale_runs_and_runs_not_run(tmp_path):
+    steps = ["methods/W4A4-quarot\t70\t2026-01-02T00:00:00Z\t1\t2", "ppl/W4A4\t60\t2026-01-01T00:00:00Z\t1\t2"]
+    text = _render(tmp_path, _seeded_runs(), steps=steps)
+    n = len(_seeded_runs())
+    assert f"- Runs: {n} stored of {len(all_runs())} planned, from commits `aaa1111` … `bbb2222`" in text
+    assert "runs per commit: `aaa1111` 11, `bbb2222` 1)" in text
+    assert ("- **Stale** (1; produced by other code or another command, rerun the script to refresh): "
+            "methods/W4A4-rotation-seed4 (code digest 0ld0000000000000).") in text
+    not_run = next(ln for ln in text.splitlines() if ln.startswith("- Not run yet ("))
+    assert not_run.startswith(f"- Not run yet ({len(all_runs()) - n}): ")
+    assert "weights/W2-bcq" in not_run and "methods/W4A4-spinquant" in not_run and "ppl/W4A4," not in not_run
+    assert "| ppl/W4A4 | 5.0 | 1.0 | 60 | 1 | 2 |" in text  # wall time from steps.tsv
+    assert "| all | 12 | 0.02 | 0.00 | 0.04 |" in text  # budget: 12 runs, 11 x 5 s calib, 130 s process
+
+
+def test_a_run_whose_command_differs_from_the_plan_is_stale_and_not_shown(tmp_path):
+    runs = _seeded_runs()
+    plan = {k: f"main.py m {k}" for k in runs} | {"methods/W4A4-quarot": "main.py m --nsamples 64"}
+    text = _render(tmp_path, runs, plan=plan)
+    assert "methods/W4A4-quarot (command differs from the plan)" in text
+    assert _rows(text)["W4A4-quarot QuaRot (GPTQ weights)"][0] == "not run"
+    assert f"- Runs: {len(runs) - 1} stored of {len(plan)} planned" in text
+
+
+def test_rerendering_unchanged_runs_is_byte_identical(tmp_path):
+    runs = _seeded_runs() | {"ref/fp16-5x512": _run("ref/FP16", 63.25, limit=5)}
+    first = _render(tmp_path, runs).encode()
+    doc = tmp_path / "doc" / "results.md"
+    assert results_doc.main(["--runs", str(tmp_path / "runs"), "--doc", str(doc), "--model", "tiny",
+                             "--code-digest", DIGEST]) == 0
+    assert doc.read_bytes() == first and b"<!-- fp16_ptb_ppl_5x512: 63.2500 -->" in first
+
+
+def test_store_strips_the_run_and_the_skip_rule_needs_command_and_digest(tmp_path):
+    src, dest = tmp_path / "out" / "ppl" / "W4A4", tmp_path / "runs" / "ppl" / "W4A4"
+    (src / "plots" / "data").mkdir(parents=True)
+    (src / "plots" / "data" / "layer001_q.safetensors").write_bytes(b"x" * 10)
+    run = _run("ppl/W4A4", 100.0) | {"_path": "/somewhere", "plots": {"dir": "plots",
+                                                                     "data": ["plots/data/layer001_q.safetensors"]}}
+    (src / "results.json").write_text(json.dumps(run))
+    doc_runs.store(src, dest, "main.py m --wbits 4")
+    stored = json.loads((dest / "results.json").read_text())
+    assert "_path" not in stored and stored["ppl"] == {"ptb": 100.0, "wiki_leads": 20.0}
+    assert (dest / "plots/data/layer001_q.safetensors").read_bytes() == b"x" * 10
+    assert (dest / "command.txt").read_text() == "main.py m --wbits 4\n"
+    assert doc_runs.is_current(dest, "main.py m --wbits 4", DIGEST)
+    assert not doc_runs.is_current(dest, "main.py m --wbits 3", DIGEST)
+    assert not doc_runs.is_current(dest, "main.py m --wbits 4", "another")
+    (dest / "results.json").unlink()
+    assert not doc_runs.is_current(dest, "main.py m --wbits 4", DIGEST)
+
+
+def test_script_plan_has_the_settings_the_new_rows_and_the_seed_variants():
+    out = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "PLAN_ONLY": "1"}, capture_output=True,
+                         text=True, check=True).stdout
+    plan = [line.split("\t") for line in out.splitlines()]
+    cmd = {name: c for _, _, name, c in plan}
+    assert len(cmd) == len(plan) == len(all_runs()) and set(cmd) == set(all_runs())
+    tiers = [int(t) for t, _, _, _ in plan]
+    assert tiers == sorted(tiers) and plan[0][2] == "ppl/FP16"  # most useful first, extra seeds last
+    assert all(name.endswith(("-seed3", "-seed4")) == (t == "9") for t, _, name, _ in plan)
+    assert tiers.index(2) > max(i for i, (_, _, n, _) in enumerate(plan) if n == "methods/W4A4-quarot-duquant")
+    for name, c in cmd.items():
+        if not name.startswith("ref/"):
+            assert "--nsamples 32 --seqlen 512" in c
+        if name.startswith(("ppl/", "methods/", "weights/", "diffs/")):
+            assert "--limit 40" in c and ("--ppl_datasets ptb " if name.startswith("diffs/") else
+                                           "--ppl_datasets ptb,wiki_leads") in c
+        if name.startswith("tasks/"):
+            assert "--limit 500" in c and "--tasks piqa,arc_easy,arc_challenge,openbookqa,boolq" in c
+    for name, flags in (("W4A4-quarot", "--method quarot --eval_ppl"),
+                        ("W4A4-quarot-rtn", "--method quarot --w_quantizer rtn"),
+                        ("W4A4-spinquant", "--method spinquant"),
+                        ("W4A4-duquant-gptq", "--method duquant --w_quantizer gptq"),
+                        ("W4A4-quarot-reorder", "--method quarot --transforms residual_rotate,reorder "
+                                                "--abits_policy uniform"),
+                        ("W4A4-quarot-duquant", "--method duquant --transforms residual_rotate,smooth,rotate,"
+                                                "qk_rotate")):
+        assert f"main.py smollm2-135m {flags}" in cmd[f"methods/{name}"]
+    for key in SEEDED:
+        for seed in (3, 4):
+            assert cmd[f"{key}-seed{seed}"] == cmd[key].replace("--seed 2", f"--seed {seed}").replace(
+                " --act_dist_plot --plot_layers mid", "")
+    planned: dict[str, set[str]] = {}
+    for _, sections, name, _ in plan:
+        for s in sections.split():
+            planned.setdefault(s, set()).add(name)
+    assert planned == {s: set(keys) for s, keys in SECTION_RUNS.items()}

@@ -3,16 +3,14 @@ extra calibration seeds of a run beside it as <run>-seed3, <run>-seed4; a row's 
 over its seeds, and the numbers are formatted here once for every block."""
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean, stdev
 
+from eval.doc_runs import base_key, read_plan
+from eval.doc_stats import Spread, spread
 from eval.runs import load_runs
 
 NOT_RUN = "not run"
-_SEED = re.compile(r"-seed\d+$")  # <run>-seed3: the same row calibrated with another seed
+Measure = Spread  # one definition of mean ± std over seeds, shared with docs/results.md
 
 
 def load_tree(root) -> dict[str, list[dict]]:
@@ -22,33 +20,22 @@ def load_tree(root) -> dict[str, list[dict]]:
     if not root.is_dir() or not any(root.rglob("results.json")):
         return {}
     base = root.resolve()
+    plan = {key: cmd for _, _, key, cmd in read_plan(root)}
     grouped: dict[str, list[dict]] = {}
     for run in load_runs(root):
         rel = Path(run["_path"]).parent.relative_to(base).as_posix()
-        grouped.setdefault(_SEED.sub("", rel), []).append(run)
+        command = Path(run["_path"]).with_name("command.txt")
+        if rel in plan and (not command.is_file() or command.read_text().strip() != plan[rel]):
+            continue  # run with other settings than the plan's: docs/results.md leaves it out too
+        grouped.setdefault(base_key(rel), []).append(run)
     for runs in grouped.values():
         runs.sort(key=lambda r: (r["config"].get("seed") or 0, r["_path"]))
     return grouped
 
 
-@dataclass(frozen=True)
-class Measure:
-    """A perplexity over the seeds that measured it: mean, sample std (None for one seed), seed count."""
-    mean: float
-    std: float | None
-    n: int
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def measure(runs: list[dict] | None, dataset: str) -> Measure | None:
-    """The runs' perplexity on dataset (None when no run has a finite one)."""
-    values = [r["ppl"][dataset] for r in runs or () if _finite((r.get("ppl") or {}).get(dataset))]
-    if not values:
-        return None
-    return Measure(mean(values), stdev(values) if len(values) > 1 else None, len(values))
+    """The runs' perplexity on dataset over their seeds (None when no run has one)."""
+    return spread((r.get("ppl") or {}).get(dataset) for r in runs or ())
 
 
 def number(value: float) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from common.errors import UserError
@@ -146,15 +147,23 @@ def main(argv=None) -> int:
 
 
 def command(argv=None) -> int:
-    """``python main.py``: :func:`main`, with Ctrl-C as one line saying what was kept, and exit code 130.
-    (main() lets KeyboardInterrupt through, so in-process callers such as the tests see it.)"""
+    """``python main.py``: :func:`main`, with Ctrl-C (exit 130) or SIGTERM (exit 143, a scheduler's kill)
+    as one line saying what was kept. (main() lets KeyboardInterrupt through, so in-process callers such
+    as the tests see it.)"""
+    terminated = []
+
+    def on_sigterm(signum, frame):  # the same orderly stop as Ctrl-C: finished layers stay resumable
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return main(argv)
     except KeyboardInterrupt as exc:
         print(exc if isinstance(exc, CalibrationInterrupted)
               else "interrupted; rerun the same command (calibration state kept under --output_path is reused)",
               file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if terminated else 130
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def _run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=600)
 
 
-def _interrupt_after(layer: int, cmd: list[str], tmp: Path) -> tuple[int, str, str]:
-    """Run ``cmd`` until it has saved ``layer``'s state (the test-only pause), then send SIGINT."""
+def _interrupt_after(layer: int, cmd: list[str], tmp: Path, sig=signal.SIGINT) -> tuple[int, str, str]:
+    """Run ``cmd`` until it has saved ``layer``'s state (the test-only pause), then send ``sig``."""
     # SIGINT back to its default in the child: a shell running the suite in the background (CI
     # runners, `make test &`) starts it ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp, **{PAUSE_ENV: str(layer)}), stdout=subprocess.PIPE,
@@ -54,7 +54,7 @@ def _interrupt_after(layer: int, cmd: list[str], tmp: Path) -> tuple[int, str, s
         for line in proc.stdout:
             seen.append(line)
             if line.startswith(f"test: paused after layer {layer}"):
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(sig)
                 break
         out, err = proc.communicate()
     finally:
@@ -138,11 +138,13 @@ def test_interrupt_then_replaced_weights_refused_and_same_weights_resume_identic
     assert (stale / "calibration_state" / "state.json").is_file()  # refusing deletes nothing
 
 
-def test_interrupt_without_resume_state_says_nothing_was_kept(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_without_resume_state_says_nothing_was_kept(tmp_path, sig, code):
     model = save_tiny_opt_dir(tmp_path / "m", seed=0, layers=LAYERS)
     out = tmp_path / "out"
-    rc, _, err = _interrupt_after(0, _command(model, tmp_path, "--output_path", str(out), "--no_resume"), tmp_path)
-    assert rc == 130, err
+    rc, _, err = _interrupt_after(0, _command(model, tmp_path, "--output_path", str(out), "--no_resume"), tmp_path,
+                                  sig)
+    assert rc == code, err
     assert err.strip().splitlines() == [f"interrupted after 1 of {LAYERS} layers were calibrated; nothing was kept "
                                         "(--no_resume), so a rerun calibrates from the start"]
     assert not (out / "calibration_state").exists()

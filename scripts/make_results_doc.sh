@@ -79,11 +79,12 @@ seeded() {  # tier, sections, run, flags...: the run at seed 2, and at each extr
             [[ $a == --act_dist_plot || $prev == --plot_layers || $a == --plot_layers ]] || args+=("$a")
             prev=$a
         done
-        plan 9 methods "$name-seed$seed" "${args[@]}"
+        plan 2 methods "$name-seed$seed" "${args[@]}"
     done
 }
 
-# Tier 0-1: FP16 and the methods table's rows (seed 2; the rows it compares also at the extra seeds, tier 9)
+# Tier 0-1: FP16 and the methods table's rows (seed 2); tier 2: the extra seeds of the rows it compares (the spread
+# decides which differences the doc may call real, so they come before zero-shot and the ablations)
 plan 0 "paper methods weights" ppl/FP16 --wbits 16 --abits 16 "${PPL_ARGS[@]}"
 seeded 1 "paper methods diffs" ppl/W4A4 --wbits 4 --abits 4 "${PPL_ARGS[@]}" "${PLOT_ARGS[@]}"
 seeded 1 "paper methods" ppl/W4A4-uniform --wbits 4 --abits 4 --abits_policy uniform "${PPL_ARGS[@]}"

@@ -154,8 +154,10 @@ def test_script_plan_has_the_settings_the_new_rows_and_the_seed_variants():
     cmd = {name: c for _, _, name, c in plan}
     assert len(cmd) == len(plan) == len(all_runs()) and set(cmd) == set(all_runs())
     tiers = [int(t) for t, _, _, _ in plan]
-    assert tiers == sorted(tiers) and plan[0][2] == "ppl/FP16"  # most useful first, extra seeds last
-    assert all(name.endswith(("-seed3", "-seed4")) == (t == "9") for t, _, name, _ in plan)
+    assert tiers == sorted(tiers) and plan[0][2] == "ppl/FP16"  # most useful first
+    assert all(name.endswith(("-seed3", "-seed4")) == (t == "2" and s == "methods") for t, s, name, _ in plan)
+    order = [name for _, _, name, _ in plan]  # the spread before zero-shot: it decides what may be compared
+    assert max(i for i, n in enumerate(order) if n.endswith("-seed4")) < order.index("tasks/FP16")
     assert tiers.index(2) > max(i for i, (_, _, n, _) in enumerate(plan) if n == "methods/W4A4-quarot-duquant")
     for name, c in cmd.items():
         if not name.startswith("ref/"):

@@ -167,7 +167,7 @@ def test_script_plan_has_the_settings_the_new_rows_and_the_seed_variants():
                                            "--ppl_datasets ptb,wiki_leads") in c
         if name.startswith("tasks/"):
             assert "--limit 500" in c and "--tasks piqa,arc_easy,arc_challenge,openbookqa,boolq" in c
-    for name, flags in (("W4A4-quarot", "--method quarot --eval_ppl"),
+    for name, flags in (("W4A4-quarot", "--method quarot --act_dist_plot --plot_layers mid --eval_ppl"),
                         ("W4A4-quarot-rtn", "--method quarot --w_quantizer rtn"),
                         ("W4A4-spinquant", "--method spinquant"),
                         ("W4A4-duquant-gptq", "--method duquant --w_quantizer gptq"),
@@ -185,3 +185,39 @@ def test_script_plan_has_the_settings_the_new_rows_and_the_seed_variants():
         for s in sections.split():
             planned.setdefault(s, set()).add(name)
     assert planned == {s: set(keys) for s, keys in SECTION_RUNS.items()}
+
+
+def test_residual_rotation_figure_pairs_the_unrotated_and_rotated_ranges(tmp_path, monkeypatch):
+    """The R1 figure draws RPTQ's untransformed ranges (before) and QuaRot's input ranges (after) of the
+    same layer and norm-fed point, and nothing for a point R1 is not the only transform of."""
+    import numpy as np
+    import torch
+
+    from eval.doc_figures import residual_rotation_figures
+    from eval.plot_data import write_plot_data
+
+    width = 16
+    spread = torch.linspace(1, 50, width)  # one outlier-ish channel profile, and the flat one after rotation
+    flat = torch.full((width,), 6.0)
+    for key, ranges, method in (("ppl/W4A4", spread, "rptq"), ("methods/W4A4-quarot", flat, "quarot")):
+        root = tmp_path / key
+        tensors = {"before_min": -ranges, "before_max": ranges.clone(), "after_min": -ranges, "after_max": ranges.clone()}
+        rels = [write_plot_data(root, 15, point, tensors, model="m", method=method, transform="none")
+                for point in ("qkv_in", "down_in")]
+        (root / "results.json").write_text("{}")
+        if key == "methods/W4A4-quarot":
+            quarot = {"_path": str(root / "results.json"), "plots": {"data": rels}, "model": "m"}
+    rptq = {"_path": str(tmp_path / "ppl/W4A4/results.json")}
+    captured = {}
+    import eval.doc_figures as figs
+
+    real = figs.plot_channel_ranges
+    monkeypatch.setattr(figs, "plot_channel_ranges",
+                        lambda data, meta: captured.setdefault(meta["point"], (data, meta)) and real(data, meta))
+    lines = residual_rotation_figures({"methods/W4A4-quarot": quarot}, rptq, tmp_path / "figures")
+    assert list(captured) == ["qkv_in"]  # down_in has mlp_rotate of its own: not R1's figure
+    data, meta = captured["qkv_in"]
+    assert np.array_equal(data["before_max"], spread.numpy()) and np.array_equal(data["after_max"], flat.numpy())
+    assert meta["method"] == "QuaRot R1"
+    assert (tmp_path / "figures" / "w4a4-quarot-r1-layer015_qkv_in.png").is_file()
+    assert any("figures/w4a4-quarot-r1-layer015_qkv_in.png" in line for line in lines)

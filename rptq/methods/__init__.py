@@ -20,10 +20,12 @@ STEPS = {"reorder": ("rptq", "reorder_step"), "smooth": ("smoothquant", "smooth_
          "rotate": ("duquant", "rotate_step"), "qk_rotate": ("duquant", "qk_rotate_step"),
          # residual_rotate is model-level: rptq.pipeline rotates the whole model before layer 0 (wherever it is listed)
          "residual_rotate": ("quarot", "residual_step"), "head_rotate": ("quarot", "head_rotate_step"),
-         "mlp_rotate": ("quarot", "mlp_rotate_step")}
+         "mlp_rotate": ("quarot", "mlp_rotate_step"),
+         # spin_rotate is model-level too: R1 and each layer's R2 are learned before layer 0 (rptq.spin_learn)
+         "spin_rotate": ("spinquant", "spin_step")}
 # activation policy -> module with activation(ctx, point, role) and describe(cfg, spec, point, role)
 POLICIES = {"rptq": "rptq", "uniform": "rptq", "smoothquant": "smoothquant", "fptq": "fptq", "duquant": "duquant",
-            "quarot": "quarot"}
+            "quarot": "quarot", "spinquant": "spinquant"}
 
 # Settings each preset implies; a flag given on the command line wins. Documented in the README.
 PRESETS: dict[str, dict] = {
@@ -43,6 +45,10 @@ PRESETS: dict[str, dict] = {
     "quarot": dict(transforms=("residual_rotate", "head_rotate", "qk_rotate", "mlp_rotate"), abits_policy="quarot",
                    grid="symmetric", w_quantizer="gptq", w_range="minmax", w_group_size=0, w_clip=1.0,
                    w_clip_search=True, wbits=4, abits=4, rotation=dict(act_clip=0.9)),
+    "spinquant": dict(transforms=("residual_rotate", "spin_rotate", "head_rotate", "qk_rotate", "mlp_rotate"),
+                      abits_policy="spinquant", grid="symmetric", w_quantizer="gptq", w_range="minmax",
+                      w_group_size=0, w_clip=1.0, w_clip_search=True, wbits=4, abits=4,
+                      rotation=dict(act_clip=1.0), residual=dict(kv_clip=1.0, across_heads=False)),
 }
 METHODS = tuple(PRESETS)
 

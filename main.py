@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual_rotation", default=None, choices=("hadamard", "random"),
                    help="R1 of the residual_rotate step (quarot): randomized Hadamard (random orthogonal where no "
                         "Hadamard of the width is built) or random orthogonal")
+    p.add_argument("--spin_steps", type=int, default=None,
+                   help="SpinQuant's Cayley SGD steps learning R1/R2 (spin_rotate step; default 8; paper 100)")
+    p.add_argument("--spin_lr", type=float, default=None, help="SpinQuant's peak learning rate, cosine (default 1.5)")
+    p.add_argument("--spin_samples", type=int, default=None,
+                   help="calibration windows the learning sees, one per step (default 4, at most --nsamples)")
     p.add_argument("--rotation_block", type=int, default=None, help="power of two (rotate step; default 128)")
     p.add_argument("--rotation_steps", type=int, default=None, help="DuQuant's greedy steps (rotate step; default 256)")
     p.add_argument("--no_permute", action="store_true", help="DuQuant without the zigzag permutation (and R2)")

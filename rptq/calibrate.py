@@ -31,9 +31,11 @@ from .weights import quantize_weights
 
 def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict, cfg: QuantConfig,
                     layer: int = 0, keep_ranges: bool = False,
-                    side_by_side: bool = True) -> tuple[torch.Tensor, BlockReport]:
+                    side_by_side: bool = True,
+                    head_rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockReport]:
     """Transform and quantize ``block`` in place; return its quantized outputs on ``inputs``.
-    ``side_by_side``: see :func:`quantize_weights` (False out of core, where memory binds)."""
+    ``side_by_side``: see :func:`quantize_weights` (False out of core, where memory binds).
+    ``head_rotation``: this layer's learned R2 (SpinQuant) for head_rotate."""
     spec = block.spec
     report = BlockReport()
     timing = report.timing
@@ -44,7 +46,7 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
     timing.passes += 1
     t1 = time.perf_counter()
 
-    ctx = BlockContext(block, observers, cfg, layer)
+    ctx = BlockContext(block, observers, cfg, layer, head_rotation=head_rotation)
     before = range_snapshot(observers) if keep_ranges else {}
     for name in cfg.transforms:
         methods.step(name)(ctx)

@@ -54,6 +54,17 @@ class ResidualSettings:
 
     kind: str = "hadamard"  # R1: randomized Hadamard (random orthogonal where none is built) | random
     kv_clip: float = 0.95  # QuaRot's K/V clipping ratio (per token x head, asymmetric)
+    across_heads: bool = True  # head_rotate's online mixer across the heads at o_proj's input (QuaRot; not SpinQuant)
+
+
+@dataclass(frozen=True)
+class SpinSettings:
+    """SpinQuant's learning of R1 and R2 (the spin_rotate step): Cayley SGD steps, the peak learning
+    rate of its cosine schedule, and how many calibration windows it sees (one per step, cycled)."""
+
+    steps: int = 8  # SmolLM2-135M, 512-token windows: ~45 s a step on the 2-core dev box (README)
+    lr: float = 1.5
+    samples: int = 4
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,7 @@ class QuantConfig:
     rotation: RotationSettings = field(default_factory=RotationSettings)
     gptqt: GPTQTSettings = field(default_factory=GPTQTSettings)
     residual: ResidualSettings = field(default_factory=ResidualSettings)
+    spin: SpinSettings = field(default_factory=SpinSettings)
 
     def reorders(self, point: str) -> bool:
         """Whether reorder point 'R1'..'R5' is clustered."""

@@ -23,6 +23,7 @@ class BlockContext:
     groups: dict[str, tuple[int, ...]] = field(default_factory=dict)  # point -> contiguous channel groups
     decisions: dict[str, dict] = field(default_factory=dict)  # point -> what a method decided (reported)
     placements: list[dict] = field(default_factory=list)  # every transform placed, in order
+    head_rotation: torch.Tensor | None = None  # this layer's R2 learned by the spin_rotate step (SpinQuant)
 
     @property
     def spec(self) -> BlockSpec:

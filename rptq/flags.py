@@ -8,7 +8,7 @@ import dataclasses
 from common.errors import UserError
 
 from .config import (DEFAULT_CLUSTERS, FPTQSettings, GPTQTSettings, QuantConfig, ResidualSettings, RotationSettings,
-                     SmoothSettings)
+                     SmoothSettings, SpinSettings)
 from .export_rules import FORMATS as EXPORT_FORMATS
 from .methods import PRESETS, STEPS
 from .run_config import RunConfig
@@ -25,6 +25,7 @@ def quant_config(args):
     preset = dict(PRESETS[args.method])
     smooth = {**dataclasses.asdict(SmoothSettings()), **preset.pop("smooth", {})}
     rotation = {**dataclasses.asdict(RotationSettings()), **preset.pop("rotation", {})}
+    residual = {**dataclasses.asdict(ResidualSettings()), **preset.pop("residual", {})}
     base = {**dataclasses.asdict(QuantConfig()), **preset}
     for flag in ("wbits", "abits", "abits_policy", "grid", "w_range", "w_group_size", "w_clip"):
         if getattr(args, flag) is not None:
@@ -90,11 +91,32 @@ def quant_config(args):
     if args.residual_rotation is not None and "residual_rotate" not in transforms:
         raise UserError(f"--residual_rotation chooses R1 of the residual_rotate step; --method {args.method} runs: "
                         f"{','.join(transforms)} (add residual_rotate to --transforms)")
-    base["residual"] = ResidualSettings(kind=args.residual_rotation or "hadamard")
+    base["residual"] = ResidualSettings(**{**residual, "kind": args.residual_rotation or "hadamard"})
+    base["spin"] = spin_settings(args, transforms)
     base["gptqt"] = GPTQTSettings(inter_bits=args.inter_bits, variant=args.gptqt_variant or "B")
     quant = QuantConfig(**base)
     refuse_unused(args, quant)
     return quant
+
+
+def spin_settings(args, transforms: tuple[str, ...]) -> SpinSettings:
+    """--spin_steps/--spin_lr/--spin_samples, only with the spin_rotate step, which learns the R1 that
+    residual_rotate folds (so it needs that step)."""
+    given = {k: v for k in ("steps", "lr", "samples") if (v := getattr(args, f"spin_{k}")) is not None}
+    if given and "spin_rotate" not in transforms:
+        raise UserError(f"--spin_{next(iter(given))} sets SpinQuant's learning of R1/R2 (the spin_rotate step); "
+                        f"--method {args.method} runs: {','.join(transforms)} (use --method spinquant)")
+    if "spin_rotate" in transforms and "residual_rotate" not in transforms:
+        raise UserError("the spin_rotate step learns the R1 that residual_rotate folds; add residual_rotate to "
+                        "--transforms")
+    spin = SpinSettings(**{"samples": min(SpinSettings.samples, args.nsamples), **given})
+    if spin.steps < 0 or spin.samples < 1 or not spin.lr > 0:
+        raise UserError(f"--spin_steps must be 0 or more, --spin_samples at least 1 and --spin_lr positive (got "
+                        f"{spin.steps}, {spin.samples}, {spin.lr})")
+    if "spin_rotate" in transforms and spin.samples > args.nsamples:
+        raise UserError(f"--spin_samples {spin.samples} exceeds the {args.nsamples} calibration windows "
+                        "(--nsamples); lower it or raise --nsamples")
+    return spin
 
 
 def refuse_unused(args, quant: QuantConfig) -> None:
@@ -110,8 +132,8 @@ def refuse_unused(args, quant: QuantConfig) -> None:
             ("--no_permute", args.no_permute or None, "the rotate step", "rotate" in quant.transforms),
             ("--outlier_index", None if args.outlier_index == "official" else args.outlier_index,
              "the rotate step", "rotate" in quant.transforms),
-            ("--act_clip", args.act_clip, "--abits_policy duquant or quarot",
-             quant.abits_policy in ("duquant", "quarot"))):
+            ("--act_clip", args.act_clip, "--abits_policy duquant, quarot or spinquant",
+             quant.abits_policy in ("duquant", "quarot", "spinquant"))):
         if given is not None and not active:
             raise UserError(f"{flag} is used only with {needs}; --method {quant.method} does not run it (drop the "
                             "flag or add what it needs)")
@@ -159,7 +181,7 @@ def build_config(args):
     if args.export and args.export[0] not in EXPORT_FORMATS:
         raise UserError(f"--export {args.export[0]}: unknown format; one of {', '.join(EXPORT_FORMATS)}")
     quant = quant_config(args)
-    if args.save_quantized and "residual_rotate" in quant.transforms:
+    if args.save_quantized and "residual_rotate" in quant.transforms:  # spinquant's too
         raise UserError("--save_quantized cannot yet store a residual-rotated model (its norms and head change "
                         "form); evaluate in the same run, or drop residual_rotate")
     split = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())  # noqa: E731

@@ -17,6 +17,7 @@ from .calibrate import calibrate_block
 from .config import QuantConfig
 from .layer_store import LayerStore
 from .residual_rotate import STEP as RESIDUAL_STEP, rotate_residual
+from .spin_learn import STEP as SPIN_STEP, LearnedRotations, rotate_model
 from .tensor_file import CheckpointError
 
 
@@ -41,6 +42,7 @@ class CalibrationReport:
     resumed_from: int | None = None  # first_layer when this run resumed a state, else None
     plot_data: dict = field(default_factory=dict)  # layer -> point -> channel ranges before/after
     residual: dict = field(default_factory=dict)  # the model-level residual rotation (R1), if any
+    spin: dict = field(default_factory=dict)  # SpinQuant's learning of R1/R2 (the spin_rotate step), if run
 
     @property
     def seconds(self) -> float:
@@ -56,7 +58,8 @@ class CalibrationReport:
         sums = {k: sum(r["timing"][k] for r in records) for k in ("stats_s", "transform_s", "weights_s", "output_s")}
         return {"capture_s": self.capture_s, "total_s": self.seconds, **sums,
                 "passes_per_layer": max((r["timing"]["passes"] for r in records), default=0),
-                **({"residual_rotation": self.residual} if self.residual else {})}
+                **({"residual_rotation": self.residual} if self.residual else {}),
+                **({"spin_rotation": self.spin} if self.spin else {})}
 
     def layer_errors(self) -> list[dict]:
         """Per calibrated layer: the quantized block's output error against the FP block on the same
@@ -72,7 +75,7 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
                    device: torch.device | str = "cpu", progress: bool = True, store: LayerStore | None = None,
                    fingerprint: str | dict = "", layer_source=None, placement: list | None = None,
                    offload: bool = False, on_layer_done=None, captured: tuple | None = None,
-                   plot_layers: set[int] | None = None) -> CalibrationReport:
+                   plot_layers: set[int] | None = None, rotations: LearnedRotations | None = None) -> CalibrationReport:
     """Replace every decoder layer of ``model`` by its reordered, quantized block, in place.
 
     store:        a :class:`LayerStore`; each finished block, the next layer's inputs and the
@@ -85,6 +88,7 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
     captured:     (inputs, layer kwargs) of layer 0 from :func:`capture_block_inputs`, when the
                   caller captured them already (out of core: to drop the embeddings meanwhile).
     plot_layers:  layers whose per-channel ranges before/after the transforms are kept (report.plot_data).
+    rotations:    R1/R2 for the spin_rotate step, learned already (else learned here, before layer 0).
     """
     device = torch.device(device)
     start = time.perf_counter()
@@ -95,7 +99,12 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
         if layer_source is not None or captured is not None:
             raise UserError("residual_rotate rotates the embeddings and every layer at once and needs the model in "
                             "memory; drop --offload_dir (or raise --max_memory), or drop residual_rotate")
-        report.residual = rotate_residual(model, adapter, cfg)
+        if SPIN_STEP in cfg.transforms:
+            report.residual, rotations = rotate_model(model, adapter, windows, cfg, device, rotations)
+            report.spin = rotations.report
+        else:
+            report.residual = rotate_residual(model, adapter, cfg)
+    head_rotations = rotations.r2 if rotations is not None and SPIN_STEP in cfg.transforms else None
     inputs, layer_kwargs = captured or capture_block_inputs(model, layers, windows, device)
     report.capture_s = time.perf_counter() - start
     first = 0
@@ -132,6 +141,7 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
         inputs, block_report = calibrate_block(block, inputs.to(layer_device),
                                                layer_kwargs_on(layer_kwargs, layer_device), cfg, layer=i,
                                                keep_ranges=bool(plot_layers) and i in plot_layers,
+                                               head_rotation=head_rotations[i] if head_rotations else None,
                                                side_by_side=not offload)  # out of core, memory binds
         report.layers.append(block_report)
         if block_report.ranges:

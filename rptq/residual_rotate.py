@@ -79,8 +79,18 @@ def _untie_head(model: nn.Module, head: nn.Linear, embeddings: list[nn.Module]) 
 
 @torch.no_grad()
 def rotate_residual(model: nn.Module, adapter, cfg: QuantConfig) -> dict:
-    """Fold, centre (LayerNorm models) and rotate the residual stream of ``model`` in place;
-    returns what was done (results.json ``calibration.residual_rotation``)."""
+    """Fold, centre (LayerNorm models) and rotate the residual stream of ``model`` in place by the
+    seeded Q; returns what was done (results.json ``calibration.residual_rotation``)."""
+    done = fold_residual(model, adapter)
+    q, kind = initial_rotation(adapter.block_spec(model.config).hidden_size, cfg)
+    rotate_folded(model, adapter, q)
+    return {"kind": kind, **done}
+
+
+@torch.no_grad()
+def fold_residual(model: nn.Module, adapter) -> dict:
+    """Steps 1-2: every norm's gain (and shift) into its readers, the head untied, the residual of a
+    LayerNorm model made zero-mean; afterwards any orthogonal Q can be applied (:func:`rotate_folded`)."""
     if not hasattr(adapter, "residual_spec"):
         raise UserError(f"the {adapter.name} adapter does not declare its residual stream; drop residual_rotate")
     rs = adapter.residual_spec(model.config)
@@ -108,13 +118,28 @@ def rotate_residual(model: nn.Module, adapter, cfg: QuantConfig) -> dict:
             for edge in block_spec.norm_edges:
                 _as_rms(*_parent(layer, edge.norm), layer.get_submodule(edge.norm))
         _as_rms(*_parent(model, rs.final_norm), model.get_submodule(rs.final_norm))
+    return {"size": block_spec.hidden_size, "centred": rs.layer_norm, "head_untied": untied,
+            "head_bias_added": head.bias is not None and not head_had_bias}
 
-    d = block_spec.hidden_size
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 104_729)  # one Q per run, from the seed
+
+def initial_rotation(d: int, cfg: QuantConfig) -> tuple[torch.Tensor, str]:
+    """QuaRot's R1 (float64) and its kind: one Q per run, from the seed (SpinQuant starts from it)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 104_729)
     if cfg.residual.kind == "random":
-        q, kind = random_orthogonal(d, gen), "random"
-    else:  # randomized Hadamard; a width with no construction here falls back to random (reported)
-        q, kind = orthogonal_mixer(d, gen)
+        return random_orthogonal(d, gen), "random"
+    return orthogonal_mixer(d, gen)  # randomized Hadamard; a width with no construction: random (reported)
+
+
+@torch.no_grad()
+def rotate_folded(model: nn.Module, adapter, q: torch.Tensor) -> None:
+    """Step 3 on a :func:`fold_residual`-ed model: embeddings E Q, readers' columns W Q, writers'
+    rows Q^T W and biases b Q, head W Q (float64 products, cast back)."""
+    rs = adapter.residual_spec(model.config)
+    block_spec = adapter.block_spec(model.config)
+    layers = [_layer_root(layer) for layer in adapter.layers(model)]
+    embeddings = [model.get_submodule(p) for p in rs.embeddings]
+    head = model.get_submodule(rs.head)
+    q = q.double()
     for e in embeddings:
         _set(e.weight, e.weight.data.double() @ q.to(e.weight.device))
     readers = [head] + [layer.get_submodule(n) for layer in layers for edge in block_spec.norm_edges
@@ -128,8 +153,6 @@ def rotate_residual(model: nn.Module, adapter, cfg: QuantConfig) -> dict:
             _set(lin.weight, qd.T @ lin.weight.data.double())
             if lin.bias is not None:
                 _set(lin.bias, lin.bias.data.double() @ qd)
-    return {"kind": kind, "size": d, "centred": rs.layer_norm, "head_untied": untied,
-            "head_bias_added": head.bias is not None and not head_had_bias}
 
 
 @torch.no_grad()

@@ -20,10 +20,12 @@ STEPS = {"reorder": ("rptq", "reorder_step"), "smooth": ("smoothquant", "smooth_
          "rotate": ("duquant", "rotate_step"), "qk_rotate": ("duquant", "qk_rotate_step"),
          # residual_rotate is model-level: rptq.pipeline rotates the whole model before layer 0 (wherever it is listed)
          "residual_rotate": ("quarot", "residual_step"), "head_rotate": ("quarot", "head_rotate_step"),
-         "mlp_rotate": ("quarot", "mlp_rotate_step")}
+         "mlp_rotate": ("quarot", "mlp_rotate_step"),
+         # spin_rotate is model-level too: R1 and each layer's R2 are learned before layer 0 (rptq.spin_learn)
+         "spin_rotate": ("spinquant", "spin_step")}
 # activation policy -> module with activation(ctx, point, role) and describe(cfg, spec, point, role)
 POLICIES = {"rptq": "rptq", "uniform": "rptq", "smoothquant": "smoothquant", "fptq": "fptq", "duquant": "duquant",
-            "quarot": "quarot"}
+            "quarot": "quarot", "spinquant": "spinquant"}
 
 # Settings each preset implies; a flag given on the command line wins. Documented in the README.
 PRESETS: dict[str, dict] = {
@@ -43,6 +45,10 @@ PRESETS: dict[str, dict] = {
     "quarot": dict(transforms=("residual_rotate", "head_rotate", "qk_rotate", "mlp_rotate"), abits_policy="quarot",
                    grid="quarot", w_quantizer="gptq", w_range="minmax", w_group_size=0, w_clip=1.0,
                    w_clip_search=True, wbits=4, abits=4, rotation=dict(act_clip=0.9)),
+    "spinquant": dict(transforms=("residual_rotate", "spin_rotate", "head_rotate", "qk_rotate", "mlp_rotate"),
+                      abits_policy="spinquant", grid="symmetric", w_quantizer="gptq", w_range="minmax",
+                      w_group_size=0, w_clip=1.0, w_clip_search=True, wbits=4, abits=4,
+                      rotation=dict(act_clip=1.0), residual=dict(kv_clip=1.0, across_heads=False)),
 }
 METHODS = tuple(PRESETS)
 
@@ -132,6 +138,26 @@ ASSUMPTIONS: dict[str, tuple[str, ...]] = {
                "R2 the same on every head; the online mixer across heads at o_proj's input (QuaRot's partial "
                "Hadamard) is a Hadamard of order num_heads where one is built, else random orthogonal "
                "(SmolLM2-135M's 9 heads: random; QuaRot's code has no order-9 Hadamard)"),
+    "spin_rotate": ("SpinQuant: R1 and one R2 per layer learned by Cayley SGD (quant/cayley.py: exact Cayley "
+                    "factor by a linear solve, step min(lr, 1/||A||_1) as the released SGDG, no momentum, no random "
+                    "QR re-orthonormalisation), cosine schedule from --spin_lr 1.5; one calibration window per step "
+                    "cycling over --spin_samples (the paper: 100 steps of 8 x 2048-token WikiText-2 windows)",
+                    "SpinQuant: R1 starts from residual_rotate's seeded randomized Hadamard, each R2 from a seeded "
+                    "randomized Hadamard of head_dim (the released code's random_hadamard_matrix); the same R2 on "
+                    "every head of a layer (GQA: each query head's o_proj columns use its K/V head's R2)",
+                    "SpinQuant: during learning the weights are RTN per output channel on the run's grid without the "
+                    "clipping search (the released code runs its search every step; too slow on a CPU), activations, "
+                    "K and V by the method's policy, all with straight-through rounding; R3/R4 fixed Hadamards in the "
+                    "forward; the learning computes in float32 (the released code in bf16)"),
+    "spinquant": ("SpinQuant: linear inputs per token, asymmetric, dynamic, clip 1.0 (its scripts' --a_asym, "
+                  "a_clip_ratio 1.0); on the full grid [min, max] of each token (the released code widens the range "
+                  "to include 0)",
+                  "SpinQuant: o_proj's input per token x head (its eval code sets the group size to head_dim there) "
+                  "and no online Hadamard across heads (ResidualSettings.across_heads off), unlike QuaRot",
+                  "SpinQuant: K and V per token x head, asymmetric, clip 1.0 (--k_asym --v_asym, groups of head_dim); "
+                  "Q and the softmax output FP",
+                  "SpinQuant: weights per output channel, symmetric, GPTQ with QuaRot's clipping search (its "
+                  "--w_clip) after learning, as QuaRot's preset here"),
     "gptqt": ("GPTQT: intermediate bits n = k + 1; level sets on the n-bit integer grid; re-explore gammas "
               "0.50..1.50 scored by the Hessian-diagonal-weighted error; variant B (GPTQ compensates the final "
               "rounding)",),

@@ -59,9 +59,13 @@ def rotate_step(ctx: BlockContext) -> None:
 def qk_rotate_step(ctx: BlockContext) -> None:
     """Q and K times the same orthogonal head_dim x head_dim matrix per head (a Hadamard where
     head_dim is a power of two, else DuQuant's uniform-row base), online: Q H (K H)^T = Q K^T."""
-    head_dim = ctx.spec.heads.head_dim
-    R = sylvester_hadamard(head_dim) if _is_pow2(head_dim) else duquant_base(head_dim)
+    R = qk_matrix(ctx.spec.heads.head_dim)
     ctx.apply_qk(BlockRotation(R), BlockRotation(R), step="qk_rotate")
+
+
+def qk_matrix(head_dim: int) -> torch.Tensor:
+    """The qk_rotate step's matrix (SpinQuant's learning puts the same one in its forward)."""
+    return sylvester_hadamard(head_dim) if _is_pow2(head_dim) else duquant_base(head_dim)
 
 
 _bits = linear_and_qkv_bits

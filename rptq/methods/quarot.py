@@ -28,25 +28,45 @@ def residual_step(ctx: BlockContext) -> None:
     """R1 was applied to the whole model before calibration (rptq.pipeline); nothing per block."""
 
 
+def head_matrix(ctx: BlockContext) -> tuple[torch.Tensor, str]:
+    """R2 of this layer: SpinQuant's learned one when the spin_rotate step gave one, else a Hadamard."""
+    if ctx.head_rotation is not None:
+        return ctx.head_rotation, "learned"
+    return orthogonal_mixer(ctx.spec.heads.head_dim, ctx.generator(salt=20), randomized=False)
+
+
+def across_heads_matrix(ctx: BlockContext, n_heads: int) -> tuple[torch.Tensor, str]:
+    """QuaRot's online mixer across ``n_heads`` heads, as a full-width matrix (channel h*d+i: head h)."""
+    across, kind = orthogonal_mixer(n_heads, ctx.generator(salt=25), randomized=False)
+    return torch.kron(across.contiguous(), torch.eye(ctx.spec.heads.head_dim, dtype=across.dtype)), kind
+
+
+def mlp_matrix(ctx: BlockContext, index: int, width: int) -> tuple[torch.Tensor, str]:
+    """R4 of linear edge number ``index``: a Hadamard of the width (random orthogonal where none is built)."""
+    return orthogonal_mixer(width, ctx.generator(salt=40 + index), randomized=False)
+
+
 def head_rotate_step(ctx: BlockContext) -> None:
-    """R2: the same head_dim x head_dim Hadamard on every head's value channels (folded), then, as
-    QuaRot's online partial Hadamard at o_proj's input, a num_heads mixer across the heads (online,
-    its transpose in o_proj's columns): together a full-width rotation, so no head's scale dominates
-    the token's quantization range (R2 alone leaves each head's magnitude where it was)."""
+    """R2: the same head_dim x head_dim Hadamard (SpinQuant: the layer's learned R2) on every head's
+    value channels (folded), then, as QuaRot's online partial Hadamard at o_proj's input, a
+    num_heads mixer across the heads (online, its transpose in o_proj's columns): together a
+    full-width rotation, so no head's scale dominates the token's quantization range (R2 alone
+    leaves each head's magnitude where it was). SpinQuant has no mixer (--method spinquant turns
+    it off and quantizes o_proj's input per head instead)."""
     heads = ctx.spec.heads
-    H, kind = orthogonal_mixer(heads.head_dim, ctx.generator(salt=20), randomized=False)
+    H, kind = head_matrix(ctx)
     for edge in ctx.spec.linear_edges:
         if not edge.per_head:
             continue
         where = place_within_heads(ctx.block, edge.point, BlockRotation(H), ctx.observers)
         ctx.placements.append({"point": edge.point, "transform": "rotation", "where": where, "step": "head_rotate"})
-        n_heads = ctx.block.module(edge.consumer).in_features // heads.head_dim
-        across, across_kind = orthogonal_mixer(n_heads, ctx.generator(salt=25), randomized=False)
-        mix = torch.kron(across.contiguous(), torch.eye(heads.head_dim, dtype=across.dtype))  # channel h*d+i: head h
-        online = ctx.apply(edge.point, BlockRotation(mix), step="head_rotate")
-        ctx.decisions.setdefault(edge.point, {})["head_rotate"] = {
-            "kind": kind, "block": heads.head_dim, "where": where,
-            "across_heads": {"kind": across_kind, "heads": n_heads, "where": online}}
+        decision = {"kind": kind, "block": heads.head_dim, "where": where}
+        if ctx.cfg.residual.across_heads:
+            n_heads = ctx.block.module(edge.consumer).in_features // heads.head_dim
+            mix, across_kind = across_heads_matrix(ctx, n_heads)
+            online = ctx.apply(edge.point, BlockRotation(mix), step="head_rotate")
+            decision["across_heads"] = {"kind": across_kind, "heads": n_heads, "where": online}
+        ctx.decisions.setdefault(edge.point, {})["head_rotate"] = decision
 
 
 def mlp_rotate_step(ctx: BlockContext) -> None:
@@ -56,7 +76,7 @@ def mlp_rotate_step(ctx: BlockContext) -> None:
         if edge.per_head:
             continue
         width = ctx.block.module(edge.consumer).in_features
-        H, kind = orthogonal_mixer(width, ctx.generator(salt=40 + i), randomized=False)
+        H, kind = mlp_matrix(ctx, i, width)
         where = ctx.apply(edge.point, BlockRotation(H), step="mlp_rotate")
         ctx.decisions.setdefault(edge.point, {})["mlp_rotate"] = {"kind": kind, "block": width, "where": where}
 

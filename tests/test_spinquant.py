@@ -19,7 +19,7 @@ from tests.test_cli_methods import run, small
 from tests.test_llama import inject_outliers, tiny_llama
 
 TRANSFORMS = ("residual_rotate", "spin_rotate", "head_rotate", "qk_rotate", "mlp_rotate")
-SPIN = dict(method="spinquant", transforms=TRANSFORMS, abits_policy="spinquant", grid="symmetric",
+SPIN = dict(method="spinquant", transforms=TRANSFORMS, abits_policy="spinquant", grid="quarot",
             w_quantizer="gptq", wbits=4, abits=4, w_clip_search=True, rotation=RotationSettings(act_clip=1.0),
             residual=ResidualSettings(kv_clip=1.0, across_heads=False))
 MODELS = {"opt": lambda: inject_opt_outliers(tiny_opt(seed=0, hidden=64, layers=2, heads=4, ffn=128), seed=1),

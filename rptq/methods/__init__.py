@@ -46,7 +46,7 @@ PRESETS: dict[str, dict] = {
                    grid="quarot", w_quantizer="gptq", w_range="minmax", w_group_size=0, w_clip=1.0,
                    w_clip_search=True, wbits=4, abits=4, rotation=dict(act_clip=0.9)),
     "spinquant": dict(transforms=("residual_rotate", "spin_rotate", "head_rotate", "qk_rotate", "mlp_rotate"),
-                      abits_policy="spinquant", grid="symmetric", w_quantizer="gptq", w_range="minmax",
+                      abits_policy="spinquant", grid="quarot", w_quantizer="gptq", w_range="minmax",
                       w_group_size=0, w_clip=1.0, w_clip_search=True, wbits=4, abits=4,
                       rotation=dict(act_clip=1.0), residual=dict(kv_clip=1.0, across_heads=False)),
 }
@@ -157,7 +157,8 @@ ASSUMPTIONS: dict[str, tuple[str, ...]] = {
                   "SpinQuant: K and V per token x head, asymmetric, clip 1.0 (--k_asym --v_asym, groups of head_dim); "
                   "Q and the softmax output FP",
                   "SpinQuant: weights per output channel, symmetric, GPTQ with QuaRot's clipping search (its "
-                  "--w_clip) after learning, as QuaRot's preset here"),
+                  "--w_clip) after learning, on QuaRot's weight grid (codes -2^(b-1)..2^(b-1)-1), as QuaRot's "
+                  "preset here"),
     "gptqt": ("GPTQT: intermediate bits n = k + 1; level sets on the n-bit integer grid; re-explore gammas "
               "0.50..1.50 scored by the Hessian-diagonal-weighted error; variant B (GPTQ compensates the final "
               "rounding)",),

@@ -86,6 +86,7 @@ seeded() {  # tier, sections, run, flags...: the run at seed 2, and at each extr
 # Tier 0-1: FP16 and the methods table's rows (seed 2); tier 2: the extra seeds of the rows it compares (the spread
 # decides which differences the doc may call real, so they come before zero-shot and the ablations)
 plan 0 "paper methods weights" ppl/FP16 --wbits 16 --abits 16 "${PPL_ARGS[@]}"
+plan 0 ref ref/fp16-5x512 "${REF_ARGS[@]}"  # a minute; the tests check the doc's reference figure
 seeded 1 "paper methods diffs" ppl/W4A4 --wbits 4 --abits 4 "${PPL_ARGS[@]}" "${PLOT_ARGS[@]}"
 seeded 1 "paper methods" ppl/W4A4-uniform --wbits 4 --abits 4 --abits_policy uniform "${PPL_ARGS[@]}"
 m() { plan 1 methods "methods/$1" "${@:2}" "${PPL_ARGS[@]}"; }
@@ -151,7 +152,6 @@ for cfg in W4A4 W4A3KV; do
     d a-dynamic --a_dynamic
     d a-dynamic-per-token --a_dynamic --a_dynamic_method per_token
 done
-plan 3 ref ref/fp16-5x512 "${REF_ARGS[@]}"
 
 ORDERED="$(printf '%s\n' "${PLAN[@]}" | sort -s -t$'\t' -k1,1n)"  # by tier, in declaration order within one
 if [[ -n "${PLAN_ONLY:-}" ]]; then printf '%s\n' "$ORDERED"; exit 0; fi

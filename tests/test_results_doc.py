@@ -42,10 +42,12 @@ def test_results_doc_has_rows_and_reference():
     assert 1.0 < _reference() < 1000.0
     labels = _table_labels(text)
     not_run = set(re.findall(r"ppl/[\w\-]+", " ".join(ln for ln in text.splitlines()
-                                                     if ln.startswith(("Not run this time", "Not run yet")))))
+                                                     if ln.lstrip("- ").startswith(("Not run this time", "Not run yet")))))
     for row in ROWS:  # every paper row is in the table, or named as not run
         assert row in labels or f"ppl/{row}" in not_run, f"row {row} missing from docs/results.md"
-    assert "W4A4 (per-tensor baseline)" in labels and "W4A4 (uniform)" in labels
+    # a partial generation (runs are stored as they finish) names the rows it has not run yet instead
+    assert "W4A4 (per-tensor baseline)" in labels or "ppl/W4A4-per-tensor" in not_run
+    assert "W4A4 (uniform)" in labels or "ppl/W4A4-uniform" in not_run
     assert "W4A4 (per-tensor baseline, uniform)" in labels or "ppl/W4A4-uniform-per-tensor" in not_run
     for section in ("## Commands", "## Machine", "## Wall time", "Q4_1", "wiki_leads"):
         assert section in text

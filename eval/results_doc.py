@@ -203,10 +203,20 @@ def main(argv=None) -> int:
     try:
         text = render(Path(args.runs), Path(args.doc), args.model, args.code_digest or code_digest())
         write_atomic(args.doc, text)
+        drop_unreferenced_figures(Path(args.doc), text)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def drop_unreferenced_figures(doc: Path, text: str) -> list[str]:
+    """Delete the PNGs beside the doc (figures/) that it no longer embeds: a figure of an earlier generation
+    must not sit in the repository looking current. Returns their names."""
+    stale = [p for p in sorted((doc.parent / "figures").glob("*.png")) if f"figures/{p.name}" not in text]
+    for path in stale:
+        path.unlink()
+    return [p.name for p in stale]
 
 
 def model_caveat(model: str) -> list[str]:

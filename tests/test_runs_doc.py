@@ -128,6 +128,15 @@ def test_rerendering_unchanged_runs_is_byte_identical(tmp_path):
     assert doc.read_bytes() == first and b"<!-- fp16_ptb_ppl_5x512: 63.2500 -->" in first
 
 
+def test_figures_the_doc_no_longer_embeds_are_removed(tmp_path):
+    figures = tmp_path / "doc" / "figures"
+    figures.mkdir(parents=True)
+    for name in ("old-generation.png", "kept.png"):
+        (figures / name).write_bytes(b"png")
+    removed = results_doc.drop_unreferenced_figures(tmp_path / "doc" / "results.md", "![x](figures/kept.png)")
+    assert removed == ["old-generation.png"] and sorted(p.name for p in figures.iterdir()) == ["kept.png"]
+
+
 def test_store_strips_the_run_and_the_skip_rule_needs_command_and_digest(tmp_path):
     src, dest = tmp_path / "out" / "ppl" / "W4A4", tmp_path / "runs" / "ppl" / "W4A4"
     (src / "plots" / "data").mkdir(parents=True)

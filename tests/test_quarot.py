@@ -108,3 +108,21 @@ def test_heads_without_a_hadamard_get_a_random_mixer_and_stay_exact():
     assert float((out - ref).pow(2).mean() / ref.pow(2).mean()) < 1e-8
     decision = next(d["head_rotate"] for d in report.layers[0].decisions.values() if "head_rotate" in d)
     assert decision["across_heads"] == {"kind": "random", "heads": 3, "where": "online"}
+
+
+def test_norm_fed_points_keep_their_r1_ranges_for_the_figure():
+    """Under residual_rotate the plot data holds the norm-fed points too (R1 is their only rotation, so
+    before = after), for docs/results.md's before/after-R1 figure; they are the rotated activations."""
+    calib = _ids(2, 5)
+    quant = copy.deepcopy(MODEL)
+    report = quantize_model(quant, adapter_for(quant.config), calib, QuantConfig(**QUAROT), progress=False,
+                            plot_layers=(1,))
+    data = report.plot_data[1]
+    assert {"qkv_in", "fc1_in"} <= set(data)
+    for point in ("qkv_in", "fc1_in"):
+        assert data[point]["_transform"] == "residual_rotate"
+        assert torch.equal(data[point]["before_max"], data[point]["after_max"])
+    plain = quantize_model(copy.deepcopy(MODEL), adapter_for(MODEL.config), calib,
+                           QuantConfig(**{**QUAROT, "transforms": QUAROT["transforms"][1:]}), progress=False,
+                           plot_layers=(1,))
+    assert "qkv_in" not in plain.plot_data[1]  # without R1 nothing transforms that point: nothing to draw

@@ -94,20 +94,34 @@ def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str
     cfg = ctx.cfg
     bits = _bits(cfg, role)
     if role in (KEY, VALUE):
-        heads = ctx.spec.heads
-        return QuantSpec(bits=bits, group_sizes=(heads.head_dim,) * heads.num_kv_heads, dynamic="token",
-                         grid="full", clip=cfg.residual.kv_clip), "minmax"
+        return kv_spec(ctx, bits), "minmax"
     # QuaRot's grid: scale = clip * absmax / (2^(b-1) - 1) on codes -2^(b-1) .. 2^(b-1) - 1, so a clipped
     # token's negative side keeps the extra code (the toolkit's "symmetric" grid stops at -(2^(b-1) - 1)).
     return QuantSpec(bits=bits, dynamic="token", grid="quarot", clip=cfg.rotation.act_clip), "minmax"
 
 
-def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
+def kv_spec(ctx: BlockContext, bits: int) -> QuantSpec:
+    """K and V per token x head, asymmetric, dynamic, clipped at --kv_clip (QuaRot's and SpinQuant's)."""
+    heads = ctx.spec.heads
+    return QuantSpec(bits=bits, group_sizes=(heads.head_dim,) * heads.num_kv_heads, dynamic="token", grid="full",
+                     clip=ctx.cfg.residual.kv_clip)
+
+
+def describe_fixed(cfg: QuantConfig, role: str) -> dict | None:
+    """The description of an FP point or of K/V (shared with SpinQuant); None for the linear inputs."""
     bits = _bits(cfg, role)
     if bits >= FP:
         return {"bits": bits, "granularity": "none", "static": False}
     if role in (KEY, VALUE):
         return {"bits": bits, "granularity": f"token x head dynamic, asymmetric, clip {cfg.residual.kv_clip}",
                 "static": False}
+    return None
+
+
+def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
+    fixed = describe_fixed(cfg, role)
+    if fixed is not None:
+        return fixed
+    bits = _bits(cfg, role)
     return {"bits": bits, "granularity": f"token dynamic, symmetric (codes -2^(b-1)..2^(b-1)-1), clip "
             f"{cfg.rotation.act_clip}", "static": False}

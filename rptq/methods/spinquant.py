@@ -13,9 +13,9 @@ from __future__ import annotations
 from models.spec import KEY, VALUE
 from quant.quantizer import QuantSpec
 
-from ..config import FP, QuantConfig
+from ..config import QuantConfig
 from ..context import BlockContext
-from .quarot import _bits
+from .quarot import _bits, describe_fixed, kv_spec
 
 
 def spin_step(ctx: BlockContext) -> None:
@@ -31,18 +31,15 @@ def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str
     cfg, heads = ctx.cfg, ctx.spec.heads
     bits = _bits(cfg, role)
     if role in (KEY, VALUE):
-        return QuantSpec(bits=bits, group_sizes=(heads.head_dim,) * heads.num_kv_heads, dynamic="token",
-                         grid="full", clip=cfg.residual.kv_clip), "minmax"
+        return kv_spec(ctx, bits), "minmax"
     groups = (heads.head_dim,) * heads.num_heads if _per_head(ctx.spec, point) else None
     return QuantSpec(bits=bits, group_sizes=groups, dynamic="token", grid="full", clip=cfg.rotation.act_clip), "minmax"
 
 
 def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
+    fixed = describe_fixed(cfg, role)
+    if fixed is not None:
+        return fixed
     bits = _bits(cfg, role)
-    if bits >= FP:
-        return {"bits": bits, "granularity": "none", "static": False}
-    if role in (KEY, VALUE):
-        return {"bits": bits, "granularity": f"token x head dynamic, asymmetric, clip {cfg.residual.kv_clip}",
-                "static": False}
     gran = "token x head" if _per_head(spec, point) else "token"
     return {"bits": bits, "granularity": f"{gran} dynamic, asymmetric, clip {cfg.rotation.act_clip}", "static": False}

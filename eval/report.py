@@ -16,6 +16,9 @@ from common.atomic import atomic_write_text, write_errors
 from common.provenance import code_digest
 
 
+# what counts as code for the "-dirty" mark: everything but docs, tests and scripts
+CODE_PATHS = ("common", "quant", "models", "eval", "rptq", "main.py", "requirements.txt", "requirements-nodeps.txt")
+
 def versions() -> dict:
     # Deliberately lazy: `python -m eval.report` (the HTML report) must not pay for torch and transformers
     # (about 7 s and 1.4 s to import on the 2-core dev box); a run calling this has them loaded already.
@@ -28,9 +31,15 @@ def versions() -> dict:
         lm_eval_version = getattr(lm_eval, "__version__", "unknown")
     except ImportError:
         lm_eval_version = "not installed"
+    root = Path(__file__).resolve().parent.parent
     try:
-        git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent.parent, timeout=5).stdout.strip() or "unknown"
+        git = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, cwd=root,
+                             timeout=5).stdout.strip() or "unknown"
+        # "-dirty" only for uncommitted *code*: the results script writes docs/ (runs, steps.tsv) while it runs,
+        # which must not mark its own runs as made by uncommitted code
+        changed = subprocess.run(["git", "status", "--porcelain", "--", *CODE_PATHS], capture_output=True,
+                                 text=True, cwd=root, timeout=5).stdout.strip()
+        git += "-dirty" if changed and git != "unknown" else ""
     except (OSError, subprocess.SubprocessError):
         git = "unknown"
     # code_digest: the quantization sources' digest, so a document built from stored runs can tell which

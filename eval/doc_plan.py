@@ -27,6 +27,8 @@ METHOD_ROWS = (
     ("methods/W4A4-quarot", "QuaRot (GPTQ weights)"),
     ("methods/W4A4-quarot-rtn", "QuaRot-RTN"),
     ("methods/W4A4-spinquant", "SpinQuant"),
+    ("methods/W4A4-spinquant-no-learning", "SpinQuant's quantizers and seeded Hadamard R1/R2, not learned "
+     "(`--spin_steps 0`, control)"),
     ("methods/W4A4-duquant-clusters", "DuQuant rotations + RPTQ clusters, static (experiment)"),
     ("methods/W4A4-quarot-reorder", "QuaRot R1 + RPTQ clusters, uniform policy (composition)"),
     ("methods/W4A4-quarot-duquant", "QuaRot R1 + DuQuant's smoothing and rotations (composition)"),

@@ -44,6 +44,9 @@ def provenance_lines(runs: dict[str, dict], steps: dict, digest: str, stale: dic
     lines = [f"- Runs: {len(runs)} stored of {planned} planned" + (
         f", from commits {span} (in the order their runs finished; runs per commit: "
         + ", ".join(f"`{c}` {counts[c]}" for c in commits) + ")." if commits else "."),
+             *(["- A `-dirty` commit had uncommitted changes when its run started (the script stores runs "
+                "while it runs); a run counts as current by its code digest, not by its commit."]
+               if any(c.endswith("-dirty") for c in commits) else []),
              f"- Code digest of the checkout that rendered this file (`rptq/`, `quant/`, `models/`, `eval/ppl.py`, "
              f"`eval/data.py`): `{digest}`."]
     if stale:

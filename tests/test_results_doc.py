@@ -238,3 +238,16 @@ def test_results_doc_main_renders_every_section_from_docs_runs(tmp_path):
     assert "| ppl/FP16 | 5.0 | 1.0 | 30 | 1 | 2 |" in text and "| ref/fp16-5x512 | 5.0 | 1.0 | 9 | unset | 1 |" in text
     n = len(doc_plan.all_runs())  # every planned run: n x 5 s calib, n x 1 s eval, 39 s of steps
     assert f"| all | {n} | {n * 5 / 3600:.2f} | {n * 1 / 3600:.2f} | {39 / 3600:.2f} |" in text
+
+
+def test_a_partial_doc_takes_the_zero_shot_size_from_the_plan_and_explains_dirty_commits(tmp_path):
+    runs = {k: r for k, r in _all_runs().items() if not k.startswith("tasks/")}
+    runs["ppl/W4A4"]["versions"] = {**runs["ppl/W4A4"].get("versions", {}), "git": "abc1234-dirty"}
+    _write_runs(tmp_path / "runs", runs)
+    plan = [f"1\tmethods\t{k}\tmain.py m {k}" for k in runs] + ["2\ttasks\ttasks/FP16\tmain.py m --tasks piqa --limit 300"]
+    (tmp_path / "runs" / "plan.tsv").write_text("\n".join(plan) + "\n")
+    doc = tmp_path / "results.md"
+    assert results_doc.main(["--runs", str(tmp_path / "runs"), "--doc", str(doc), "--model", "tiny"]) == 0
+    text = doc.read_text()
+    assert "first 300 documents per task" in text and "first ? documents" not in text
+    assert "`abc1234-dirty` 1" in text and "A `-dirty` commit had uncommitted changes" in text

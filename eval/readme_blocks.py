@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.errors import UserError
+from common.provenance import code_digest
 from eval.cli import Parser, write_atomic
 from eval.readme_data import load_tree
 from eval.readme_diffs import differences_block
@@ -46,8 +47,13 @@ def demo_block(src: Sources) -> str:
     if not runs:
         return "No demo runs yet — run `make demo`.\n"
     missing = [name for name in DEMO_RUNS if name not in tree]
+    digest = code_digest()
+    stale = [name for name in DEMO_RUNS if name in tree
+             and (tree[name][0].get("versions") or {}).get("code_digest") != digest]
     text = render_table(runs)
-    return text + (f"\n{', '.join(missing)}: not run (rerun `make demo`).\n" if missing else "")
+    text += f"\n{', '.join(missing)}: not run (rerun `make demo`).\n" if missing else ""
+    return text + (f"\n**Stale:** {', '.join(stale)} made by other quantization code than this checkout's "
+                   "(rerun `make demo`).\n" if stale else "")
 
 
 @dataclass(frozen=True)

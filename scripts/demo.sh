@@ -11,9 +11,16 @@ OUT=${OUT:-out/demo}
 DEMO_ARGS=(--eval_ppl --ppl_datasets ptb --calib_dataset ptb --nsamples 16 --seqlen 512 --limit 40 --seed 2
            --no_progress)
 echo "demo settings: ${DEMO_ARGS[*]}"
-run() {  # name, flags...
-  local name=$1; shift
-  if [[ -f "$OUT/$name/results.json" ]]; then echo "skip $name: $OUT/$name/results.json exists"; return; fi
+DIGEST="$("$PYTHON" -c 'from common.provenance import code_digest; print(code_digest())')"
+run() {  # name, flags...: skipped only when its results were made by this command and this quantization code
+  local name=$1 stamp; shift
+  stamp="$* ${DEMO_ARGS[*]} $DIGEST"
+  if [[ "$(cat "$OUT/$name/.made_by" 2>/dev/null)" != "$stamp" ]]; then
+    rm -rf "${OUT:?}/$name"  # another command's or other code's results (and resume state) must not be reused
+  elif [[ -f "$OUT/$name/results.json" ]]; then
+    echo "skip $name: $OUT/$name/results.json made by this command and code"; return
+  fi  # else: same command and code, interrupted: main.py resumes from its calibration state
+  mkdir -p "$OUT/$name" && printf '%s\n' "$stamp" > "$OUT/$name/.made_by"
   echo "== $name: main.py smollm2-135m $*"
   "$PYTHON" main.py smollm2-135m "$@" "${DEMO_ARGS[@]}" --output_path "$OUT/$name"
 }

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import UserError
+from common.provenance import code_digest
 from common.tee import tee_stdout
 from eval import readme_blocks
 from eval.readme_blocks import Sources, demo_block, rewrite
@@ -121,6 +122,17 @@ def test_demo_block_from_its_runs(tmp_path):
     assert got["FP16"] == ["50.14", "12.0", "3.0"]
     assert next(v for k, v in got.items() if k.startswith("W4A4")) == ["101.79", "12.0", "3.0"]
     assert "w4a4-per-tensor: not run" in block
+    assert "**Stale:** fp16, w4a4-rptq made by other quantization code" in block  # no code digest recorded
+
+
+def test_demo_block_names_only_the_runs_other_code_made(tmp_path):
+    root = tmp_path / "runs"
+    current = {"versions": {"code_digest": code_digest()}}
+    write_run(root, "demo/fp16", {"ptb": 50.14}, 16, 16, **current)
+    write_run(root, "demo/w4a4-rptq", {"ptb": 101.79}, **current)
+    write_run(root, "demo/w4a4-per-tensor", {"ptb": 900.0}, versions={"code_digest": "0123456789abcdef"})
+    block = demo_block(Sources(root, tmp_path))
+    assert "**Stale:** w4a4-per-tensor made by" in block and "not run" not in block
 
 
 def test_empty_tree_says_so(tmp_path):

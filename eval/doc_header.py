@@ -68,10 +68,11 @@ def settings_lines(runs: dict[str, dict], cfg: dict) -> list[str]:
     n, seqlen, limit = cfg.get("nsamples"), cfg.get("seqlen"), cfg.get("limit")
     seeds = sorted({r["config"].get("seed") for r in _calibrated(runs)} - {None})
     calib = [((r.get("timing") or {}).get("calibration_s") or 0.0) for r in _calibrated(runs)]
-    w4a4 = runs.get("ppl/W4A4") or {}
-    c, e = ((w4a4.get("timing") or {}).get(k) for k in ("calibration_s", "eval_s"))
+    timed = ALONE if ALONE in runs else SHARED
+    c, e = (((runs.get(timed) or {}).get("timing") or {}).get(k) for k in ("calibration_s", "eval_s"))
     factor = PAPER_CALIB[0] * PAPER_CALIB[1] / (n * seqlen) if n and seqlen else math.nan
-    cost = (f"Measured here, RPTQ W4A4 calibrates in {fmt(c, '.0f')} s and evaluates in {fmt(e, '.0f')} s; the "
+    cost = (f"Measured {'alone on this machine' if timed == ALONE else 'here (alongside another run)'}, RPTQ W4A4 "
+            f"calibrates in {fmt(c, '.0f')} s and evaluates in {fmt(e, '.0f')} s; the "
             f"{len(calib)} calibrated runs took {sum(calib) / 3600:.1f} h of calibration in all. The papers' "
             f"{PAPER_CALIB[0]} × {PAPER_CALIB[1]} tokens are {factor:.0f}× as many (attention over 2048-token "
             f"windows costs more per token still), so the same runs would need at least "
@@ -110,4 +111,26 @@ def budget_lines(runs: dict[str, dict], steps: dict) -> list[str]:
               "| section | runs | calib (h) | eval (h) | process (h) |", "|---|---:|---:|---:|---:|"]
     for name, (count, cal, ev, proc) in sorted(per_section.items()) + [("all", total)]:
         lines.append(f"| {name} | {count} | {cal / 3600:.2f} | {ev / 3600:.2f} | {proc / 3600:.2f} |")
-    return lines
+    wall = sum(proc / int(jobs) for key, (proc, _, _, jobs) in steps.items() if key in runs and jobs.isdigit())
+    lines += ["", f"Wall time of the stored runs on this machine: about {wall / 3600:.1f} h (each run's process "
+              "time divided by the number of runs sharing the machine with it)."]
+    return lines + ["", *alone_lines(runs, steps)]
+
+
+ALONE, SHARED = "ref/W4A4-alone", "ppl/W4A4"  # the same command; the first ran by itself with every core
+
+
+def alone_lines(runs: dict[str, dict], steps: dict) -> list[str]:
+    """What one run costs alone on the machine, against the same command run alongside another."""
+    def cost(key: str) -> str:
+        t, proc = runs[key].get("timing") or {}, steps.get(key, ("–",))[0]
+        return (f"calibration {fmt(t.get('calibration_s'), '.0f')} s, evaluation {fmt(t.get('eval_s'), '.0f')} s, "
+                f"whole process {proc} s")
+    if ALONE not in runs:
+        return [f"One run alone on the machine: not measured yet (`{ALONE}`, RPTQ W4A4's command, runs last, "
+                "by itself with every core)."]
+    line = f"One run alone on the machine (RPTQ W4A4, every core, `{ALONE}`): {cost(ALONE)}"
+    if SHARED in runs:
+        _, _, threads, jobs = steps.get(SHARED, ("", "", "?", "?"))
+        line += f"; the same command as `{SHARED}` ({jobs} runs at once, {threads} thread each): {cost(SHARED)}"
+    return [line + "."]

@@ -64,7 +64,7 @@ SECTION_RUNS = {
     "diffs": tuple(d for _, d in DIFF_CONFIGS) + tuple(
         f"diffs/{c}-{s}" for c, _ in DIFF_CONFIGS for s in (DYNAMIC_DEFAULT,) + tuple(i[0] for i in DIFF_ITEMS)),
     "tasks": TASK_RUNS,
-    "ref": ("ref/fp16-5x512",),
+    "ref": ("ref/fp16-5x512", "ref/W4A4-alone"),  # the second: RPTQ W4A4 alone on the machine, for its cost
 }
 
 

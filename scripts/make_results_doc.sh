@@ -9,10 +9,11 @@
 # any machine. A run is skipped when docs/runs holds its results.json, its command.txt equals the planned
 # command and its code digest (versions.code_digest) equals the checkout's (common.provenance.code_digest);
 # otherwise it runs into OUT and is stored as soon as it finishes, so an interrupted generation resumes where
-# it stopped, across sessions too. Order: FP16, the methods table's rows (seed 2), zero-shot, the rest, then
-# seeds 3 and 4 of the rows the methods table compares (<run>-seed3, <run>-seed4), so a partial generation
-# gives the most useful partial doc. Settings: SmolLM2-135M, NSAMPLES PTB-train calibration windows x 512,
-# PPL_LIMIT windows x 512 of ptb and wiki_leads (diffs: ptb only), TASK_LIMIT documents per task.
+# it stopped, across sessions too. Order: FP16, the methods table's rows (seed 2), seeds 3 and 4 of the rows it
+# compares (<run>-seed3, <run>-seed4: the spread decides what the doc may call different), zero-shot, the rest,
+# and last RPTQ W4A4 once more, alone on the machine, for what one run costs. Settings: SmolLM2-135M, NSAMPLES
+# PTB-train calibration windows x 512, PPL_LIMIT windows x 512 of ptb and wiki_leads (diffs: ptb only),
+# TASK_LIMIT documents per task.
 # Environment: OUT (out/results-smollm2: run directories and logs/), RUNS (docs/runs), DOC (docs/results.md),
 # MODEL (smollm2-135m), SECTIONS (all of "paper methods weights diffs tasks ref"), NSAMPLES (32), PPL_LIMIT
 # (40), TASK_LIMIT (500), ROT_STEPS (64; DuQuant's paper uses 256), ONLY (space-separated runs, e.g.
@@ -154,6 +155,10 @@ for cfg in W4A4 W4A3KV; do
     d a-dynamic-per-token --a_dynamic --a_dynamic_method per_token
 done
 
+# Tier 9: what one run costs alone on the machine (issue #23): RPTQ W4A4's command again, after every other run,
+# by itself with all cores (OMP_NUM_THREADS unset); the wall-time section and the settings read its timing
+plan 9 ref ref/W4A4-alone --wbits 4 --abits 4 "${PPL_ARGS[@]}"
+
 ORDERED="$(printf '%s\n' "${PLAN[@]}" | sort -s -t$'\t' -k1,1n)"  # by tier, in declaration order within one
 if [[ -n "${PLAN_ONLY:-}" ]]; then printf '%s\n' "$ORDERED"; exit 0; fi
 
@@ -198,6 +203,14 @@ if (( ${#QUEUE[@]} )); then  # the machine that runs them, once per distinct mac
 fi
 failed=0
 for line in "${QUEUE[@]}"; do
+    if [[ "$(cut -f1 <<< "$line")" == 9 ]]; then  # alone: wait for the others, then run it with every core
+        while (( $(jobs -rp | wc -l) > 0 )); do
+            wait -n || failed=1
+        done
+        (( failed )) && break
+        (unset OMP_NUM_THREADS; JOBS=1 run_one "$line") || failed=1
+        continue
+    fi
     while (( $(jobs -rp | wc -l) >= JOBS )); do
         wait -n || failed=1
     done

@@ -251,3 +251,22 @@ def test_a_partial_doc_takes_the_zero_shot_size_from_the_plan_and_explains_dirty
     text = doc.read_text()
     assert "first 300 documents per task" in text and "first ? documents" not in text
     assert "`abc1234-dirty` 1" in text and "A `-dirty` commit had uncommitted changes" in text
+
+
+def test_wall_time_states_the_cost_alone_against_shared_and_the_generation_wall_time():
+    from eval.doc_header import budget_lines, settings_lines
+    runs = {"ppl/W4A4": fake_run(calib_s=300.0), "ref/W4A4-alone": fake_run(calib_s=180.0),
+            "ppl/FP16": fake_run(16, 16, calib_s=0.0)}
+    steps = {"ppl/W4A4": (600, "t", "1", "2"), "ref/W4A4-alone": (250, "t", "unset", "1"),
+             "ppl/FP16": (400, "t", "1", "2")}
+    text = "\n".join(budget_lines(runs, steps))
+    assert "about 0.2 h" in text  # 600 / 2 + 250 / 1 + 400 / 2 = 750 s
+    assert ("One run alone on the machine (RPTQ W4A4, every core, `ref/W4A4-alone`): calibration 180 s, evaluation "
+            "1 s, whole process 250 s; the same command as `ppl/W4A4` (2 runs at once, 1 thread each): calibration "
+            "300 s, evaluation 1 s, whole process 600 s.") in text
+    assert "Measured alone on this machine, RPTQ W4A4 calibrates in 180 s" in "\n".join(
+        settings_lines(runs, runs["ppl/W4A4"]["config"]))
+    del runs["ref/W4A4-alone"]
+    assert "not measured yet (`ref/W4A4-alone`" in "\n".join(budget_lines(runs, steps))
+    assert "Measured here (alongside another run), RPTQ W4A4 calibrates in 300 s" in "\n".join(
+        settings_lines(runs, runs["ppl/W4A4"]["config"]))

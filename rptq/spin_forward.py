@@ -10,9 +10,10 @@ rotations, so gradients reach R1/R2 and no weight of the model changes. Per laye
 - the fixed online rotations the calibration will install where they change what is quantized
   (R3 on Q/K after RoPE, R4 at the MLP's second linear input, QuaRot's across-heads mixer where
   that setting is on), their transposes in the consumers' columns;
-- weights RTN per output channel on the run's grid, activations by the method's policy at their
-  taps, both with straight-through rounding (SpinQuant's STEQuantize: the gradient passes as if
-  unquantized; scales carry no gradient).
+- activations by the method's policy at their taps with straight-through rounding (SpinQuant's
+  STEQuantize: the gradient passes as if unquantized; scales carry no gradient); weights likewise RTN
+  per output channel on the run's grid when RTN also quantizes them after learning (--w_quantizer rtn),
+  and left in full precision when GPTQ does (the released README's W16A4KV4 rule for GPTQ).
 
 The embeddings' output h0 is captured once; the model sees h0 R1 and its head reads h R1^T
 (SpinQuant's training forward does the same instead of rotating the embedding and head tables).
@@ -76,6 +77,10 @@ class SpinForward:
         self.readers = {n for edge in self.spec.norm_edges for n in edge.linears}
         self.writers = set(rs.writers)
         self.learn_r2 = "head_rotate" in cfg.transforms
+        # The released README: when GPTQ quantizes the weights afterwards, the rotations are learned on a network
+        # whose activations alone are quantized (W16A4KV4); RTN weights are learned through (STE) only when RTN
+        # is also what quantizes them after learning. Any other weight quantizer here follows the GPTQ rule.
+        self.quantize_weights = cfg.weight_bits < 16 and cfg.w_quantizer == "rtn"
         heads = [e for e in self.spec.linear_edges if e.per_head]
         self.r2_rows = {n for e in heads for n in e.producers}
         self.r2_columns = {e.consumer for e in heads}
@@ -139,7 +144,7 @@ class SpinForward:
                 w = columns_per_head(w, r2)
             for t in self.columns[i].get(name, ()):
                 w = t.consumer(w)
-            if self.cfg.weight_bits < 16:
+            if self.quantize_weights:
                 w = _ste_weight(w, self._weight_spec(w.shape[-1]))
             params[f"layer.{name}.weight"] = w.to(lin.weight.dtype)
             if b is not None:

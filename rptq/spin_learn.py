@@ -3,11 +3,12 @@ on the fake-quantized model's cross-entropy, then fold them as QuaRot folds its 
 
 Liu et al., ICLR 2025 (arXiv 2405.16406), and the released optimize_rotation.py: R1 and R2 start
 from random Hadamards, SGDG(stiefel=True) at learning rate 1.5 with a cosine schedule, 100 steps of
-8 x 2048-token WikiText-2 windows (800 samples); weights RTN with straight-through rounding,
-activations and K/V quantized as at evaluation. Here: one calibration window per step, cycling
-over the first --spin_samples windows, --spin_steps steps (defaults sized for a 2-core CPU; see
-the README). R1 starts from residual_rotate's seeded randomized Hadamard, R2 from a seeded
-randomized Hadamard of head_dim per layer, so the same seed learns the same rotations.
+8 x 2048-token WikiText-2 windows (800 samples); activations and K/V quantized as at evaluation;
+weights RTN with straight-through rounding, except when GPTQ quantizes them afterwards: then the
+weights stay in full precision while learning (the released README, "Note"). Here: one calibration
+window per step, cycling over the first --spin_samples windows, --spin_steps steps (defaults sized
+for a 2-core CPU; see the README). R1 starts from residual_rotate's seeded randomized Hadamard, R2
+from a seeded randomized Hadamard of head_dim per layer, so the same seed learns the same rotations.
 """
 from __future__ import annotations
 
@@ -95,7 +96,10 @@ def learn_rotations(model: nn.Module, adapter, windows: torch.Tensor, cfg: Quant
             alphas.append(taken.alpha)
         after = _mean_loss(fwd, h0, samples, kwargs, r1, r2s) if spin.steps else before
     report = {"steps": spin.steps, "lr": spin.lr, "schedule": "cosine", "samples": len(samples),
-              "tokens_per_step": int(samples.shape[1]), "loss_before": before, "loss_after": after,
+              "tokens_per_step": int(samples.shape[1]),
+              "weights_while_learning": (f"rtn {cfg.weight_bits}-bit (STE)" if fwd.quantize_weights
+                                         else "full precision"),
+              "loss_before": before, "loss_after": after,
               "step_losses": losses, "r1_step_sizes": alphas, "r1_init": r1_kind, "r2_init": r2_kind,
               "r1_orthogonality_error": orthogonality_error(r1),
               "r2_orthogonality_error": max((orthogonality_error(r) for r in r2s), default=0.0) if r2s else None,

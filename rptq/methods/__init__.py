@@ -145,10 +145,12 @@ ASSUMPTIONS: dict[str, tuple[str, ...]] = {
                     "SpinQuant: R1 starts from residual_rotate's seeded randomized Hadamard, each R2 from a seeded "
                     "randomized Hadamard of head_dim (the released code's random_hadamard_matrix); the same R2 on "
                     "every head of a layer (GQA: each query head's o_proj columns use its K/V head's R2)",
-                    "SpinQuant: during learning the weights are RTN per output channel on the run's grid without the "
-                    "clipping search (the released code runs its search every step; too slow on a CPU), activations, "
-                    "K and V by the method's policy, all with straight-through rounding; R3/R4 fixed Hadamards in the "
-                    "forward; the learning computes in float32 (the released code in bf16)"),
+                    "SpinQuant: during learning, with GPTQ weights afterwards (the default), the weights stay full "
+                    "precision (the released README: rotations for GPTQ are learned on W16A4KV4); with --w_quantizer "
+                    "rtn they are RTN per output channel on the run's grid without the clipping search (the released "
+                    "code runs its search every step; too slow on a CPU); activations, K and V by the method's "
+                    "policy, all with straight-through rounding; R3/R4 fixed Hadamards in the forward; the learning "
+                    "computes in float32 (the released code in bf16)"),
     "spinquant": ("SpinQuant: linear inputs per token, asymmetric, dynamic, clip 1.0 (its scripts' --a_asym, "
                   "a_clip_ratio 1.0); on the full grid [min, max] of each token (the released code widens the range "
                   "to include 0)",

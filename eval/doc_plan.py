@@ -34,8 +34,11 @@ METHOD_ROWS = (
     ("methods/W4A4-quarot-duquant", "QuaRot R1 + DuQuant's smoothing and rotations (composition)"),
 )
 # The rows compared at W4A4 and W4A8/W8A8 run with every calibration seed (issue #23: spread).
+# Beyond the issue's eight: QuaRot, SpinQuant and SpinQuant without learning, whose gaps are what the learning
+# and the rotations are judged by.
 SEEDED = ("ppl/W4A4", "ppl/W4A4-uniform", "methods/W4A4-duquant", "methods/W4A4-rotation", "ppl/W4A8",
-          "methods/W4A8-fptq", "methods/W8A8-smoothquant-per-token", "ppl/W4A16")
+          "methods/W4A8-fptq", "methods/W8A8-smoothquant-per-token", "ppl/W4A16", "methods/W4A4-quarot",
+          "methods/W4A4-spinquant", "methods/W4A4-spinquant-no-learning")
 ROTATION_RUNS = ("methods/W4A4-duquant", "methods/W4A4-rotation", "methods/W4A4-duquant-clusters")
 # Weight-only: (bits, quantizer, group size) per run name.
 WEIGHT_RUNS = tuple(f"weights/W{b}-{q}" for b in (3, 2) for q in ("rtn", "gptq", "gptqt", "bcq", "gptq-g128",

@@ -94,9 +94,9 @@ m() { plan 1 methods "methods/$1" "${@:2}" "${PPL_ARGS[@]}"; }
 ms() { seeded 1 methods "methods/$1" "${@:2}" "${PPL_ARGS[@]}"; }
 ms W4A4-duquant --method duquant --rotation_steps "$ROT_STEPS"
 ms W4A4-rotation --method rotation
-m W4A4-quarot --method quarot "${PLOT_ARGS[@]}"  # its norm-fed points' ranges after R1 (a figure)
-m W4A4-spinquant --method spinquant "${PLOT_ARGS[@]}"
-m W4A4-spinquant-no-learning --method spinquant --spin_steps 0  # control: the learning's own effect
+ms W4A4-quarot --method quarot "${PLOT_ARGS[@]}"  # its norm-fed points' ranges after R1 (a figure)
+ms W4A4-spinquant --method spinquant "${PLOT_ARGS[@]}"
+ms W4A4-spinquant-no-learning --method spinquant --spin_steps 0  # control: the learning's own effect
 seeded 1 "paper methods" ppl/W4A8 --wbits 4 --abits 8 "${PPL_ARGS[@]}"
 ms W4A8-fptq --method fptq
 ms W8A8-smoothquant-per-token --method smoothquant --a_dynamic

@@ -10,6 +10,7 @@ from eval.doc_runs import base_key, stored_digest
 from eval.runs import row_label
 
 PAPER_CALIB = (128, 2048)  # RPTQ / GPTQ / SmoothQuant / DuQuant / QuaRot calibrate on 128 windows of 2048 tokens
+ALONE, SHARED = "ref/W4A4-alone", "ppl/W4A4"  # the same command; the first ran by itself with every core
 
 
 def commit_range(runs: dict[str, dict], steps: dict) -> tuple[list[str], dict[str, int]]:
@@ -115,9 +116,6 @@ def budget_lines(runs: dict[str, dict], steps: dict) -> list[str]:
     lines += ["", f"Wall time of the stored runs on this machine: about {wall / 3600:.1f} h (each run's process "
               "time divided by the number of runs sharing the machine with it)."]
     return lines + ["", *alone_lines(runs, steps)]
-
-
-ALONE, SHARED = "ref/W4A4-alone", "ppl/W4A4"  # the same command; the first ran by itself with every core
 
 
 def alone_lines(runs: dict[str, dict], steps: dict) -> list[str]:

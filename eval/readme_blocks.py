@@ -16,6 +16,7 @@ from typing import Callable
 from common.errors import UserError
 from common.provenance import code_digest
 from eval.cli import Parser, write_atomic
+from eval.doc_runs import stored_digest
 from eval.readme_data import load_tree
 from eval.readme_diffs import differences_block
 from eval.readme_headline import headline_block
@@ -48,8 +49,7 @@ def demo_block(src: Sources) -> str:
         return "No demo runs yet — run `make demo`.\n"
     missing = [name for name in DEMO_RUNS if name not in tree]
     digest = code_digest()
-    stale = [name for name in DEMO_RUNS if name in tree
-             and (tree[name][0].get("versions") or {}).get("code_digest") != digest]
+    stale = [name for name in DEMO_RUNS if name in tree and stored_digest(tree[name][0]) != digest]
     text = render_table(runs)
     text += f"\n{', '.join(missing)}: not run (rerun `make demo`).\n" if missing else ""
     return text + (f"\n**Stale:** {', '.join(stale)} made by other quantization code than this checkout's "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.provenance import code_digest
+from eval.doc_runs import stored_digest
 from eval.readme_data import NOT_RUN, measure, settings_line, show
 
 SETS = ("ptb", "wiki_leads")
@@ -107,7 +108,7 @@ def headline_block(tree: dict[str, list[dict]]) -> str:
         lines += ["No runs yet — run `scripts/make_results_doc.sh` (it copies every finished run's results.json "
                   "into docs/runs/), then `python -m eval.readme_blocks --write`.", ""]
     digest = code_digest()
-    stale = sorted({r["_path"] for r in present if (r.get("versions") or {}).get("code_digest") != digest})
+    stale = sorted({r["_path"] for r in present if stored_digest(r) != digest})
     if stale:
         lines += [f"**{len(stale)} of these runs are stale** (made by other quantization code than this checkout's; "
                   "docs/results.md names them, and `scripts/make_results_doc.sh` reruns them).", ""]

@@ -51,11 +51,15 @@ def fmt_spread(s: Spread | None, seeded: bool = True, spec: str = ".2f") -> str:
 
 def compare(a: Spread, b: Spread) -> tuple[bool | None, str]:
     """(different?, why): different when |mean a − mean b| > K × the larger std. With one seed on one side
-    the other side's std is the only spread there is; with one seed on both there is none (None)."""
+    the other side's std is the only spread there is; with one seed on both there is none (None). A std of
+    exactly 0 belongs to a row the seed does not change (a data-free rotation, say): it says nothing of the
+    single-seed side's noise, so that pair is not judged either."""
     stds = [s.std for s in (a, b) if s.std is not None]
     gap = abs(a.mean - b.mean)
     if not stds:
         return None, f"|Δ| {gap:.2f}, no spread measured (1 seed each)"
+    if len(stds) == 1 and stds[0] == 0:
+        return None, f"|Δ| {gap:.2f}, no spread measured (one side 1 seed, the other unchanged by the seed)"
     larger = max(stds)
     note = "" if len(stds) == 2 else ", one side 1 seed"
     if gap > K * larger:

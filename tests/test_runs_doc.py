@@ -93,6 +93,10 @@ def test_rows_are_called_different_only_beyond_twice_the_larger_spread(tmp_path)
     assert compare(Spread(10.0, 1.0, 3), Spread(12.5, 1.0, 3))[0] is True
     assert compare(Spread(10.0, 1.0, 3), Spread(12.5, 1.5, 3))[0] is False
     assert compare(Spread(10.0, None, 1), Spread(50.0, None, 1))[0] is None
+    # one seed against a row the seed leaves unchanged (std 0): no spread to judge the single run by
+    assert compare(Spread(10.0, 0.0, 3), Spread(12.5, None, 1))[0] is None
+    assert compare(Spread(10.0, 0.5, 3), Spread(12.5, None, 1))[0] is True
+    assert compare(Spread(10.0, 0.0, 3), Spread(12.5, 0.0, 3))[0] is True  # both exact: any gap is real
 
 
 def test_header_states_commit_range_stale_runs_and_runs_not_run(tmp_path):

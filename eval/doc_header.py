@@ -98,8 +98,9 @@ def budget_lines(runs: dict[str, dict], steps: dict) -> list[str]:
     for key in sorted(runs):
         t = runs[key].get("timing") or {}
         proc, _, threads, jobs = steps.get(key, ("–", "", "–", "–"))
-        lines.append(f"| {key} | {t.get('calibration_s', 0):.1f} | {t.get('eval_s', 0):.1f} | {proc} | {threads} "
-                     f"| {jobs} |")
+        mark = " *" if runs[key].get("resumed_from_layer") is not None else ""
+        lines.append(f"| {key}{mark} | {t.get('calibration_s', 0):.1f} | {t.get('eval_s', 0):.1f} | {proc} | "
+                     f"{threads} | {jobs} |")
         section = key.split("/")[0] + (" (extra seeds)" if base_key(key) != key else "")
         acc = per_section.setdefault(section, [0, 0.0, 0.0, 0.0])
         acc[0] += 1
@@ -107,6 +108,11 @@ def budget_lines(runs: dict[str, dict], steps: dict) -> list[str]:
         acc[2] += t.get("eval_s", 0.0)
         acc[3] += proc if isinstance(proc, int) else 0
     total = [sum(v[i] for v in per_section.values()) for i in range(4)]
+    resumed = sorted(k for k in runs if runs[k].get("resumed_from_layer") is not None)
+    if resumed:
+        lines += ["", f"\\* Resumed runs ({len(resumed)}): an earlier attempt was interrupted and this one went on "
+                  "from the layer it had reached, so calib counts every attempt's seconds while process counts the "
+                  "last attempt only (and the wall time below misses the earlier attempts)."]
     lines += ["", "Budget of the whole generation (sums over the stored runs; process = the whole command from "
               "steps.tsv, runs that ran in parallel overlap):", "",
               "| section | runs | calib (h) | eval (h) | process (h) |", "|---|---:|---:|---:|---:|"]

@@ -266,6 +266,9 @@ def test_wall_time_states_the_cost_alone_against_shared_and_the_generation_wall_
             "300 s, evaluation 1 s, whole process 600 s.") in text
     assert "Measured alone on this machine, RPTQ W4A4 calibrates in 180 s" in "\n".join(
         settings_lines(runs, runs["ppl/W4A4"]["config"]))
+    runs["ppl/FP16"]["resumed_from_layer"] = 7  # an interrupted run that went on: its process is the last attempt's
+    text = "\n".join(budget_lines(runs, steps))
+    assert "| ppl/FP16 * |" in text and "| ppl/W4A4 |" in text and "Resumed runs (1)" in text
     del runs["ref/W4A4-alone"]
     assert "not measured yet (`ref/W4A4-alone`" in "\n".join(budget_lines(runs, steps))
     assert "Measured here (alongside another run), RPTQ W4A4 calibrates in 300 s" in "\n".join(

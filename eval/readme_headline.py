@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from common.provenance import code_digest
 from eval.doc_runs import stored_digest
+from eval.doc_stats import K, compare
 from eval.readme_data import NOT_RUN, measure, settings_line, show
 
 SETS = ("ptb", "wiki_leads")
@@ -81,12 +82,25 @@ def verdict(target: Target, tree: dict[str, list[dict]], key: str) -> str:
         return f"{target.text}: {NOT_RUN}"
     if not ref:
         return f"{target.text}: {target.than_label} {NOT_RUN}"
-    pairs = [(measure(runs, d), measure(ref, d)) for d in SETS]
-    pairs = [(m, r) for m, r in pairs if m is not None and r is not None]
+    named = [(d, measure(runs, d), measure(ref, d)) for d in SETS]
+    named = [(d, m, r) for d, m, r in named if m is not None and r is not None]
+    pairs = [(m, r) for _, m, r in named]
     if not pairs:
         return f"{target.text}: no common dataset"
     met = all(m.mean <= target.factor * r.mean for m, r in pairs)
-    return f"{target.text}: " + ("met" if met else "**missed**")
+    if target.than == FP16 or target.factor != 1.0:
+        # FP16 calibrates nothing, so it has no spread; a factor like 0.5x is a margin far beyond any spread
+        return f"{target.text}: " + ("met" if met else "**missed**")
+    # "below another row": both rows vary with the calibration seed, so a gap inside the spread ranks nothing
+    judged = [(d, m, r, compare(m, r)[0]) for d, m, r in named]
+    unmeasured = " (spread not measured: one seed)" if any(j is None for *_, j in judged) else ""
+    if any(j is True and m.mean > r.mean for _, m, r, j in judged):
+        return f"{target.text}: **missed**"
+    close = [d for d, _, _, j in judged if j is False]
+    if close:
+        return (f"{target.text}: not distinguishable on {', '.join(close)} (|Δ| ≤ {K:g} × the larger std over "
+                "seeds)")
+    return f"{target.text}: " + ("met" if met else "**missed**") + unmeasured
 
 
 def _label(row: Row, tree: dict[str, list[dict]]) -> str:

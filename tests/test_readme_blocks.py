@@ -85,7 +85,8 @@ def test_headline_values_ratios_seeds_and_verdicts(tree):
     assert got["W8A8 SmoothQuant, per-token dynamic"] == ["50.50 (×1.01)", "10.10 (×1.01)",
                                                           "within 2% of FP16: met"]
     # 53/50 = 1.06 > 1.05, and 53 > RPTQ W4A8's 52 on PTB
-    assert got["W4A8 FPTQ"][2] == "within 5% of FP16: **missed**; below RPTQ W4A8: **missed**"
+    assert got["W4A8 FPTQ"][2] == ("within 5% of FP16: **missed**; below RPTQ W4A8: **missed** (spread not measured: "
+                                   "one seed)")
     # mean(100, 110, 120) = 110, stdev = 10, 110/50 = 2.20; wiki_leads 20 ± 0 over 3 seeds
     assert got["W4A4 RPTQ"][:2] == ["110.00 ± 10.00 (×2.20; 3 seeds)", "20.00 ± 0.00 (×2.00; 3 seeds)"]
     # 70/50 = 1.40 ≤ 1.5; its second target's reference row did not run; the label carries the run's steps
@@ -93,10 +94,39 @@ def test_headline_values_ratios_seeds_and_verdicts(tree):
         "70.00 (×1.40)", "14.00 (×1.40)", "≤ 1.5× FP16: met; below RPTQ W4A4 uniform: RPTQ W4A4 uniform not run"]
     # 150 ≤ 0.5 × 400 and 30 ≤ 0.5 × 80; at 3 bits GPTQT is above GPTQ on PTB (61 > 60)
     assert got["W2A16 GPTQT (per row)"][2] == "at most 0.5× GPTQ 2-bit: met"
-    assert got["W3A16 GPTQT (per row)"][2] == "below GPTQ 3-bit: **missed**"
+    assert got["W3A16 GPTQT (per row)"][2] == "below GPTQ 3-bit: **missed** (spread not measured: one seed)"
     assert got["W4A4 QuaRot"] == ["not run", "not run", ""]
     assert got["W8A8 SmoothQuant, per-tensor static (preset default)"][:2] == ["not run", "not run"]
     assert "No runs yet" not in block
+
+
+def test_below_another_row_is_judged_by_the_spread_over_seeds(tmp_path):
+    """"below X" compares two seed-dependent rows: met or missed only when the gap exceeds 2 × the larger std."""
+    root = tmp_path / "runs"
+    write_run(root, "ppl/FP16", {"ptb": 50.0, "wiki_leads": 10.0}, wbits=16, abits=16)
+    for seed, (uni, duq) in zip((2, 3, 4), ((100.0, 90.0), (104.0, 91.0), (108.0, 92.0))):
+        tail = "" if seed == 2 else f"-seed{seed}"
+        # uniform: ptb 104 ± 4, wiki 20 ± 1; DuQuant: ptb 91 ± 1 (gap 13 > 2 × 4), wiki 19 ± 1 (gap 1 ≤ 2 × 1)
+        write_run(root, f"ppl/W4A4-uniform{tail}", {"ptb": uni, "wiki_leads": 19.0 + seed - 2}, seed=seed)
+        write_run(root, f"methods/W4A4-duquant{tail}", {"ptb": duq, "wiki_leads": 18.0 + seed - 2}, seed=seed,
+                  method="duquant", transforms=("smooth", "rotate"))
+    got = rows(headline_block(load_tree(root)))["W4A4 DuQuant"][2]
+    assert got.endswith("below RPTQ W4A4 uniform: not distinguishable on wiki_leads (|Δ| ≤ 2 × the larger std over "
+                        "seeds)")
+    # a clear gap on both sets: met; the same gap the other way: missed
+    for seed, v in zip((2, 3, 4), (20.0, 21.0, 22.0)):
+        tail = "" if seed == 2 else f"-seed{seed}"
+        path = root / f"ppl/W4A4-uniform{tail}/results.json"
+        run = json.loads(path.read_text())
+        run["ppl"]["wiki_leads"] = v + 10
+        path.write_text(json.dumps(run))
+    assert rows(headline_block(load_tree(root)))["W4A4 DuQuant"][2].endswith("below RPTQ W4A4 uniform: met")
+    for seed in (2, 3, 4):
+        path = root / f"ppl/W4A4-uniform{'' if seed == 2 else f'-seed{seed}'}/results.json"
+        run = json.loads(path.read_text())
+        run["ppl"] = {"ptb": 60.0 + seed, "wiki_leads": 10.0 + seed / 10}
+        path.write_text(json.dumps(run))
+    assert rows(headline_block(load_tree(root)))["W4A4 DuQuant"][2].endswith("below RPTQ W4A4 uniform: **missed**")
 
 
 def test_differences_measured_column(tree):

@@ -8,6 +8,7 @@ from statistics import mean
 
 from eval.doc_cells import NOT_RUN, calib_s, fmt, md_table, ppl_of, ratio
 from eval.doc_plan import DIFF_CONFIGS, DIFF_ITEMS, DYNAMIC_DEFAULT, WEIGHT_RUNS
+from eval.doc_stats import K, Spread, ppl_spread
 
 SETS = ("ptb", "wiki_leads")
 
@@ -70,6 +71,18 @@ def point_error_lines(run: dict | None) -> list[str]:
     return out
 
 
+def beyond_spread(default: float | None, alt: float | None, seeds: Spread | None) -> str:
+    """Whether an alternative moved the default's perplexity (both at seed 2, the same windows) by more than
+    K × the spread the default shows over calibration seeds; the spread is unmeasured where it ran once."""
+    if default is None or alt is None:
+        return "–"
+    if seeds is None or not seeds.std:
+        return "spread not measured (default: 1 seed)"
+    gap = abs(alt - default)
+    verdict = "yes" if gap > K * seeds.std else "no"
+    return f"{verdict}: {gap:.2f} {'>' if verdict == 'yes' else '≤'} {K:g} × {seeds.std:.2f}"
+
+
 def diffs_section(runs: dict[str, dict]) -> list[str]:
     rows = []
     for config, default_key in DIFF_CONFIGS:
@@ -81,14 +94,18 @@ def diffs_section(runs: dict[str, dict]) -> list[str]:
             flag = f"diffs/{config}-{suffix}" if alt is None else (
                 ("--a_dynamic " if dyn else "") + f"--{key} {alt['config'].get(key)}")
             a, b = ppl_of(base, "ptb"), ppl_of(alt, "ptb")
+            seeds = ppl_spread(runs, default_key, "ptb") if not dyn else None
             rows.append([config, item, f"{reference} (`{'--a_dynamic, ' if dyn else ''}{key}={ref_value}`)",
-                         f"`{flag}`", fmt(a) if base else NOT_RUN, fmt(b) if alt else NOT_RUN, ratio(b, a)])
+                         f"`{flag}`", fmt(a) if base else NOT_RUN, fmt(b) if alt else NOT_RUN, ratio(b, a),
+                         beyond_spread(a, b, seeds)])
     out = md_table(["config", "item", "reference behaviour (our default)", "alternative", "ptb ppl default",
-                    "ptb ppl alternative", "alt / default"], rows, "llllrrr")
+                    "ptb ppl alternative", "alt / default", f"|Δ| > {K:g} × default's std over seeds?"], rows,
+                   "llllrrrl")
     static = {c: ppl_of(runs.get(d), "ptb") for c, d in DIFF_CONFIGS}
     dyn = {c: ppl_of(runs.get(f"diffs/{c}-{DYNAMIC_DEFAULT}"), "ptb") for c, _ in DIFF_CONFIGS}
-    out += ["", "One seed per run (seed 2), PTB only. The dynamic rows compare two non-default runs; against static "
-            "ranges (our default) the reference's --a_dynamic gives "
+    out += ["", "One seed per run (seed 2, against the default's seed-2 run), PTB only; the last column sets the gap "
+            "against the default's own spread over calibration seeds, where it ran with several. The dynamic rows "
+            "compare two non-default runs; against static ranges (our default) the reference's --a_dynamic gives "
             + "; ".join(f"{c} {fmt(dyn[c])} vs {fmt(static[c])} ({ratio(dyn[c], static[c])})"
                         for c, _ in DIFF_CONFIGS) + " (ptb).", "",
             "Where the W4A4 error comes from (default run, `layer_errors` of results.json):", ""]

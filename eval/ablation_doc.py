@@ -99,7 +99,7 @@ def diffs_section(runs: dict[str, dict]) -> list[str]:
                          f"`{flag}`", fmt(a) if base else NOT_RUN, fmt(b) if alt else NOT_RUN, ratio(b, a),
                          beyond_spread(a, b, seeds)])
     out = md_table(["config", "item", "reference behaviour (our default)", "alternative", "ptb ppl default",
-                    "ptb ppl alternative", "alt / default", f"|Δ| > {K:g} × default's std over seeds?"], rows,
+                    "ptb ppl alternative", "alt / default", f"gap > {K:g} × default's std over seeds?"], rows,
                    "llllrrrl")
     static = {c: ppl_of(runs.get(d), "ptb") for c, d in DIFF_CONFIGS}
     dyn = {c: ppl_of(runs.get(f"diffs/{c}-{DYNAMIC_DEFAULT}"), "ptb") for c, _ in DIFF_CONFIGS}

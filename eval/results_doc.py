@@ -98,6 +98,13 @@ def task_section(runs: dict[str, dict]) -> list[str]:
                      f"{100 * means['FP16']:.1f}; "
                      f"differences within 2 combined stderr: {', '.join(within) or 'none'}; "
                      f"beyond: {', '.join(beyond) or 'none'} (points).")
+    for t, m in cols:  # a task on which every row scores the same within one stderr ranks nothing here
+        got = [(r.get("tasks") or {}).get(t) or {} for r in runs.values()]
+        vals, ses = [g[m] for g in got if m in g], [g[m + "_stderr"] for g in got if g.get(m + "_stderr")]
+        if len(vals) > 2 and ses and max(vals) - min(vals) < min(ses):
+            lines.append(f"- {t} separates no rows: all {len(vals)} lie within {100 * (max(vals) - min(vals)):.1f} "
+                         f"points of each other, less than one stderr ({100 * min(ses):.1f}); the model's answers "
+                         "there hardly depend on the quantization.")
     errs = [100 * s for r in runs.values() for t, m in cols
             if (s := ((r.get("tasks") or {}).get(t) or {}).get(m + "_stderr"))]
     if errs:

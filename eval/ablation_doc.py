@@ -21,20 +21,55 @@ def _ppl_cells(run: dict | None, fp: dict | None) -> list[str]:
 
 
 # ---------------------------------------------------------------- weight-only binary coding
+def _error_cells(run: dict) -> list[str]:
+    """Mean over layers and linears of the weight-only output error (rel MSE), and the worst block's output
+    SQNR with its layer: a quantizer can lower the mean error yet break one block (e.g. by clipping the few
+    largest weights), which the mean hides and the perplexity shows."""
+    layers = run.get("layer_errors") or []
+    errs = [v for layer in layers for v in (layer.get("weights") or {}).values()]
+    sqnr = [(layer["block_sqnr_db"], layer["layer"]) for layer in layers
+            if math.isfinite(layer.get("block_sqnr_db", math.nan))]
+    worst = min(sqnr) if sqnr else None
+    return [f"{mean(errs):.4f}" if errs else "–", f"{worst[0]:.1f} (layer {worst[1]})" if worst else "–"]
+
+
+def _lower_error_higher_ppl(runs: dict[str, dict]) -> list[str]:
+    """BCQ against RTN at the same bits and grouping, said where the mean weight error and the perplexity
+    disagree: the mean error is then not what decides the model's quality."""
+    out = []
+    for bits in (3, 2):
+        for group in ("", "-g128"):
+            b, r = runs.get(f"weights/W{bits}-bcq{group}"), runs.get(f"weights/W{bits}-rtn{group}")
+            if not (b and r):
+                continue
+            (eb, wb), (er, wr) = _error_cells(b), _error_cells(r)
+            pb, pr = ppl_of(b, "ptb"), ppl_of(r, "ptb")
+            if "–" in (eb, er) or pb is None or pr is None or not (float(eb) < float(er) and pb > pr):
+                continue
+            out.append(f"- {bits}-bit {'groups of 128' if group else 'per row'}: BCQ's mean weight error is below "
+                       f"RTN's ({eb} vs {er}) yet its ptb perplexity is {ratio(pb, pr)} RTN's; its worst block's "
+                       f"SQNR is {wb} against RTN's {wr}, in dB. BCQ fits its levels to the weight MSE, which "
+                       "can clip a row's largest weights, and a few such weights can decide a block's output.")
+    return out
+
+
 def weights_section(runs: dict[str, dict], caveat: bool) -> list[str]:
     fp = runs.get("ppl/FP16")
-    rows = [["FP16", "16", "–", "–", *_ppl_cells(fp, fp), calib_s(fp)]] if fp else []
+    rows = [["FP16", "16", "–", "–", *_ppl_cells(fp, fp), "–", "–", calib_s(fp)]] if fp else []
     for key in WEIGHT_RUNS:
         run = runs.get(key)
         if run is None:
-            rows.append([key.split("/")[1]] + [NOT_RUN] * 8)
+            rows.append([key.split("/")[1]] + [NOT_RUN] * 10)
             continue
         cfg = run["config"]
         group = cfg.get("w_group_size") or 0
         rows.append([f"W{cfg['wbits']}A{cfg['abits']}", str(cfg["wbits"]), str(cfg["w_quantizer"]).upper(),
-                     f"{group}" if group else "per row", *_ppl_cells(run, fp), calib_s(run)])
+                     f"{group}" if group else "per row", *_ppl_cells(run, fp), *_error_cells(run), calib_s(run)])
     out = md_table(["Run", "bits", "quantizer", "group", "ptb (ppl)", "×FP16", "wiki_leads (ppl)", "×FP16",
-                    "calib (s)"], rows, "lrllrrrrr") + [""]
+                    "weight error (mean rel MSE)", "worst block SQNR (dB)", "calib (s)"], rows, "lrllrrrrrrr")
+    out += ["", "Weight error: each linear's output error from its quantized weights alone, relative to its output "
+            "energy, averaged over linears and layers; worst block: the lowest output SQNR of a quantized block "
+            "against the FP block on the same inputs (`layer_errors` of results.json).", ""]
     for bits in (3, 2):
         for group in ("", "-g128"):
             g, t = runs.get(f"weights/W{bits}-gptq{group}"), runs.get(f"weights/W{bits}-gptqt{group}")
@@ -43,6 +78,7 @@ def weights_section(runs: dict[str, dict], caveat: bool) -> list[str]:
                          for d in SETS if ppl_of(t, d) is not None and ppl_of(g, d) is not None]
                 out.append(f"- {bits}-bit {'groups of 128' if group else 'per row'}: GPTQT vs GPTQ "
                            + "; ".join(cells) + " (one seed each).")
+    out += _lower_error_higher_ppl(runs)
     if caveat:
         out += ["", "Caveat: SmolLM2's shipped weights already lie on a 4-bit grid (GGUF Q4_1, blocks of 32), so "
                 "these 3- and 2-bit results measure re-quantizing a 4-bit model, not a native fp16 checkpoint."]

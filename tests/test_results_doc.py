@@ -180,10 +180,22 @@ def test_weights_section_labels_from_config_and_gptqt_vs_gptq():
         runs[key] = fake_run(bits, 16, ppl={"ptb": 100.0 * (4 - bits) + q.startswith("gptqt"), "wiki_leads": 40.0},
                              w_quantizer=q.split("-")[0], w_group_size=128 if q.endswith("g128") else 0,
                              grid="full", reorder="")
+    # the RTN run's errors: weights 0.01, 0.03 (layer 0) and 0.05 (layer 1) -> mean 0.03; worst block layer 1
+    runs["weights/W3-rtn"]["layer_errors"] = [
+        {"layer": 0, "block_sqnr_db": 20.0, "weights": {"q": 0.01, "v": 0.03}},
+        {"layer": 1, "block_sqnr_db": 3.25, "weights": {"q": 0.05}}]
     lines = ablation_doc.weights_section(runs, caveat=True)
     table = [ln for ln in lines if ln.startswith("| W")]
-    assert table[0] == "| W3A16 | 3 | RTN | per row | 100.00 | ×2.00 | 40.00 | ×4.00 | 5 |"
-    assert table[5] == "| W3A16 | 3 | GPTQT | 128 | 101.00 | ×2.02 | 40.00 | ×4.00 | 5 |"
+    assert table[0] == "| W3A16 | 3 | RTN | per row | 100.00 | ×2.00 | 40.00 | ×4.00 | 0.0300 | 3.2 (layer 1) | 5 |"
+    assert table[5] == "| W3A16 | 3 | GPTQT | 128 | 101.00 | ×2.02 | 40.00 | ×4.00 | – | – | 5 |"
+    assert not any("BCQ's mean weight error" in ln for ln in lines)  # BCQ has no errors recorded here
+    # BCQ with a lower mean weight error than RTN (0.02 < 0.03) and a higher perplexity (400 vs 100): said
+    runs["weights/W3-bcq"]["layer_errors"] = [{"layer": 4, "block_sqnr_db": 1.5, "weights": {"q": 0.02}}]
+    runs["weights/W3-bcq"]["ppl"] = {"ptb": 400.0, "wiki_leads": 80.0}
+    lines = ablation_doc.weights_section(runs, caveat=True)
+    assert any(ln.startswith("- 3-bit per row: BCQ's mean weight error is below RTN's (0.0200 vs 0.0300) yet its ptb "
+                             "perplexity is ×4.00 RTN's; its worst block's SQNR is 1.5 (layer 4) against RTN's 3.2 "
+                             "(layer 1), in dB.") for ln in lines)
     assert "- 2-bit per row: GPTQT vs GPTQ ptb 201.00 vs 200.00 (×1.00); wiki_leads 40.00 vs 40.00 (×1.00) (one seed each)." in lines
     assert any("GGUF Q4_1" in ln for ln in lines)
     assert not any("Q4_1" in ln for ln in ablation_doc.weights_section(runs, caveat=False))

@@ -16,7 +16,10 @@ def fmt(value, spec: str = ".2f") -> str:
 
 def ratio(a, b) -> str:
     ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (a, b)) and b
-    return f"×{a / b:.2f}" if ok else MISSING
+    if not ok:
+        return MISSING
+    r = a / b
+    return f"×{r:.2f}" if r == 0 or abs(r) >= 0.01 else f"×{r:.1e}"  # a collapsed reference: keep the digits
 
 
 def ppl_of(run: dict | None, dataset: str):

@@ -234,3 +234,9 @@ def test_residual_rotation_figure_pairs_the_unrotated_and_rotated_ranges(tmp_pat
     assert meta["method"] == "QuaRot R1"
     assert (tmp_path / "figures" / "w4a4-quarot-r1-layer015_qkv_in.png").is_file()
     assert any("figures/w4a4-quarot-r1-layer015_qkv_in.png" in line for line in lines)
+
+
+def test_ratio_keeps_its_digits_when_the_reference_collapsed():
+    from eval.doc_cells import ratio
+    assert ratio(314.65, 1213299.53) == "×2.6e-04"  # GPTQT against a collapsed GPTQ: not "×0.00"
+    assert ratio(84.61, 179.92) == "×0.47" and ratio(1.0, 0.0) == "–"

@@ -21,7 +21,7 @@ def _ppl_cells(run: dict | None, fp: dict | None) -> list[str]:
 
 
 # ---------------------------------------------------------------- weight-only binary coding
-def _error_cells(run: dict) -> list[str]:
+def _errors(run: dict) -> tuple[float | None, tuple[float, int] | None]:
     """Mean over layers and linears of the weight-only output error (rel MSE), and the worst block's output
     SQNR with its layer: a quantizer can lower the mean error yet break one block (e.g. by clipping the few
     largest weights), which the mean hides and the perplexity shows."""
@@ -29,8 +29,12 @@ def _error_cells(run: dict) -> list[str]:
     errs = [v for layer in layers for v in (layer.get("weights") or {}).values()]
     sqnr = [(layer["block_sqnr_db"], layer["layer"]) for layer in layers
             if math.isfinite(layer.get("block_sqnr_db", math.nan))]
-    worst = min(sqnr) if sqnr else None
-    return [f"{mean(errs):.4f}" if errs else "–", f"{worst[0]:.1f} (layer {worst[1]})" if worst else "–"]
+    return (mean(errs) if errs else None), (min(sqnr) if sqnr else None)
+
+
+def _error_cells(run: dict) -> list[str]:
+    err, worst = _errors(run)
+    return [f"{err:.4f}" if err is not None else "–", f"{worst[0]:.1f} (layer {worst[1]})" if worst else "–"]
 
 
 def _lower_error_higher_ppl(runs: dict[str, dict]) -> list[str]:
@@ -42,14 +46,15 @@ def _lower_error_higher_ppl(runs: dict[str, dict]) -> list[str]:
             b, r = runs.get(f"weights/W{bits}-bcq{group}"), runs.get(f"weights/W{bits}-rtn{group}")
             if not (b and r):
                 continue
-            (eb, wb), (er, wr) = _error_cells(b), _error_cells(r)
+            (eb, _), (er, _) = _errors(b), _errors(r)
             pb, pr = ppl_of(b, "ptb"), ppl_of(r, "ptb")
-            if "–" in (eb, er) or pb is None or pr is None or not (float(eb) < float(er) and pb > pr):
+            if None in (eb, er, pb, pr) or not (eb < er and pb > pr):
                 continue
+            (_, wb), (_, wr) = _error_cells(b), _error_cells(r)
             out.append(f"- {bits}-bit {'groups of 128' if group else 'per row'}: BCQ's mean weight error is below "
-                       f"RTN's ({eb} vs {er}) yet its ptb perplexity is {ratio(pb, pr)} RTN's; its worst block's "
-                       f"SQNR is {wb} against RTN's {wr}, in dB. BCQ fits its levels to the weight MSE, which "
-                       "can clip a row's largest weights, and a few such weights can decide a block's output.")
+                       f"RTN's ({eb:.4f} vs {er:.4f}) yet its ptb perplexity is {ratio(pb, pr)} RTN's; its worst "
+                       f"block's SQNR is {wb} against RTN's {wr}, in dB. BCQ fits its levels to the weight MSE, "
+                       "which can clip a row's largest weights, and a few such weights can decide a block's output.")
     return out
 
 

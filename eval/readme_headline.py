@@ -84,10 +84,9 @@ def verdict(target: Target, tree: dict[str, list[dict]], key: str) -> str:
         return f"{target.text}: {target.than_label} {NOT_RUN}"
     named = [(d, measure(runs, d), measure(ref, d)) for d in SETS]
     named = [(d, m, r) for d, m, r in named if m is not None and r is not None]
-    pairs = [(m, r) for _, m, r in named]
-    if not pairs:
+    if not named:
         return f"{target.text}: no common dataset"
-    met = all(m.mean <= target.factor * r.mean for m, r in pairs)
+    met = all(m.mean <= target.factor * r.mean for _, m, r in named)
     if target.than == FP16 or target.factor != 1.0:
         # FP16 calibrates nothing, so it has no spread; a factor like 0.5x is a margin far beyond any spread
         return f"{target.text}: " + ("met" if met else "**missed**")

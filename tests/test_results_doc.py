@@ -70,19 +70,6 @@ def test_results_doc_task_section_uses_the_papers_metric():
     assert "within 2 combined stderr: piqa -10.0, arc_easy -1.0; beyond: boolq -5.0" in lines[9]
 
 
-def test_task_on_which_every_row_scores_alike_is_said_to_separate_nothing():
-    """boolq at 42.0, 42.0, 41.8 (stderr 2.2): spread 0.2 points < one stderr; piqa 66, 56, 59 is not flagged."""
-    def row(w, a, piqa, boolq):
-        return {"config": {"wbits": w, "abits": a, "limit": 500}, "method": {"name": "rptq"},
-                "tasks": {"piqa": {"acc_norm": piqa, "acc_norm_stderr": 0.021},
-                          "boolq": {"acc": boolq, "acc_stderr": 0.022}}}
-    lines = task_section({"FP16": row(16, 16, 0.66, 0.42), "W4A4": row(4, 4, 0.56, 0.42),
-                          "W8A8": row(8, 8, 0.59, 0.418)})
-    assert ("- boolq separates no rows: all 3 lie within 0.2 points of each other, less than one stderr (2.2); the "
-            "model's answers there hardly depend on the quantization.") in lines
-    assert not any(line.startswith("- piqa separates") for line in lines)
-
-
 @pytest.mark.slow
 def test_reference_perplexity_matches_doc():
     import torch

@@ -240,3 +240,17 @@ def test_ratio_keeps_its_digits_when_the_reference_collapsed():
     from eval.doc_cells import ratio
     assert ratio(314.65, 1213299.53) == "×2.6e-04"  # GPTQT against a collapsed GPTQ: not "×0.00"
     assert ratio(84.61, 179.92) == "×0.47" and ratio(1.0, 0.0) == "–"
+
+
+def test_task_on_which_every_row_scores_alike_is_said_to_separate_nothing():
+    """boolq at 42.0, 42.0, 41.8 (stderr 2.2): spread 0.2 points < one stderr; piqa 66, 56, 59 is not flagged."""
+    def row(w, a, piqa, boolq):
+        return {"config": {"wbits": w, "abits": a, "limit": 500}, "method": {"name": "rptq"},
+                "tasks": {"piqa": {"acc_norm": piqa, "acc_norm_stderr": 0.021},
+                          "boolq": {"acc": boolq, "acc_stderr": 0.022}}}
+    from eval.results_doc import task_section
+    lines = task_section({"FP16": row(16, 16, 0.66, 0.42), "W4A4": row(4, 4, 0.56, 0.42),
+                          "W8A8": row(8, 8, 0.59, 0.418)})
+    assert ("- boolq separates no rows: all 3 lie within 0.2 points of each other, less than one stderr (2.2); the "
+            "model's answers there hardly depend on the quantization.") in lines
+    assert not any(line.startswith("- piqa separates") for line in lines)

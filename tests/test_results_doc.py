@@ -2,10 +2,7 @@
 re-computed on the real SmolLM2-135M."""
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest

@@ -32,9 +32,13 @@ def _errors(run: dict) -> tuple[float | None, tuple[float, int] | None]:
     return (mean(errs) if errs else None), (min(sqnr) if sqnr else None)
 
 
+def _worst_cell(worst: tuple[float, int] | None) -> str:
+    return f"{worst[0]:.1f} (layer {worst[1]})" if worst else "–"
+
+
 def _error_cells(run: dict) -> list[str]:
     err, worst = _errors(run)
-    return [f"{err:.4f}" if err is not None else "–", f"{worst[0]:.1f} (layer {worst[1]})" if worst else "–"]
+    return [f"{err:.4f}" if err is not None else "–", _worst_cell(worst)]
 
 
 def _lower_error_higher_ppl(runs: dict[str, dict]) -> list[str]:
@@ -46,11 +50,11 @@ def _lower_error_higher_ppl(runs: dict[str, dict]) -> list[str]:
             b, r = runs.get(f"weights/W{bits}-bcq{group}"), runs.get(f"weights/W{bits}-rtn{group}")
             if not (b and r):
                 continue
-            (eb, _), (er, _) = _errors(b), _errors(r)
+            (eb, worst_b), (er, worst_r) = _errors(b), _errors(r)
             pb, pr = ppl_of(b, "ptb"), ppl_of(r, "ptb")
             if None in (eb, er, pb, pr) or not (eb < er and pb > pr):
                 continue
-            (_, wb), (_, wr) = _error_cells(b), _error_cells(r)
+            wb, wr = _worst_cell(worst_b), _worst_cell(worst_r)
             out.append(f"- {bits}-bit {'groups of 128' if group else 'per row'}: BCQ's mean weight error is below "
                        f"RTN's ({eb:.4f} vs {er:.4f}) yet its ptb perplexity is {ratio(pb, pr)} RTN's; its worst "
                        f"block's SQNR is {wb} against RTN's {wr}, in dB. BCQ fits its levels to the weight MSE, "
@@ -117,8 +121,10 @@ def beyond_spread(default: float | None, alt: float | None, seeds: Spread | None
     K × the spread the default shows over calibration seeds; the spread is unmeasured where it ran once."""
     if default is None or alt is None:
         return "–"
-    if seeds is None or not seeds.std:
+    if seeds is None or seeds.std is None:
         return "spread not measured (default: 1 seed)"
+    if seeds.std == 0:  # a default the seed does not change says nothing of the single-seed alternative's noise
+        return "spread not measured (default unchanged by the seed)"
     gap = abs(alt - default)
     verdict = "yes" if gap > K * seeds.std else "no"
     return f"{verdict}: {gap:.2f} {'>' if verdict == 'yes' else '≤'} {K:g} × {seeds.std:.2f}"

@@ -9,6 +9,7 @@ import pytest
 
 from eval import ablation_doc, doc_plan, methods_doc, results_doc
 from eval.doc_runs import dump
+from eval.doc_stats import Spread
 from eval.results_doc import task_section
 from rptq.run_report import preset_defaults
 
@@ -217,6 +218,10 @@ def test_diffs_section_flags_from_config_ratios_and_point_errors():
     assert lines.index("| down_in | 1.50e-01 | 2.00e-01 | 1 |") < lines.index("| qkv_in | 1.50e-03 | 2.00e-03 | 1 |")
     assert rows["mlp.down_proj"] == ["2.00e-02", "2.00e-02", "0"]
     assert "mean 10.5 dB, min 10.0 dB over 2 layers" in lines[-1]
+    # a default that three seeds leave unchanged (std 0) gives no spread to judge a one-seed alternative by
+    assert ablation_doc.beyond_spread(100.0, 120.0, Spread(100.0, 0.0, 3)) == (
+        "spread not measured (default unchanged by the seed)")
+    assert ablation_doc.beyond_spread(100.0, 120.0, Spread(100.0, None, 1)) == "spread not measured (default: 1 seed)"
 
 
 def _write_runs(root: Path, runs: dict[str, dict]) -> None:

@@ -7,8 +7,9 @@ import sys
 
 from common.errors import UserError
 from models.hub import configure_hub
-from rptq.flags import MAX_INTER_BITS, PPL_DEFAULT, build_config
-from rptq.methods import METHODS, POLICIES, STEPS
+from rptq import methods
+from rptq.config import BLOCK_INPUTS
+from rptq.flags import PPL_DEFAULT, add_method_flags, build_config
 from rptq.run_calibration import CalibrationInterrupted
 from rptq.runner import run
 from rptq.stats import METRICS
@@ -26,14 +27,14 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__)
     p.add_argument("model", help="opt-125m ... opt-175b, smollm2-135m, a hub id, or a local HF model directory")
-    p.add_argument("--method", default="rptq", choices=METHODS,
+    p.add_argument("--method", default="rptq", choices=methods.method_names(),
                    help="preset by paper name; expands to the settings in the README, each overridable by its flag")
     p.add_argument("--transforms", default=None,
-                   help=f"transform steps in order, comma list of {','.join(STEPS)} (default: the method's)")
+                   help=f"transform steps in order, comma list of {','.join(methods.steps())} (default: the method's)")
     p.add_argument("--wbits", type=int, default=None, choices=BITS, help="default 4 (smoothquant: 8)")
     p.add_argument("--abits", type=int, default=None, choices=BITS, help="default 4 (smoothquant, fptq: 8)")
     p.add_argument("--only_quant_kv", action="store_true", help="quantize only K and V activations")
-    p.add_argument("--abits_policy", default=None, choices=tuple(POLICIES),
+    p.add_argument("--abits_policy", default=None, choices=tuple(methods.policies()),
                    help="activation policy (default: the method's); rptq: LayerNorm outputs at max(8, abits), "
                         "softmax on a fixed 1/255 grid; uniform: all at abits, softmax at 16")
     p.add_argument("--eval_ppl", action="store_true")
@@ -51,17 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=None, help="default: min(the model's max positions, 2048)")
     p.add_argument("--calib_dataset", default="mix", help="mix, wikitext2, ptb, c4, wiki_leads or file:PATH")
     p.add_argument("--seed", type=int, default=2, help="0 .. 2^32-1 (k-means' random_state range)")
-    for i, k in zip(range(1, 6), (32, 4, 4, 32, 32)):
-        p.add_argument(f"--R{i}_clusters", type=int, default=None, help=f"default {k}")
-    p.add_argument("--reorder", default=None, help='reorder points to cluster, e.g. 12345 (default), 1, or "" for none')
     p.add_argument("--metric", default="ema_minmax", choices=METRICS,
                    help="static activation ranges: ema_minmax (reference: EMA of each sample's cluster extreme), "
                         "minmax, ema_channel (EMA per channel), mse / layer_mse (clipping searches)")
-    p.add_argument("--kmeans_features", default="minmax", choices=("minmax", "metric"),
-                   help="what k-means clusters: global min/max (reference) or the --metric ranges")
     p.add_argument("--a_dynamic", action="store_true", help="dynamic activation ranges")
     p.add_argument("--a_dynamic_method", default="per_cluster", choices=("per_cluster", "per_token"),
                    help="per_cluster: one range per cluster and sequence (reference); per_token: per token and cluster")
+    p.add_argument("--act_clip", type=float, default=None,
+                   help="dynamic activation clipping ratio (duquant, quarot: 0.9; spinquant: 1.0)")
     p.add_argument("--grid", default=None, choices=("reference", "full", "symmetric", "quarot"),
                    help="integer grid: reference (RPTQ: 2^b levels over [min, max-step]), full (2^b-1 steps over "
                         "[min, max]), symmetric (codes +-(2^(b-1)-1)), quarot (symmetric scale on codes -2^(b-1)..2^(b-1)-1)")
@@ -72,35 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight ranges: plain min/max (reference) or forced to include 0 (GPTQ)")
     p.add_argument("--w_group_size", type=int, default=None,
                    help="0: per row (per input cluster where reordered); N: groups of N input channels")
-    p.add_argument("--w_clip", type=float, default=None, help="weight range clipping ratio (duquant: 0.8)")
+    p.add_argument("--w_clip", default=None, metavar="RATIO|search|learned",
+                   help="weight range clipping: a ratio in (0, 1] (duquant: 0.8), search (QuaRot's per-row search; "
+                        "quarot, spinquant) or learned (per-row clipping trained on the block output, LWC)")
     p.add_argument("--percdamp", type=float, default=0.01)
-    p.add_argument("--smooth_alpha", type=float, default=None, help="SmoothQuant migration strength")
-    p.add_argument("--smooth_points", default=None, choices=("norm", "all"),
-                   help="smooth the norm-fed linear inputs (SmoothQuant) or every linear input (DuQuant)")
-    p.add_argument("--fptq_v0", type=float, default=None, help="FPTQ's static threshold (lae step; default 15)")
-    p.add_argument("--fptq_v1", type=float, default=None, help="FPTQ's LAE threshold, >= v0 (lae step; default 150)")
-    p.add_argument("--kv_bits", type=int, default=None, choices=BITS,
-                   help="FPTQ's K/V cache bits (fptq policy; default 8; 16: off)")
-    p.add_argument("--rotation", default=None, choices=("duquant", "hadamard", "random"),
-                   help="online rotation at the linear inputs: DuQuant's (R1, zigzag, R2), block Hadamard, random")
-    p.add_argument("--residual_rotation", default=None, choices=("hadamard", "random"),
-                   help="R1 of the residual_rotate step (quarot): randomized Hadamard (random orthogonal where no "
-                        "Hadamard of the width is built) or random orthogonal")
-    p.add_argument("--spin_steps", type=int, default=None,
-                   help="SpinQuant's Cayley SGD steps learning R1/R2 (spin_rotate step; default 8; paper 100)")
-    p.add_argument("--spin_lr", type=float, default=None, help="SpinQuant's peak learning rate, cosine (default 1.5)")
-    p.add_argument("--spin_samples", type=int, default=None,
-                   help="calibration windows the learning sees, one per step (default 4, at most --nsamples)")
-    p.add_argument("--rotation_block", type=int, default=None, help="power of two (rotate step; default 128)")
-    p.add_argument("--rotation_steps", type=int, default=None, help="DuQuant's greedy steps (rotate step; default 256)")
-    p.add_argument("--no_permute", action="store_true", help="DuQuant without the zigzag permutation (and R2)")
-    p.add_argument("--outlier_index", default="official", choices=("official", "paper"),
-                   help="DuQuant's greedy outlier index: the released code's rule or the paper's")
-    p.add_argument("--act_clip", type=float, default=None, help="dynamic activation clipping ratio (duquant: 0.9)")
-    p.add_argument("--inter_bits", type=int, default=0,
-                   help=f"GPTQT's step-1 bits, wbits + 1 .. {MAX_INTER_BITS} (0: wbits + 1)")
-    p.add_argument("--gptqt_variant", default=None, choices=("A", "B"),
-                   help="GPTQT: B = GPTQ compensates the binary-coded rounding; A = convert GPTQ's final codes")
+    p.add_argument("--block_inputs", default=None, choices=BLOCK_INPUTS,
+                   help="what the next block calibrates on: this block's quantized outputs (default) or its full-"
+                        "precision ones (flatquant)")
     p.add_argument("--disable_w_quant", action="store_true")
     p.add_argument("--disable_a_quant", action="store_true")
     p.add_argument("--multigpu", action="store_true", help="shard decoder layers over all visible GPUs")
@@ -128,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_path", default=None)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    add_method_flags(p)
     return p
 
 

@@ -9,6 +9,7 @@ from statistics import mean
 from eval.doc_cells import NOT_RUN, calib_s, fmt, md_table, ppl_of, ratio
 from eval.doc_plan import DIFF_CONFIGS, DIFF_ITEMS, DYNAMIC_DEFAULT, WEIGHT_RUNS
 from eval.doc_stats import K, Spread, ppl_spread
+from eval.runs import rptq_setting
 
 SETS = ("ptb", "wiki_leads")
 
@@ -137,9 +138,9 @@ def diffs_section(runs: dict[str, dict]) -> list[str]:
             dyn = suffix == "a-dynamic-per-token"
             base = runs.get(f"diffs/{config}-{DYNAMIC_DEFAULT}" if dyn else default_key)
             alt = runs.get(f"diffs/{config}-{suffix}")
-            ref_value = base["config"].get(key) if base else "?"
+            ref_value = rptq_setting(base["config"], key) if base else "?"
             flag = f"diffs/{config}-{suffix}" if alt is None else (
-                ("--a_dynamic " if dyn else "") + f"--{key} {alt['config'].get(key)}")
+                ("--a_dynamic " if dyn else "") + f"--{key} {rptq_setting(alt['config'], key)}")
             a, b = ppl_of(base, "ptb"), ppl_of(alt, "ptb")
             seeds = ppl_spread(runs, default_key, "ptb") if not dyn else None
             rows.append([config, item, f"{reference} (`{'--a_dynamic, ' if dyn else ''}{key}={ref_value}`)",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from eval.runs import rptq_setting
+
 MISSING = "–"
 NOT_RUN = "not run"
 
@@ -50,7 +52,7 @@ def method_text(run: dict | None) -> str:
         per_token = acts not in ("rptq", "uniform") or cfg.get("a_dynamic_method") == "per_token"
         acts += " dynamic per " + ("token" if per_token else "cluster and sequence")
     transforms = "+".join(m.get("transforms") or []) or "none"
-    if "reorder" in (m.get("transforms") or []) and cfg.get("reorder") == "":
+    if "reorder" in (m.get("transforms") or []) and rptq_setting(cfg, "reorder") == "":
         transforms = transforms.replace("reorder", "reorder(off)")
     group = cfg.get("w_group_size") or 0
     weights = "none" if w >= 16 else (f"{m.get('weight_quantizer', cfg.get('w_quantizer'))} {m.get('grid', '')} "

@@ -8,7 +8,7 @@ from statistics import mean
 from eval.doc_cells import MISSING, NOT_RUN, calib_s, fmt, md_table, method_text, ratio
 from eval.doc_plan import METHOD_ROWS, ROTATION_RUNS, SEEDED
 from eval.doc_stats import fmt_spread, ppl_spread, ranking, seed_runs
-from eval.runs import row_label
+from eval.runs import method_settings, row_label
 
 SETS = ("ptb", "wiki_leads")
 
@@ -30,7 +30,7 @@ def fptq_lines(run: dict | None) -> list[str]:
             for p, ds in per_point.items()]
     rows.append(["all"] + [str(sum(d["strategy"] == s for ds in per_point.values() for d in ds))
                            for s in strategies] + ["", ""])
-    v = run["config"].get("fptq") or {}
+    v = method_settings(run["config"], "fptq")
     return ([f"FPTQ's layerwise decisions over {len(run['decisions'])} layers (r = calibration max|X| of the "
              f"point before LAE; v0 = {v.get('v0')}, v1 = {v.get('v1')}); counts are layers:", ""]
             + md_table(["point"] + strategies + ["mean r", "max r"], rows))
@@ -57,7 +57,7 @@ def rotation_lines(runs: dict[str, dict]) -> list[str]:
             cells.append(f"{mean(r['range_ratio_before'] for r in rots):.1f} → "
                          f"{mean(r['range_ratio_after'] for r in rots):.1f}" if rots else MISSING)
         rows.append([point] + cells)
-    rotation = {key: run["config"].get("rotation") or {} for key, run in cols}
+    rotation = {key: method_settings(run["config"], "duquant") for key, run in cols}
     steps = ", ".join(f"{key.split('/')[1]} " + (f"{r.get('steps')} greedy steps" if r.get("kind") == "duquant"
                                                  else f"{r.get('kind')}, no search") for key, r in rotation.items())
     return (["Channel-range ratio max_j m_j / mean_j m_j (m_j = calibration absmax of channel j, on the rotation "
@@ -84,7 +84,7 @@ def methods_section(runs: dict[str, dict]) -> list[str]:
                      method_text(run) if run else NOT_RUN])
     header = ["Run", "ptb (ppl)", "×FP16", "wiki_leads (ppl)", "×FP16", "seeds", "calib (s)",
               "method (from results.json)"]
-    rotations = [runs[k]["config"].get("rotation") or {} for k in ROTATION_RUNS if k in runs]
+    rotations = [method_settings(runs[k]["config"], "duquant") for k in ROTATION_RUNS if k in runs]
     steps = {r.get("steps") for r in rotations if r.get("kind") == "duquant"}
     out = md_table(header, rows, "lrrrrlrl") + [""]
     out += ["Perplexity cells: mean ± sample standard deviation (n − 1) over the calibration seeds listed (the "

@@ -9,6 +9,7 @@ from common.provenance import code_digest
 from eval.doc_runs import stored_digest
 from eval.doc_stats import K, compare
 from eval.readme_data import NOT_RUN, measure, settings_line, show
+from eval.runs import method_settings
 
 SETS = ("ptb", "wiki_leads")
 FP16 = "ppl/FP16"
@@ -105,7 +106,7 @@ def verdict(target: Target, tree: dict[str, list[dict]], key: str) -> str:
 def _label(row: Row, tree: dict[str, list[dict]]) -> str:
     """The row's name, plus DuQuant's greedy step count as its run recorded it (the script's ROT_STEPS)."""
     runs = tree.get(row.key) or []
-    rotation = (runs[0]["config"].get("rotation") or {}) if runs else {}
+    rotation = method_settings(runs[0]["config"], "duquant") if runs else {}
     rotates = runs and "rotate" in ((runs[0].get("method") or {}).get("transforms") or ())  # else not used
     if rotates and rotation.get("kind") == "duquant" and rotation.get("steps"):
         return f"{row.label} ({rotation['steps']} greedy steps)"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.atomic import atomic_write_text, write_errors
 from common.provenance import code_digest
+from eval.runs import rptq_setting
 
 
 # what counts as code for the "-dirty" mark: everything but docs, tests and scripts
@@ -60,7 +61,8 @@ def format_summary(results: dict) -> str:
     if method:
         lines.append(f"method: {method.get('name')}  transforms={'+'.join(method.get('transforms', [])) or 'none'}  "
                      f"grid={method.get('grid')}")
-    lines.append(f"W{cfg['wbits']}A{cfg['abits']}  reorder={cfg['reorder']!r}  w_quantizer={cfg['w_quantizer']}  "
+    lines.append(f"W{cfg['wbits']}A{cfg['abits']}  reorder={rptq_setting(cfg, 'reorder')!r}  "
+                 f"w_quantizer={cfg['w_quantizer']}  "
                  f"policy={cfg['abits_policy']}  only_quant_kv={cfg['only_quant_kv']}")
     quantized = {k: v for k, v in results["bit_manifest"].items() if v["bits"] < 16}
     if quantized:

@@ -18,6 +18,33 @@ PAPER_ROWS = ("FP16", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV")
 NO_DEFAULTS = "method defaults not recorded"
 
 
+# ---------------------------------------------------------------- reading a run's config
+# results.json's config keeps each method's settings under the method's name (rptq.method_api); runs written
+# before the method modules kept some of them under other names, or at the top level (RPTQ's).
+_EARLIER_NAMES = {"duquant": "rotation", "smoothquant": "smooth", "quarot": "residual", "spinquant": "spin"}
+
+
+def method_settings(cfg: dict, method: str) -> dict:
+    """One method's settings as a run's config records them (empty if it records none)."""
+    found = cfg.get(method)
+    if not isinstance(found, dict):
+        found = cfg.get(_EARLIER_NAMES.get(method, ""))
+    return found if isinstance(found, dict) else {}
+
+
+def rptq_setting(cfg: dict, name: str, default=None):
+    """RPTQ's ``reorder`` or ``kmeans_features``: under "rptq", or at the top level in earlier runs."""
+    return method_settings(cfg, "rptq").get(name, cfg.get(name, default))
+
+
+def clusters(cfg: dict) -> dict[str, int]:
+    """Reorder point -> its cluster count as the run's config records it ({} if none)."""
+    if isinstance(cfg.get("clusters"), dict):
+        return cfg["clusters"]
+    rptq = method_settings(cfg, "rptq")
+    return {k[:2]: v for k, v in rptq.items() if k.endswith("_clusters")}
+
+
 # ---------------------------------------------------------------- loading
 def _read_run(path: Path) -> dict:
     try:
@@ -106,15 +133,15 @@ def method_notes(run: dict) -> list[str]:
         notes.append("--disable_w_quant")
     if cfg.get("disable_a_quant"):
         notes.append("--disable_a_quant")
-    reorder = cfg.get("reorder", defaults["reorder"])
+    reorder = rptq_setting(cfg, "reorder", rptq_setting(defaults, "reorder"))
     reordering = "reorder" in (cfg.get("transforms") or defaults["transforms"])
     if reordering and reorder == "":
         notes.append("per-tensor baseline")
-    elif reordering and sorted(reorder) != sorted(defaults["reorder"]):
+    elif reordering and sorted(reorder) != sorted(rptq_setting(defaults, "reorder")):
         notes.append("reorder R" + ",R".join(sorted(reorder)))
-    clusters, default_clusters = cfg.get("clusters") or {}, defaults["clusters"]
-    changed = [f"R{p}={clusters[f'R{p}']}" for p in sorted(reorder)
-               if clusters.get(f"R{p}", default_clusters[f"R{p}"]) != default_clusters[f"R{p}"]]
+    counts, default_counts = clusters(cfg), clusters(defaults)
+    changed = [f"R{p}={counts[f'R{p}']}" for p in sorted(reorder)
+               if counts.get(f"R{p}", default_counts[f"R{p}"]) != default_counts[f"R{p}"]]
     if reordering and changed:
         notes.append("clusters " + ",".join(changed))
     if acts and not cfg.get("only_quant_kv") and cfg.get("abits_policy", defaults["abits_policy"]) != \
@@ -123,8 +150,9 @@ def method_notes(run: dict) -> list[str]:
     notes += _dynamic(cfg, acts)
     if acts and cfg.get("metric", defaults["metric"]) != defaults["metric"]:
         notes.append(f"metric {cfg['metric']}")
-    if acts and reordering and cfg.get("kmeans_features", defaults["kmeans_features"]) != defaults["kmeans_features"]:
-        notes.append(f"k-means on {cfg['kmeans_features']} ranges")
+    features = rptq_setting(cfg, "kmeans_features", rptq_setting(defaults, "kmeans_features"))
+    if acts and reordering and features != rptq_setting(defaults, "kmeans_features"):
+        notes.append(f"k-means on {features} ranges")
     for key, label in (("grid", "grid"), ("w_range", "weight range"), ("w_group_size", "group"),
                        ("w_clip", "w_clip")):
         if key in cfg and cfg[key] != defaults.get(key):

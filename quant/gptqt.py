@@ -1,6 +1,6 @@
 """GPTQT (Guo et al., 2024, arXiv 2407.02891): quantize twice, end in pure binary coding.
 
-Step 1 quantizes each row linearly to n bits (scale re-explored, §5 of shared/methods/gptqt.md).
+Step 1 quantizes each row linearly to n bits (scale re-explored, §5 of the GPTQT paper).
 Step 2 converts the row's n-bit integers to a k-bit binary code whose 2^k levels are picked, by
 exhaustive search, among level sets that lie on the n-bit grid (§3). The two steps merge into
 offset + sum_i alpha_i b_i (quant.bcq.BinaryCoded), so the integers never reach the kernel (§4).

@@ -1,4 +1,4 @@
-"""GPTQT's step 2 vocabulary (Guo et al., 2024, §3 of shared/methods/gptqt.md): the k-bit level sets
+"""GPTQT's step 2 vocabulary (Guo et al., 2024, §3): the k-bit level sets
 that lie on the n-bit grid, and per-code lookups into them -- which level (and sign pattern) each
 n-bit code rounds to, what that costs, and the value it dequantizes to (quant.grid's formula).
 quant.gptqt picks a set per row and group and runs the quantization around them.

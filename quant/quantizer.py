@@ -179,6 +179,7 @@ class WeightSpec:
     fp16_scales: bool = False
     sf8_scales: bool = False
     clip_search: bool = False  # QuaRot's per-(row, group) range search (quant.clip_search), after ``clip``
+    row_clip: tuple | None = None  # learned (max, min) factors per output row (LWC), after ``clip``
 
 
 def weight_group_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int,
@@ -192,6 +193,9 @@ def weight_group_params(weight: torch.Tensor, group_sizes: tuple[int, ...] | Non
         wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
     if spec.clip != 1.0:
         wmin, wmax = wmin * spec.clip, wmax * spec.clip
+    if spec.row_clip is not None:
+        up, low = (f.to(wmax.device, wmax.dtype).reshape(-1, 1) for f in spec.row_clip)
+        wmin, wmax = wmin * low, wmax * up
     if spec.clip_search:
         wmin, wmax = clip_search(weight, sizes, wmin, wmax, bits, spec.grid)
     scale, zero = affine_params(wmin, wmax, bits, spec.grid)

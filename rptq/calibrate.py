@@ -32,10 +32,11 @@ from .weights import quantize_weights
 def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict, cfg: QuantConfig,
                     layer: int = 0, keep_ranges: bool = False,
                     side_by_side: bool = True,
-                    head_rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockReport]:
-    """Transform and quantize ``block`` in place; return its quantized outputs on ``inputs``.
-    ``side_by_side``: see :func:`quantize_weights` (False out of core, where memory binds).
-    ``head_rotation``: this layer's learned R2 (SpinQuant) for head_rotate."""
+                    given: dict | None = None) -> tuple[torch.Tensor, BlockReport]:
+    """Transform and quantize ``block`` in place; return the next block's inputs: its quantized outputs on
+    ``inputs``, or with ``cfg.block_inputs == "fp"`` its full-precision ones (FlatQuant trains every block on
+    the FP model's activations). ``side_by_side``: see :func:`quantize_weights` (False out of core, where
+    memory binds). ``given``: what the model steps handed this layer (e.g. SpinQuant's learned R2)."""
     spec = block.spec
     report = BlockReport()
     timing = report.timing
@@ -46,10 +47,17 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
     timing.passes += 1
     t1 = time.perf_counter()
 
-    ctx = BlockContext(block, observers, cfg, layer, head_rotation=head_rotation)
+    ctx = BlockContext(block, observers, cfg, layer, given=dict(given or {}), inputs=inputs, fp_outputs=fp_out,
+                       layer_kwargs=layer_kwargs)
     before = range_snapshot(observers) if keep_ranges else {}
     for name in cfg.transforms:
-        methods.step(name)(ctx)
+        step = methods.step(name).block
+        if step is not None:
+            step(ctx)
+    fit = methods.clip_fits().get(cfg.w_clip_fit)  # --w_clip learned: per-row clipping trained on the block output
+    if fit is not None and cfg.weight_bits < FULL_PRECISION and \
+            not any(methods.step(s).fits_weight_clips for s in cfg.transforms):
+        fit(ctx)
     t2 = time.perf_counter()
 
     weight_errors = quantize_weights(ctx, side_by_side) if cfg.weight_bits < FULL_PRECISION else {}
@@ -73,4 +81,4 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
     report.decisions.update(ctx.decisions)
     report.placements = ctx.placements
     timing.stats_s, timing.transform_s, timing.weights_s, timing.output_s = t1 - t0, t2 - t1, t3 - t2, t4 - t3
-    return outputs, report
+    return (fp_out if cfg.block_inputs == "fp" else outputs), report

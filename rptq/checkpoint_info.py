@@ -17,25 +17,26 @@ from pathlib import Path
 from common.errors import UserError
 from models.content import model_digest
 
-from .config import FPTQSettings, GPTQTSettings, QuantConfig, RotationSettings, SmoothSettings
-from .methods import bit_manifest
+from . import methods
+from .config import QuantConfig
+from .method_api import flags_of
 from .run_config import RunConfig
 
 _SAME_NAME = ("method", "transforms", "wbits", "abits", "only_quant_kv", "abits_policy", "nsamples", "calib_dataset",
-              "seed", "reorder", "metric", "kmeans_features", "a_dynamic", "a_dynamic_method", "grid", "w_quantizer",
-              "w_range", "w_group_size", "w_clip", "percdamp", "disable_w_quant", "disable_a_quant")
-# flag (argparse dest) -> where what it sets lives in quant.json's "config" (RunConfig.flat()).
-SAVED_BY_FLAG: dict[str, tuple[tuple[str, ...], ...]] = {
-    **{name: ((name,),) for name in _SAME_NAME},
-    **{f"R{i}_clusters": (("clusters", f"R{i}"),) for i in range(1, 6)},
-    "smooth_alpha": (("smooth", "alpha"),), "smooth_points": (("smooth", "points"),),
-    "fptq_v0": (("fptq", "v0"),), "fptq_v1": (("fptq", "v1"),), "kv_bits": (("fptq", "kv_bits"),),
-    "rotation": (("rotation", "kind"),), "rotation_block": (("rotation", "block_size"),),
-    "rotation_steps": (("rotation", "steps"),), "no_permute": (("rotation", "permute"),),
-    "outlier_index": (("rotation", "outlier_index"),), "act_clip": (("rotation", "act_clip"),),
-    "inter_bits": (("gptqt", "inter_bits"),), "gptqt_variant": (("gptqt", "variant"),),
-    "pack_weight": (("fp16_scales",),), "scale_format": (("fp16_scales",), ("sf8_scales",)),
-}
+              "seed", "metric", "a_dynamic", "a_dynamic_method", "act_clip", "grid", "w_quantizer", "w_range",
+              "w_group_size", "percdamp", "disable_w_quant", "disable_a_quant", "block_inputs")
+
+
+def saved_by_flag() -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Flag (argparse dest) -> where what it sets lives in quant.json's "config" (RunConfig.flat()): the shared
+    flags listed here, every method flag from its settings' declaration (method name, field)."""
+    return {**{name: ((name,),) for name in _SAME_NAME},
+            "w_clip": (("w_clip",), ("w_clip_fit",)),
+            "pack_weight": (("fp16_scales",),), "scale_format": (("fp16_scales",), ("sf8_scales",)),
+            **{flag.name: ((name, field),) for name, cls in methods.settings_classes().items()
+               for field, flag in flags_of(cls)}}
+
+
 _MISSING = object()
 
 
@@ -77,8 +78,9 @@ def check_load_flags(cfg: RunConfig, given: frozenset[str], info: dict) -> None:
         raise UserError(f"MODEL {cfg.model} is not the model checkpoint {path} was quantized from ({model}); pass "
                         f"{model} as MODEL")
     current = cfg.flat()
-    for flag in sorted(given & set(SAVED_BY_FLAG)):
-        for where in SAVED_BY_FLAG[flag]:
+    saved_by = saved_by_flag()
+    for flag in sorted(given & set(saved_by)):
+        for where in saved_by[flag]:
             ours, theirs = _at(current, where), _at(saved, where)
             if theirs is not _MISSING and ours != theirs:
                 raise UserError(f"--{flag} sets {'.'.join(where)} = {json.dumps(ours)}, but checkpoint {path} was "
@@ -87,15 +89,16 @@ def check_load_flags(cfg: RunConfig, given: frozenset[str], info: dict) -> None:
 
 
 def _quant_from_flat(flat: dict) -> QuantConfig:
-    known = {f.name for f in dataclasses.fields(QuantConfig)}
+    """The QuantConfig a quant.json records: the shared fields, each method's settings under its name."""
+    known = {f.name for f in dataclasses.fields(QuantConfig)} - {"settings"}
     values = {k: v for k, v in flat.items() if k in known}
-    for name, settings in (("smooth", SmoothSettings), ("fptq", FPTQSettings), ("rotation", RotationSettings),
-                           ("gptqt", GPTQTSettings)):
-        if isinstance(values.get(name), dict):
-            values[name] = settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values[name].items()})
     if "transforms" in values:
         values["transforms"] = tuple(values["transforms"])
-    return QuantConfig(**values)
+    settings = {}
+    for name, cls in methods.settings_classes().items():
+        if isinstance(flat.get(name), dict):
+            settings[name] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in flat[name].items()})
+    return QuantConfig(**values, settings=settings)
 
 
 def saved_run_config(cfg: RunConfig, info: dict, spec) -> RunConfig:
@@ -103,6 +106,9 @@ def saved_run_config(cfg: RunConfig, info: dict, spec) -> RunConfig:
     its config must give the bit manifest it stores (an edited quant.json is refused)."""
     path = Path(cfg.load_quantized)
     model, saved = _saved(info, path)
+    if "clusters" in saved:  # each method's settings were nested classes of QuantConfig then
+        raise UserError(f"--load_quantized {path}: quant.json was written by an older version of this toolkit (its "
+                        "settings layout predates the method modules); re-create it with --save_quantized")
     try:
         quant = _quant_from_flat(saved)
     except (TypeError, ValueError) as exc:
@@ -110,7 +116,7 @@ def saved_run_config(cfg: RunConfig, info: dict, spec) -> RunConfig:
                         "with --save_quantized") from None
     stored = {point: {k: v for k, v in entry.items() if k != "transforms"}
               for point, entry in (info.get("bit_manifest") or {}).items()}
-    implied = json.loads(json.dumps(bit_manifest(quant, spec)))
+    implied = json.loads(json.dumps(methods.bit_manifest(quant, spec)))
     if stored != implied:
         point = next((p for p in sorted(set(stored) | set(implied)) if stored.get(p) != implied.get(p)), None)
         raise UserError(f"--load_quantized {path}: quant.json's bit_manifest says {point} is {stored.get(point)}, its "

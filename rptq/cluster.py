@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import ThreadpoolController
 
 from models.spec import HeadLayout
@@ -28,6 +26,11 @@ def kmeans_labels(features: np.ndarray, clusters: int, seed: int,
     clusters = max(1, min(clusters, features.shape[0]))
     if clusters == 1:
         return np.zeros(features.shape[0], dtype=np.int64)
+    # Lazy on purpose: scikit-learn takes ~1.7 s to import here, and the registry imports this module for every
+    # command (a refused flag, a method that never clusters).
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
     # One thread: a few thousand 2-D points are too little work to share, and under load
     # OpenMP hand-offs made k-means 40x slower here (3.7 s vs 0.1 s for 4096 channels, k=32);
     # it also keeps the labels independent of the machine's core count.

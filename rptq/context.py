@@ -1,4 +1,5 @@
-"""What a method sees of one block while it plans its transforms."""
+"""What a method sees: of one block while it plans its transforms (BlockContext), of the whole model
+before layer 0 (ModelContext, for model steps such as QuaRot's R1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,7 +24,13 @@ class BlockContext:
     groups: dict[str, tuple[int, ...]] = field(default_factory=dict)  # point -> contiguous channel groups
     decisions: dict[str, dict] = field(default_factory=dict)  # point -> what a method decided (reported)
     placements: list[dict] = field(default_factory=list)  # every transform placed, in order
-    head_rotation: torch.Tensor | None = None  # this layer's R2 learned by the spin_rotate step (SpinQuant)
+    given: dict = field(default_factory=dict)  # what model steps handed this layer (ModelContext.per_layer)
+    # The block's calibration inputs, its full-precision outputs on them (the FP pass) and the layer's keyword
+    # arguments (rotary tables): what a learned step trains on. The block's weights are in ``block``.
+    inputs: torch.Tensor | None = None
+    fp_outputs: torch.Tensor | None = None
+    layer_kwargs: dict = field(default_factory=dict)
+    weight_clips: dict = field(default_factory=dict)  # linear -> learned per-row (max, min) clip factors
 
     @property
     def spec(self) -> BlockSpec:
@@ -45,3 +52,20 @@ class BlockContext:
         for point, t in ((qk.q_point, tq), (qk.k_point, tk)):
             self.placements.append({"point": point, "transform": t.kind, "where": where, "step": step})
         return where
+
+
+@dataclass
+class ModelContext:
+    """What a model step (rptq.method_api.Step.model) sees before layer 0: the model in memory, its adapter,
+    the calibration windows; ``given``: what the caller supplies (e.g. rotations learned already);
+    ``report``: entries of results.json's ``calibration``; ``per_layer``: name -> one value per layer, handed
+    to each block as ``BlockContext.given[name]``."""
+
+    model: torch.nn.Module
+    adapter: object
+    windows: torch.Tensor
+    cfg: QuantConfig
+    device: torch.device
+    given: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    per_layer: dict = field(default_factory=dict)

@@ -10,7 +10,9 @@ format's code range, the groups of a loaded checkpoint) is checked on the model 
 """
 from __future__ import annotations
 
+from . import methods
 from .config import FP, QuantConfig
+from .methods.rptq import reorders
 
 FORMATS = ("compressed-tensors",)
 # Reorder points whose permutation reaches a linear's input columns (R2 only permutes q/k rows).
@@ -21,7 +23,7 @@ NOT_QUANTIZED = ("the weights are not quantized (--wbits 16 or --disable_w_quant
                  "to store; use --wbits 8, 4, 3 or 2")
 BINARY_CODED = ("binary-coded weights (offset + sum of alpha_i b_i, --w_quantizer {q}) are not integers on an affine "
                 "grid, which is all the format stores; use --w_quantizer gptq (or rtn)")
-ONLINE = ("online rotations (DuQuant, --transforms rotate/qk_rotate) run at inference and the format has no online "
+ONLINE = ("online rotations or transforms (the {step} step) run at inference and the format has no online "
           "transforms; use --transforms smooth (SmoothQuant's scales fold into the weights)")
 CLUSTER_GROUPS = ("weight groups are the input point's clusters ({points} reordered, --w_group_size 0), of variable "
                   "size; the format has fixed-size groups: use --w_group_size N (e.g. 128)")
@@ -43,10 +45,11 @@ def export_refusal(q: QuantConfig) -> str | None:
         return NOT_QUANTIZED
     if q.w_quantizer in ("gptqt", "bcq"):
         return BINARY_CODED.format(q=q.w_quantizer)
-    if {"rotate", "qk_rotate"} & set(q.transforms):
-        return ONLINE
-    column_reorders = [r for r in _COLUMN_REORDERS if q.reorders(r)]
-    norm_reorders = [r for r in _NORM_REORDERS if q.reorders(r)]
+    online = [s for s in q.transforms if methods.step(s).online]
+    if online:
+        return ONLINE.format(step=online[0])
+    column_reorders = [r for r in _COLUMN_REORDERS if reorders(q, r)]
+    norm_reorders = [r for r in _NORM_REORDERS if reorders(q, r)]
     if column_reorders and q.w_group_size == 0:
         also = (" with --reorder limited to R2/R3/R5 (e.g. --reorder 35: R1/R4 gather the norm input)"
                 if norm_reorders else "")
@@ -60,6 +63,6 @@ def export_refusal(q: QuantConfig) -> str | None:
             return CLUSTER_RANGES.format(points="/".join(column_reorders))
         if q.a_dynamic and q.a_dynamic_method == "per_cluster":
             return PER_SEQUENCE
-    if q.abits_policy == "duquant" and q.rotation.act_clip < 1:
-        return CLIPPED.format(clip=q.rotation.act_clip)
+    if methods.policy(q).uses_act_clip and q.act_clip < 1:
+        return CLIPPED.format(clip=q.act_clip)
     return None

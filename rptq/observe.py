@@ -4,6 +4,7 @@ from __future__ import annotations
 from models.spec import PROBS
 from quant.quantizer import FULL_PRECISION
 
+from . import methods
 from .config import QuantConfig
 from .stats import ChannelObserver, sample_per_call
 
@@ -15,7 +16,11 @@ def make_observers(spec, cfg: QuantConfig, samples: int, layer: int) -> dict[str
     quantize_w = cfg.weight_bits < FULL_PRECISION
     hessian = quantize_w and cfg.w_quantizer in ("gptq", "gptqt")
     linear_points = set(spec.linear_inputs.values())
-    qk_points = {spec.qk_edge.q_point, spec.qk_edge.k_point}
+    wanted: dict[str, int] = {}  # what the run's steps sample (a rotation search, a learned initialisation)
+    for name in cfg.transforms:
+        sample = methods.step(name).token_sample
+        for point, rows in (sample(cfg, spec) if sample else {}).items():
+            wanted[point] = max(wanted.get(point, 0), rows)
     observers = {}
     for i, (point, role) in enumerate(spec.points.items()):
         if role == PROBS:
@@ -23,10 +28,7 @@ def make_observers(spec, cfg: QuantConfig, samples: int, layer: int) -> dict[str
         tokens = ERROR_SAMPLE_TOKENS if point in linear_points else 0
         if cfg.metric == "mse":
             tokens = max(tokens, 2048)
-        if "rotate" in cfg.transforms and point in linear_points:
-            tokens = max(tokens, cfg.rotation.sample_tokens)
-        if "qk_rotate" in cfg.transforms and point in qk_points:  # mixed channels: later steps read the sample
-            tokens = max(tokens, cfg.rotation.sample_tokens)
+        tokens = max(tokens, wanted.get(point, 0))
         observers[point] = ChannelObserver(hessian=hessian and point in linear_points,
                                            sample_per_call=sample_per_call(tokens, samples),
                                            seed=cfg.seed * 1009 + layer * 101 + i)

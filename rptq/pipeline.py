@@ -12,12 +12,12 @@ from tqdm import tqdm
 from common.errors import UserError
 from models.execution import capture_block_inputs, layer_kwargs_on
 
+from . import methods
 from .block_report import BlockReport
 from .calibrate import calibrate_block
 from .config import QuantConfig
+from .context import ModelContext
 from .layer_store import LayerStore
-from .residual_rotate import STEP as RESIDUAL_STEP, rotate_residual
-from .spin_learn import STEP as SPIN_STEP, LearnedRotations, rotate_model
 from .tensor_file import CheckpointError
 
 
@@ -41,8 +41,7 @@ class CalibrationReport:
     earlier_s: float = 0.0  # calibration seconds of the earlier attempts, up to their last finished layer
     resumed_from: int | None = None  # first_layer when this run resumed a state, else None
     plot_data: dict = field(default_factory=dict)  # layer -> point -> channel ranges before/after
-    residual: dict = field(default_factory=dict)  # the model-level residual rotation (R1), if any
-    spin: dict = field(default_factory=dict)  # SpinQuant's learning of R1/R2 (the spin_rotate step), if run
+    model_steps: dict = field(default_factory=dict)  # what the model steps reported (R1, SpinQuant's learning)
 
     @property
     def seconds(self) -> float:
@@ -58,8 +57,7 @@ class CalibrationReport:
         sums = {k: sum(r["timing"][k] for r in records) for k in ("stats_s", "transform_s", "weights_s", "output_s")}
         return {"capture_s": self.capture_s, "total_s": self.seconds, **sums,
                 "passes_per_layer": max((r["timing"]["passes"] for r in records), default=0),
-                **({"residual_rotation": self.residual} if self.residual else {}),
-                **({"spin_rotation": self.spin} if self.spin else {})}
+                **self.model_steps}
 
     def layer_errors(self) -> list[dict]:
         """Per calibrated layer: the quantized block's output error against the FP block on the same
@@ -71,11 +69,24 @@ class CalibrationReport:
         return [r["decision"] for r in self.records()]
 
 
+def run_model_steps(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig, device: torch.device,
+                    given: dict | None = None) -> ModelContext:
+    """The run's model steps in their --transforms order (a step another one replaces is skipped: SpinQuant's
+    learning performs residual_rotate's rotation itself)."""
+    mctx = ModelContext(model, adapter, windows, cfg, device, given=dict(given or {}))
+    replaced = {name for s in cfg.transforms for name in methods.step(s).replaces}
+    for name in cfg.transforms:
+        step = methods.step(name)
+        if step.model is not None and name not in replaced:
+            step.model(mctx)
+    return mctx
+
+
 def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig,
                    device: torch.device | str = "cpu", progress: bool = True, store: LayerStore | None = None,
                    fingerprint: str | dict = "", layer_source=None, placement: list | None = None,
                    offload: bool = False, on_layer_done=None, captured: tuple | None = None,
-                   plot_layers: set[int] | None = None, rotations: LearnedRotations | None = None) -> CalibrationReport:
+                   plot_layers: set[int] | None = None, given: dict | None = None) -> CalibrationReport:
     """Replace every decoder layer of ``model`` by its reordered, quantized block, in place.
 
     store:        a :class:`LayerStore`; each finished block, the next layer's inputs and the
@@ -88,23 +99,19 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
     captured:     (inputs, layer kwargs) of layer 0 from :func:`capture_block_inputs`, when the
                   caller captured them already (out of core: to drop the embeddings meanwhile).
     plot_layers:  layers whose per-channel ranges before/after the transforms are kept (report.plot_data).
-    rotations:    R1/R2 for the spin_rotate step, learned already (else learned here, before layer 0).
+    given:        inputs for the model steps (e.g. SpinQuant's rotations, learned already).
     """
     device = torch.device(device)
     start = time.perf_counter()
     spec = adapter.block_spec(model.config)
     layers = adapter.layers(model)
     report = CalibrationReport()
-    if RESIDUAL_STEP in cfg.transforms:  # model-level (embeddings, every layer, head): before layer 0's inputs
-        if layer_source is not None or captured is not None:
-            raise UserError("residual_rotate rotates the embeddings and every layer at once and needs the model in "
-                            "memory; drop --offload_dir (or raise --max_memory), or drop residual_rotate")
-        if SPIN_STEP in cfg.transforms:
-            report.residual, rotations = rotate_model(model, adapter, windows, cfg, device, rotations)
-            report.spin = rotations.report
-        else:
-            report.residual = rotate_residual(model, adapter, cfg)
-    head_rotations = rotations.r2 if rotations is not None and SPIN_STEP in cfg.transforms else None
+    whole = [s for s in cfg.transforms if methods.step(s).whole_model]
+    if whole and (layer_source is not None or captured is not None):
+        raise UserError(f"{whole[0]} changes the embeddings and every layer at once and needs the model in memory; "
+                        f"drop --offload_dir (or raise --max_memory), or drop {whole[0]}")
+    mctx = run_model_steps(model, adapter, windows, cfg, device, given)  # before layer 0's inputs are captured
+    report.model_steps = mctx.report
     inputs, layer_kwargs = captured or capture_block_inputs(model, layers, windows, device)
     report.capture_s = time.perf_counter() - start
     first = 0
@@ -141,7 +148,7 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
         inputs, block_report = calibrate_block(block, inputs.to(layer_device),
                                                layer_kwargs_on(layer_kwargs, layer_device), cfg, layer=i,
                                                keep_ranges=bool(plot_layers) and i in plot_layers,
-                                               head_rotation=head_rotations[i] if head_rotations else None,
+                                               given={k: v[i] for k, v in mctx.per_layer.items()},
                                                side_by_side=not offload)  # out of core, memory binds
         report.layers.append(block_report)
         if block_report.ranges:

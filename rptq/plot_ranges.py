@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import methods
 from .context import BlockContext
 
 
@@ -12,16 +13,17 @@ def range_snapshot(observers: dict) -> dict:
 
 def plot_ranges(before: dict, ctx: BlockContext, taps: dict) -> dict:
     """Per transformed point: ranges before (original order) and after (the new basis), the clusters
-    and each cluster's quantization range, as eval.plots expects them. Under residual_rotate the norm-fed
-    points are kept too (already in R1's basis, before = after), for the figure that compares them with
-    an unrotated run's."""
+    and each cluster's quantization range, as eval.plots expects them. After a model step (QuaRot's
+    residual_rotate) the norm-fed points are kept too, labelled with its name (already in R1's basis,
+    before = after), for the figure that compares them with an unrotated run's."""
     out = {}
     kinds: dict[str, list[str]] = {}
     for placed in ctx.placements:
         kinds.setdefault(placed["point"], []).append("reorder" if placed["step"] == "reorder" else placed["transform"])
-    if "residual_rotate" in ctx.cfg.transforms:  # the norm-fed points: R1 (model-level) is their only rotation
+    model_steps = [s for s in ctx.cfg.transforms if methods.step(s).model is not None]
+    if model_steps:  # the norm-fed points: the model step's R1 is their only rotation
         for edge in ctx.spec.norm_edges:
-            kinds.setdefault(edge.point, ["residual_rotate"])
+            kinds.setdefault(edge.point, [model_steps[0]])
     for point, steps in kinds.items():
         if point not in before or not ctx.observers[point].maxes:
             continue

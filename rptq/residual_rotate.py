@@ -26,10 +26,6 @@ from models.norms import RMSNorm
 from quant.hadamard import orthogonal_mixer
 from quant.rotation import random_orthogonal
 
-from .config import QuantConfig
-
-STEP = "residual_rotate"
-
 
 def _layer_root(layer: nn.Module) -> nn.Module:
     return layer.layer if isinstance(layer, QuantBlock) else layer
@@ -78,11 +74,12 @@ def _untie_head(model: nn.Module, head: nn.Linear, embeddings: list[nn.Module]) 
 
 
 @torch.no_grad()
-def rotate_residual(model: nn.Module, adapter, cfg: QuantConfig) -> dict:
+def rotate_residual(model: nn.Module, adapter, kind: str, seed: int) -> dict:
     """Fold, centre (LayerNorm models) and rotate the residual stream of ``model`` in place by the
-    seeded Q; returns what was done (results.json ``calibration.residual_rotation``)."""
+    seeded Q of ``kind`` (hadamard | random); returns what was done (results.json
+    ``calibration.residual_rotation``)."""
     done = fold_residual(model, adapter)
-    q, kind = initial_rotation(adapter.block_spec(model.config).hidden_size, cfg)
+    q, kind = initial_rotation(adapter.block_spec(model.config).hidden_size, kind, seed)
     rotate_folded(model, adapter, q)
     return {"kind": kind, **done}
 
@@ -122,10 +119,10 @@ def fold_residual(model: nn.Module, adapter) -> dict:
             "head_bias_added": head.bias is not None and not head_had_bias}
 
 
-def initial_rotation(d: int, cfg: QuantConfig) -> tuple[torch.Tensor, str]:
+def initial_rotation(d: int, kind: str, seed: int) -> tuple[torch.Tensor, str]:
     """QuaRot's R1 (float64) and its kind: one Q per run, from the seed (SpinQuant starts from it)."""
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 104_729)
-    if cfg.residual.kind == "random":
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 104_729)
+    if kind == "random":
         return random_orthogonal(d, gen), "random"
     return orthogonal_mixer(d, gen)  # randomized Hadamard; a width with no construction: random (reported)
 

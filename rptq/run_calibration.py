@@ -2,7 +2,6 @@
 :func:`rptq.pipeline.quantize_model`, Ctrl-C as what was kept, and GPTQ's failure as a one-line error."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -52,7 +51,7 @@ class CalibrationInterrupted(KeyboardInterrupt):
 def fingerprint(cfg: RunConfig, model, windows, seqlen: int) -> dict:
     """What a calibration result depends on, in parts that resume compares one by one: the model's files
     by content (weights, config, tokenizer), the quantization code, the settings, the calibration windows."""
-    settings = {**dataclasses.asdict(cfg.quant), "seqlen": seqlen, "dtype": str(next(model.parameters()).dtype),
+    settings = {**cfg.quant.flat(), "seqlen": seqlen, "dtype": str(next(model.parameters()).dtype),
                 "nsamples": cfg.nsamples, "calib_dataset": cfg.calib_dataset}
     ident = {"model": model_digest(cfg.model, cfg.cache_dir)["files"], "code": code_digest(), "settings": settings,
              "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()}

@@ -42,8 +42,8 @@ class RunConfig:
     plot_layers: str = "0,mid,-1"
 
     def flat(self) -> dict:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "quant"}
-        out.update(dataclasses.asdict(self.quant))
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "quant"}
+        out.update(self.quant.flat())
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     def seqlen_for(self, max_positions: int) -> tuple[int, str]:

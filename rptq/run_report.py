@@ -1,14 +1,13 @@
 """What a run reports besides its numbers: the method it ran, where transforms went, plot data."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from common.errors import UserError
 from eval.plot_data import write_plot_data as write_point
 
-from .config import DEFAULT_CLUSTERS, QuantConfig
-from .methods import ASSUMPTIONS, PRESETS
+from . import methods
+from .config import QuantConfig
 
 
 def annotate_transforms(manifest: dict, placements: list[dict]) -> dict:
@@ -45,13 +44,11 @@ def write_plot_data(root: Path, report, model: str, method: str) -> list[str]:
 
 
 def preset_defaults(method: str) -> dict:
-    """The flat settings --method implies before any flag: QuantConfig's defaults with the preset laid over
-    them (as main.py's quant_config starts), plus the default clusters. eval.table compares a run's config
-    with these, so it needs no copy of the presets."""
-    preset = {k: v for k, v in PRESETS.get(method, {}).items() if not isinstance(v, dict)}
-    base = {k: v for k, v in dataclasses.asdict(QuantConfig()).items() if not isinstance(v, dict) and k != "method"}
-    base.update(preset)
-    return {**base, "transforms": list(base["transforms"]), "clusters": dict(DEFAULT_CLUSTERS)}
+    """The flat settings --method implies before any flag (QuantConfig.flat() of its preset: the shared fields,
+    each method's settings under its name). eval.table compares a run's config with these, so it needs no copy
+    of the presets."""
+    flat = methods.preset_config(method).flat() if method in methods.presets() else QuantConfig().flat()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items() if k != "method"}
 
 
 def method_info(quant: QuantConfig) -> dict:
@@ -59,6 +56,5 @@ def method_info(quant: QuantConfig) -> dict:
     preset implies (preset_defaults), which the results table compares the run's config with."""
     return {"name": quant.method, "transforms": list(quant.transforms), "activation_policy": quant.abits_policy,
             "weight_quantizer": quant.w_quantizer, "grid": quant.grid,
-            "assumptions": [text for step in (*quant.transforms, quant.abits_policy, quant.w_quantizer)
-                            for text in ASSUMPTIONS.get(step, ())],
+            "assumptions": methods.assumptions(quant),
             "defaults": preset_defaults(quant.method)}

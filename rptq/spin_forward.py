@@ -33,7 +33,7 @@ from . import methods
 from .config import QuantConfig
 from .context import BlockContext
 from .methods.duquant import qk_matrix
-from .methods.quarot import across_heads_matrix, mlp_matrix
+from .methods.quarot import QuaRotSettings, across_heads_matrix, mlp_matrix
 
 
 class SteTap(nn.Module):
@@ -113,7 +113,7 @@ class SpinForward:
                 block.online[point].steps.append(BlockRotation(r3))
         for i, edge in enumerate(spec.linear_edges):
             width = block.module(edge.consumer).in_features
-            if edge.per_head and self.learn_r2 and cfg.residual.across_heads:
+            if edge.per_head and self.learn_r2 and cfg.of(QuaRotSettings).across_heads:
                 matrix, _ = across_heads_matrix(ctx, width // spec.heads.head_dim)
             elif not edge.per_head and "mlp_rotate" in cfg.transforms:
                 matrix, _ = mlp_matrix(ctx, i, width)

@@ -25,10 +25,9 @@ from quant.cayley import cayley_step, orthogonality_error
 from quant.hadamard import orthogonal_mixer
 
 from .config import QuantConfig
+from .methods.quarot import QuaRotSettings
 from .residual_rotate import fold_residual, initial_rotation, rotate_folded
 from .spin_forward import SpinForward
-
-STEP = "spin_rotate"
 
 
 @dataclass(frozen=True)
@@ -63,16 +62,16 @@ def _mean_loss(fwd: SpinForward, h0, windows, kwargs, r1, r2s) -> float:
             / len(windows)
 
 
-def learn_rotations(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig,
+def learn_rotations(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig, spin,
                     device: torch.device | str = "cpu") -> LearnedRotations:
-    """R1 and the per-layer R2 for the norm-folded ``model`` (:func:`fold_residual`), which is only read."""
+    """R1 and the per-layer R2 for the norm-folded ``model`` (:func:`fold_residual`), which is only read.
+    ``spin``: rptq.methods.spinquant's settings (steps, lr, samples)."""
     start = time.perf_counter()
-    spin = cfg.spin
     samples = windows[:spin.samples]
     fwd = SpinForward(model, adapter, cfg)
     h0, kwargs = capture_block_inputs(model, adapter.layers(model), samples, torch.device(device))
     h0 = h0.float()
-    r1, r1_kind = initial_rotation(fwd.spec.hidden_size, cfg)
+    r1, r1_kind = initial_rotation(fwd.spec.hidden_size, cfg.of(QuaRotSettings).kind, cfg.seed)
     r2s, r2_kind = None, None
     if fwd.learn_r2:  # SpinQuant's random_hadamard_matrix(head_dim) per layer; salt 20 as QuaRot's R2
         inits = [orthogonal_mixer(fwd.spec.heads.head_dim, ctx.generator(salt=20)) for ctx in fwd.contexts]
@@ -108,7 +107,7 @@ def learn_rotations(model: nn.Module, adapter, windows: torch.Tensor, cfg: Quant
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig,
+def rotate_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantConfig, spin,
                  device: torch.device | str = "cpu",
                  learned: LearnedRotations | None = None) -> tuple[dict, LearnedRotations]:
     """Fold the norms, learn R1/R2 (unless ``learned`` is given), rotate the residual stream by R1;
@@ -116,6 +115,6 @@ def rotate_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantCon
     done = fold_residual(model, adapter)
     if learned is None:
         with torch.enable_grad():
-            learned = learn_rotations(model, adapter, windows, cfg, device)
+            learned = learn_rotations(model, adapter, windows, cfg, spin, device)
     rotate_folded(model, adapter, learned.r1)
     return {"kind": f"learned (SpinQuant) from {learned.report.get('r1_init', 'given')}", **done}, learned

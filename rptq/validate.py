@@ -15,6 +15,7 @@ from eval.tasks import check_tasks
 from models.loading import resolve
 
 from .config import FP
+from .methods.rptq import RPTQSettings, reorders
 from .checkpoint import read_manifest, user_errors
 from .checkpoint_dir import check_save_target
 from .checkpoint_info import check_load_flags
@@ -147,8 +148,8 @@ def check_model(cfg: RunConfig, config, adapter, layer=None) -> None:
         return
     limits = cluster_limits(adapter.block_spec(config), layer if layer is not None else _meta_layer(config, adapter))
     for point, (limit, what) in limits.items():
-        wanted = cfg.quant.clusters[point]
-        if cfg.quant.reorders(point) and wanted > limit:
+        wanted = cfg.quant.of(RPTQSettings).clusters(point)
+        if reorders(cfg.quant, point) and wanted > limit:
             raise UserError(f"--{point}_clusters {wanted} exceeds the model's {limit} {what} at {point}; use "
                             f"--{point}_clusters {limit} or fewer")
 

@@ -3,6 +3,7 @@ side by side on CPU), GPTQT or BCQ; record each linear's codes for the packed ch
 weight-only error on the token rows its input point kept."""
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -17,6 +18,7 @@ from quant.threads import single_thread_on_cpu
 
 from . import methods
 from .context import BlockContext
+from .methods.gptqt import GPTQTSettings
 
 
 def _binary_weight(coded, device) -> tuple[torch.Tensor, dict]:
@@ -29,6 +31,12 @@ def _binary_weight(coded, device) -> tuple[torch.Tensor, dict]:
     return packed.dequantize(torch.float32).to(device), codes
 
 
+def _with_clips(ctx: BlockContext, name: str, wspec):
+    """The linear's spec with its learned per-row clipping factors (``--w_clip learned``), if any."""
+    clips = ctx.weight_clips.get(name)
+    return wspec if clips is None else dataclasses.replace(wspec, row_clip=clips)
+
+
 def _gptq_readers(ctx: BlockContext, point: str, wspec) -> dict[str, tuple]:
     """GPTQ of every linear reading ``point`` in one sweep: name -> (q, codes, scale, zero).
 
@@ -38,8 +46,9 @@ def _gptq_readers(ctx: BlockContext, point: str, wspec) -> dict[str, tuple]:
     Each row sees the same arithmetic as alone (checked bit for bit by bench_calibration's digest)."""
     names = ctx.spec.readers(point)
     weights = [ctx.block.module(n).weight.data.float() for n in names]
+    specs = [_with_clips(ctx, n, wspec) for n in names]
     with single_thread_on_cpu(weights[0].device):  # extremes and rounding: exact on one thread, and far
-        params = [weight_group_params(W, wspec.group_sizes, wspec.bits, wspec) for W in weights]  # cheaper
+        params = [weight_group_params(W, s.group_sizes, s.bits, s) for W, s in zip(weights, specs)]  # cheaper
     scale, zero = torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
     q, codes = ctx.observers[point].gptq.quantize_codes(torch.cat(weights), scale, zero, wspec.bits,
                                                         group_sizes=wspec.group_sizes, blocksize=ctx.cfg.blocksize,
@@ -90,13 +99,14 @@ def quantize_weights(ctx: BlockContext, side_by_side: bool = True) -> dict[str, 
     level_sets = hessian_diag = None
     swept = _gptq_sweeps(ctx) if cfg.w_quantizer == "gptq" and side_by_side and bits < FULL_PRECISION else {}
     if cfg.w_quantizer == "gptqt":
-        gcfg = GPTQTConfig(bits=bits, inter_bits=cfg.gptqt.inter_bits or bits + 1, gammas=cfg.gptqt.gammas,
-                           variant=cfg.gptqt.variant, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+        settings = cfg.of(GPTQTSettings)
+        gcfg = GPTQTConfig(bits=bits, inter_bits=settings.inter_bits or bits + 1, gammas=settings.gammas,
+                           variant=settings.variant, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
         level_sets, hessian_diag = enumerate_level_sets(gcfg.n, gcfg.bits), {}
     for name, point in spec.linear_inputs.items():
         linear = block.module(name)
         W = linear.weight.data.float()
-        wspec = methods.weight_spec(cfg, W.shape[1], ctx.groups.get(point))
+        wspec = _with_clips(ctx, name, methods.weight_spec(cfg, W.shape[1], ctx.groups.get(point)))
         groups = wspec.group_sizes
         obs = ctx.observers[point]
         if cfg.w_quantizer == "gptqt":  # the Hessian is factorised by the first reader: keep its diagonal

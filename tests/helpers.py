@@ -41,3 +41,12 @@ def save_tiny_opt_dir(dest: Path, seed: int = 0, **kw) -> Path:
     gpt2_tokenizer_dir(dest)
     return dest
 
+
+
+def rptq_config(reorder: str = "12345", clusters: dict | None = None, **shared):
+    """A QuantConfig with RPTQ's reorder points and cluster counts (``clusters``: {"R1": 4, ...}) set."""
+    from rptq.config import QuantConfig
+    from rptq.methods.rptq import RPTQSettings
+
+    counts = {f"{point}_clusters": count for point, count in (clusters or {}).items()}
+    return QuantConfig(**shared).using(RPTQSettings(reorder=reorder, **counts))

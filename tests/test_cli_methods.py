@@ -46,8 +46,8 @@ def test_presets_and_reference_flags_run(model_dir, cache, tmp_path, capsys, ext
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "fptq", "--reorder", "12345"], "runs no reorder step"),
-    (["--method", "rptq", "--smooth_alpha", "0.5"], "add smooth to --transforms"),
+    (["--method", "fptq", "--reorder", "12345"], "--reorder is used only with the reorder step"),
+    (["--method", "rptq", "--smooth_alpha", "0.5"], "--smooth_alpha is used only with the smooth step"),
     (["--w_quantizer", "gptqt", "--wbits", "4"], "3- or 2-bit"),
     (["--transforms", "reorder,spin"], "unknown transform step"),
     (["--pack_weight"], "--save_quantized"),

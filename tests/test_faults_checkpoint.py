@@ -82,7 +82,7 @@ def test_loaded_smoothquant_checkpoint_records_its_own_method_bits_and_calibrati
     quant = json.loads((made["sq"] / "quant.json").read_text())
     assert res["loaded_from"]["path"] == str(made["sq"]) and res["loaded_from"]["id"] == quant["checkpoint_id"]
     assert quant["model_digest"] and quant["code_digest"] and quant["git"]
-    for key in ("method", "transforms", "grid", "w_quantizer", "smooth", "seed", "wbits", "abits"):
+    for key in ("method", "transforms", "grid", "w_quantizer", "smoothquant", "seed", "wbits", "abits"):
         assert res["config"][key] == saved["config"][key], key
     assert res["bit_manifest"] == saved["bit_manifest"]
     assert res["ppl"] == saved["ppl"]  # bit-identical to the run that saved it

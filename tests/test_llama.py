@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from models.llama import LlamaAdapter, LlamaBlock  # noqa: E402
 from models.registry import adapter_for  # noqa: E402
 from rptq.cluster import Layout, head_layout  # noqa: E402
-from rptq.config import QuantConfig  # noqa: E402
+from tests.helpers import rptq_config  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from models.execution import wrap_blocks  # noqa: E402
 from rptq.pipeline import quantize_model  # noqa: E402
@@ -162,7 +162,7 @@ def test_full_precision_reorder_is_exact_and_nontrivial():
     assert (logits(model, ids) - logits(clean, ids)).abs().max() < TOL  # injection preserved the function
     ref = logits(model, ids)
     quant = copy.deepcopy(model)
-    cfg = QuantConfig(wbits=16, abits=16, reorder="12345", clusters=dict(SMALL_CLUSTERS))
+    cfg = rptq_config(wbits=16, abits=16, reorder="12345", clusters=dict(SMALL_CLUSTERS))
     report = quantize_model(quant, LlamaAdapter(), token_ids(4), cfg, progress=False)
     assert (logits(quant, ids) - ref).abs().max() < TOL
     for i, block in enumerate(quant.model.layers):
@@ -267,7 +267,7 @@ def test_w4a4_reorder_reduces_error():
     errors = {}
     for reorder in ("12345", ""):
         quant = copy.deepcopy(model)
-        cfg = QuantConfig(wbits=4, abits=4, reorder=reorder, clusters=dict(SMALL_CLUSTERS))
+        cfg = rptq_config(wbits=4, abits=4, reorder=reorder, clusters=dict(SMALL_CLUSTERS))
         quantize_model(quant, LlamaAdapter(), calib, cfg, progress=False)
         errors[reorder] = ((logits(quant, ids) - ref) ** 2).mean().item()
     assert errors["12345"] > 1e-6  # quantization happened

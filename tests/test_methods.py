@@ -8,8 +8,8 @@ import torch
 
 from models.registry import adapter_for
 from quant.quantizer import ActQuantizer, QuantSpec, affine_params, fake_quant
-from rptq.config import FPTQSettings, QuantConfig
-from rptq.methods.fptq import DYNAMIC, LAE_STATIC, STATIC, lae_scale, strategy
+from rptq.config import QuantConfig
+from rptq.methods.fptq import DYNAMIC, LAE_STATIC, STATIC, FPTQSettings, lae_scale, strategy
 from rptq.methods.smoothquant import smoothing_scale
 from models.execution import wrap_blocks
 from rptq.pipeline import quantize_model
@@ -45,8 +45,8 @@ def test_lae_after_folding_channel_max_is_log2_of_before():
     """Measured on the transformed block: channel j's calibration max|X| is log2(2 + m_j)."""
     model = _opt()
     ids = torch.randint(4, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
-    cfg = QuantConfig(method="fptq", transforms=("lae",), abits_policy="fptq", wbits=16, abits=16,
-                      fptq=FPTQSettings(v0=0.0, v1=1e9))
+    cfg = QuantConfig(method="fptq", transforms=("lae",), abits_policy="fptq", wbits=16, abits=16).using(
+        FPTQSettings(v0=0.0, v1=1e9))
     fp = copy.deepcopy(model)
     adapter = adapter_for(fp.config)
     wrap_blocks(fp, adapter)

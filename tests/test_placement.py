@@ -6,10 +6,9 @@ import torch
 
 from models.placement import GIB, device_map, dispatch, plan_layers
 from models.registry import adapter_for
-from rptq.config import QuantConfig
 from common.errors import UserError
 from rptq.pipeline import quantize_model
-from tests.helpers import inject_opt_outliers, tiny_opt
+from tests.helpers import inject_opt_outliers, rptq_config, tiny_opt
 
 
 def test_balanced_contiguous_plan():
@@ -44,7 +43,7 @@ def test_device_map_covers_every_module_once():
 def test_sharded_run_over_cpu_map_equals_unsharded():
     model = inject_opt_outliers(tiny_opt(layers=3), seed=1)
     windows = torch.randint(4, 50000, (4, 32), generator=torch.Generator().manual_seed(0))
-    cfg = QuantConfig(wbits=4, abits=4, clusters={"R1": 4, "R2": 2, "R3": 2, "R4": 4, "R5": 4})
+    cfg = rptq_config(wbits=4, abits=4, clusters={"R1": 4, "R2": 2, "R3": 2, "R4": 4, "R5": 4})
     plain, sharded = copy.deepcopy(model), copy.deepcopy(model)
     adapter = adapter_for(model.config)
     quantize_model(plain, adapter, windows, cfg, progress=False)

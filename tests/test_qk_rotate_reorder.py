@@ -5,7 +5,9 @@ import copy
 import torch
 
 from models.registry import adapter_for
-from rptq.config import QuantConfig, RotationSettings, SmoothSettings
+from rptq.config import QuantConfig
+from rptq.methods.duquant import RotationSettings
+from rptq.methods.smoothquant import SmoothSettings
 from rptq.pipeline import quantize_model
 from tests.helpers import inject_opt_outliers, tiny_opt
 
@@ -16,9 +18,8 @@ def test_reorder_after_qk_rotate_is_exact_at_full_precision_and_clusters_q():
     with torch.no_grad():
         want = model(ids).logits
     cfg = QuantConfig(method="duquant", transforms=("smooth", "rotate", "qk_rotate", "reorder"),
-                      abits_policy="uniform", grid="full", w_quantizer="rtn", wbits=16, abits=16,
-                      smooth=SmoothSettings(alpha=0.6, points="all", floor=1e-2),
-                      rotation=RotationSettings(kind="duquant", steps=8))
+                      abits_policy="uniform", grid="full", w_quantizer="rtn", wbits=16, abits=16).using(
+        SmoothSettings(alpha=0.6, points="all", floor=1e-2), RotationSettings(kind="duquant", steps=8))
     quant = copy.deepcopy(model)
     adapter = adapter_for(quant.config)
     report = quantize_model(quant, adapter, ids, cfg, progress=False)

@@ -54,13 +54,13 @@ def test_quarot_from_the_command_line(model_dir, cache, tmp_path, capsys):  # no
     assert manifest["q"]["bits"] == 16 and manifest["k"]["bits"] == 4 and manifest["fc2_in"]["static"] is False
     assert manifest["fc2_in"]["transforms"] == ["rotation@online"]
     assert res["config"]["grid"] == "quarot" and res["config"]["w_quantizer"] == "gptq"
-    assert res["config"]["w_clip_search"] is True and "-2^(b-1)..2^(b-1)-1" in manifest["fc2_in"]["granularity"]
+    assert res["config"]["w_clip_fit"] == "search" and "-2^(b-1)..2^(b-1)-1" in manifest["fc2_in"]["granularity"]
     assert res["ppl"]["ptb"] > 1
 
 
 @pytest.mark.parametrize("extra,message", [
     (["--method", "quarot", "--save_quantized", "SAVE"], "cannot yet store a residual-rotated model"),
-    (["--residual_rotation", "random"], "add residual_rotate to --transforms"),
+    (["--residual_rotation", "random"], "--residual_rotation is used only with the residual_rotate step"),
 ])
 def test_quarot_refusals_are_one_line(model_dir, cache, tmp_path, capsys, extra, message):  # noqa: F811
     extra = [str(tmp_path / "save") if e == "SAVE" else e for e in extra]

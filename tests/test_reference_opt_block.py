@@ -27,9 +27,8 @@ import pytest
 import torch
 
 from models.registry import adapter_for
-from rptq.config import QuantConfig
 from rptq.pipeline import quantize_model
-from tests.helpers import inject_opt_outliers, tiny_opt
+from tests.helpers import inject_opt_outliers, rptq_config, tiny_opt
 from tests.test_reference_groups import code_limits  # the grids written out plainly, once
 
 HIDDEN, HEADS, FFN = 32, 2, 64
@@ -160,7 +159,7 @@ def calibrated_block():
     model = inject_opt_outliers(tiny_opt(seed=0, hidden=HIDDEN, layers=1, heads=HEADS, ffn=FFN, vocab=1000), seed=1)
     ids = torch.randint(4, 1000, (4, 16), generator=torch.Generator().manual_seed(3))
     quant = copy.deepcopy(model)
-    cfg = QuantConfig(clusters=dict(CLUSTERS), wbits=4, abits=4)  # the rptq preset's defaults
+    cfg = rptq_config(clusters=dict(CLUSTERS), wbits=4, abits=4)  # the rptq preset's defaults
     quantize_model(quant, adapter_for(quant.config), ids, cfg, progress=False)
     return quant.model.decoder.layers[0]
 

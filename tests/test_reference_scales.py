@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from models.registry import adapter_for
-from rptq.config import FPTQSettings, QuantConfig, SmoothSettings
-from rptq.methods.fptq import lae_scale
-from rptq.methods.smoothquant import smoothing_scale
+from rptq.config import QuantConfig
+from rptq.methods.fptq import FPTQSettings, lae_scale
+from rptq.methods.smoothquant import SmoothSettings, smoothing_scale
 from rptq.pipeline import quantize_model
 from tests.helpers import inject_opt_outliers, tiny_opt
 
@@ -110,7 +110,7 @@ def test_smoothquant_pipeline_folds_the_formula(alpha):
     model, ids = _model_and_ids()
     act = _norm_outputs(model, ids)
     cfg = QuantConfig(method="smoothquant", transforms=("smooth",), abits_policy="smoothquant", grid="symmetric",
-                      w_quantizer="rtn", wbits=16, abits=16, smooth=SmoothSettings(alpha=alpha, points="norm"))
+                      w_quantizer="rtn", wbits=16, abits=16).using(SmoothSettings(alpha=alpha, points="norm"))
     quant = copy.deepcopy(model)
     quantize_model(quant, adapter_for(quant.config), ids, cfg, progress=False)
     folded = _folded_scales(model, quant)
@@ -129,8 +129,8 @@ def test_smoothquant_pipeline_folds_the_formula(alpha):
 def test_fptq_lae_pipeline_folds_the_formula():
     model, ids = _model_and_ids()
     act = _norm_outputs(model, ids)
-    cfg = QuantConfig(method="fptq", transforms=("lae",), abits_policy="fptq", wbits=16, abits=16,
-                      fptq=FPTQSettings(v0=0.0, v1=1e9))  # every norm-fed point takes LAE
+    cfg = QuantConfig(method="fptq", transforms=("lae",), abits_policy="fptq", wbits=16, abits=16).using(
+        FPTQSettings(v0=0.0, v1=1e9))  # every norm-fed point takes LAE
     quant = copy.deepcopy(model)
     quantize_model(quant, adapter_for(quant.config), ids, cfg, progress=False)
     folded = _folded_scales(model, quant)

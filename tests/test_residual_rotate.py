@@ -10,7 +10,10 @@ import torch
 from models.norms import RMSNorm
 from models.registry import adapter_for
 from quant.hadamard import hadamard, orthogonal_mixer, paley_i, paley_ii
-from rptq.config import QuantConfig, ResidualSettings, RotationSettings, SmoothSettings
+from rptq.config import QuantConfig
+from rptq.methods.duquant import RotationSettings
+from rptq.methods.rptq import RPTQSettings
+from rptq.methods.smoothquant import SmoothSettings
 from rptq.pipeline import quantize_model
 from rptq.residual_rotate import rotate_residual
 from tests.helpers import inject_opt_outliers, tiny_opt
@@ -82,7 +85,7 @@ def test_residual_rotation_alone_is_exact(arch, kind):
     ids = _ids()
     ref = _logits(model, ids)
     rotated = copy.deepcopy(model)
-    info = rotate_residual(rotated, adapter_for(rotated.config), QuantConfig(residual=ResidualSettings(kind=kind)))
+    info = rotate_residual(rotated, adapter_for(rotated.config), kind, seed=2)
     assert _rel(_logits(rotated, ids), ref) < TOL
     assert info["kind"] == ("randomized hadamard(64)" if kind == "hadamard" else "random")
     if arch == "opt":  # LayerNorms became RMSNorms on a zero-mean residual; the final shift a head bias
@@ -108,7 +111,7 @@ def test_residual_rotation_spreads_outliers():
     ids = _ids(seed=3)
     for tag, m in (("before", model), ("after", copy.deepcopy(model))):
         if tag == "after":
-            rotate_residual(m, adapter_for(m.config), QuantConfig())
+            rotate_residual(m, adapter_for(m.config), "hadamard", seed=2)
         handle = m.model.decoder.layers[1].self_attn.q_proj.register_forward_hook(grab(tag))
         _logits(m, ids)
         handle.remove()
@@ -118,13 +121,13 @@ def test_residual_rotation_spreads_outliers():
 
 QUAROT = dict(method="quarot", transforms=("residual_rotate", "head_rotate", "qk_rotate", "mlp_rotate"),
               abits_policy="quarot", grid="symmetric")
-SMALL = dict(clusters={"R1": 4, "R2": 2, "R3": 2, "R4": 4, "R5": 4},
-             rotation=RotationSettings(block_size=16, steps=32, sample_tokens=64))
+SMALL = (RPTQSettings(R1_clusters=4, R2_clusters=2, R3_clusters=2, R4_clusters=4, R5_clusters=4),
+         RotationSettings(block_size=16, steps=32, sample_tokens=64))
 COMPOSED = {
-    "quarot": QUAROT,
-    "R1+reorder": dict(transforms=("residual_rotate", "reorder")),
-    "R1+duquant": dict(method="duquant", transforms=("residual_rotate", "smooth", "rotate", "qk_rotate"),
-                       abits_policy="duquant", smooth=SmoothSettings(alpha=0.6, points="all", floor=1e-2)),
+    "quarot": (QUAROT, ()),
+    "R1+reorder": (dict(transforms=("residual_rotate", "reorder")), ()),
+    "R1+duquant": (dict(method="duquant", transforms=("residual_rotate", "smooth", "rotate", "qk_rotate"),
+                        abits_policy="duquant"), (SmoothSettings(alpha=0.6, points="all", floor=1e-2),)),
 }
 
 
@@ -136,7 +139,8 @@ def test_rotations_and_compositions_are_exact_with_quantization_off(arch, name):
     ids = _ids(seed=2)
     ref = _logits(model, ids)
     quant = copy.deepcopy(model)
-    cfg = QuantConfig(wbits=16, abits=16, **{**SMALL, **COMPOSED[name]})
+    shared, settings = COMPOSED[name]
+    cfg = QuantConfig(wbits=16, abits=16, **shared).using(*SMALL, *settings)
     report = quantize_model(quant, adapter_for(quant.config), _ids(n=4, seed=5), cfg, progress=False)
     assert _rel(_logits(quant, ids), ref) < TOL
     assert report.summary()["residual_rotation"]["kind"].startswith("randomized hadamard")

@@ -9,7 +9,7 @@ from rptq.config import QuantConfig
 from rptq.methods import bit_manifest
 from models.execution import wrap_blocks
 from rptq.pipeline import quantize_model
-from tests.helpers import inject_opt_outliers, tiny_opt
+from tests.helpers import inject_opt_outliers, rptq_config, tiny_opt
 
 SMALL_CLUSTERS = {"R1": 4, "R2": 2, "R3": 2, "R4": 4, "R5": 4}
 
@@ -25,7 +25,7 @@ def base():
 
 def calibrated(model, ids, **kw):
     model = copy.deepcopy(model)
-    cfg = QuantConfig(clusters=dict(SMALL_CLUSTERS), **kw)
+    cfg = rptq_config(clusters=dict(SMALL_CLUSTERS), **kw)
     report = quantize_model(model, adapter_for(model.config), ids, cfg, progress=False)
     with torch.no_grad():
         return model, model(ids).logits, report
@@ -135,7 +135,7 @@ def test_manifest_granularity_follows_reorder():
     config = tiny_opt(layers=1).config
     spec = adapter_for(config).block_spec(config)
     reordered = bit_manifest(QuantConfig(wbits=4, abits=4), spec)
-    baseline = bit_manifest(QuantConfig(wbits=4, abits=4, reorder=""), spec)
+    baseline = bit_manifest(rptq_config(wbits=4, abits=4, reorder=""), spec)
     assert reordered["qkv_in"]["granularity"].startswith("cluster(R1=32")
     assert reordered["weight:fc2"]["granularity"] == "row x cluster(R5)"
     assert baseline["qkv_in"]["granularity"] == "tensor" and baseline["weight:fc2"]["granularity"] == "row"
@@ -145,10 +145,10 @@ def test_one_cluster_per_point_equals_per_tensor(base):
     model, ids, _ = base
     one = {k: 1 for k in SMALL_CLUSTERS}
     a = copy.deepcopy(model)
-    quantize_model(a, adapter_for(a.config), ids, QuantConfig(wbits=16, abits=4, reorder="145", clusters=one),
+    quantize_model(a, adapter_for(a.config), ids, rptq_config(wbits=16, abits=4, reorder="145", clusters=one),
                    progress=False)
     b = copy.deepcopy(model)
-    quantize_model(b, adapter_for(b.config), ids, QuantConfig(wbits=16, abits=4, reorder="", clusters=one),
+    quantize_model(b, adapter_for(b.config), ids, rptq_config(wbits=16, abits=4, reorder="", clusters=one),
                    progress=False)
     with torch.no_grad():
         assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-5)
@@ -169,7 +169,7 @@ def test_half_precision_model_keeps_its_dtype(dtype):
     ids = torch.randint(4, 50000, (2, 16), generator=torch.Generator().manual_seed(0))
     for kw in (dict(), dict(a_dynamic=True)):
         m = copy.deepcopy(model)
-        quantize_model(m, adapter_for(m.config), ids, QuantConfig(wbits=4, abits=4, clusters=dict(SMALL_CLUSTERS), **kw),
+        quantize_model(m, adapter_for(m.config), ids, rptq_config(wbits=4, abits=4, clusters=dict(SMALL_CLUSTERS), **kw),
                        progress=False)
         with torch.no_grad():
             logits = m(ids).logits

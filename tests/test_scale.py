@@ -11,12 +11,11 @@ from models.registry import adapter_for
 from models.streaming import layer_loader, load_skeleton
 from rptq.checkpoint import load_quantized, save_quantized
 from rptq.layer_store import LayerStore
-from rptq.config import QuantConfig
 from common.errors import UserError
 from rptq.pipeline import quantize_model
-from tests.helpers import gpt2_tokenizer, inject_opt_outliers, save_tiny_opt_dir, tiny_opt
+from tests.helpers import gpt2_tokenizer, inject_opt_outliers, rptq_config, save_tiny_opt_dir, tiny_opt
 
-CFG = QuantConfig(wbits=4, abits=4, clusters={"R1": 4, "R2": 2, "R3": 2, "R4": 4, "R5": 4})
+CFG = rptq_config(wbits=4, abits=4, clusters={"R1": 4, "R2": 2, "R3": 2, "R4": 4, "R5": 4})
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import torch
 
 from models.registry import adapter_for
 from quant.cayley import cayley_step, orthogonality_error
-from rptq.config import QuantConfig, ResidualSettings, RotationSettings, SpinSettings
+from rptq.methods import preset_config
+from rptq.methods.spinquant import LEARNED, SpinSettings
 from rptq.pipeline import quantize_model
 from rptq.residual_rotate import fold_residual
 from rptq.spin_learn import cosine_lr, learn_rotations
@@ -19,9 +20,6 @@ from tests.test_cli_methods import run, small
 from tests.test_llama import inject_outliers, tiny_llama
 
 TRANSFORMS = ("residual_rotate", "spin_rotate", "head_rotate", "qk_rotate", "mlp_rotate")
-SPIN = dict(method="spinquant", transforms=TRANSFORMS, abits_policy="spinquant", grid="quarot",
-            w_quantizer="gptq", wbits=4, abits=4, w_clip_search=True, rotation=RotationSettings(act_clip=1.0),
-            residual=ResidualSettings(kv_clip=1.0, across_heads=False))
 MODELS = {"opt": lambda: inject_opt_outliers(tiny_opt(seed=0, hidden=64, layers=2, heads=4, ffn=128), seed=1),
           "llama_gqa": lambda: inject_outliers(tiny_llama(bias=True))}  # 4 query heads on 2 K/V heads
 
@@ -30,12 +28,12 @@ def _ids(n=4, t=32, seed=0):
     return torch.randint(4, 1000, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-def _learn(model, steps=6, seed=2, **cfg):
+def _learn(model, steps=6, seed=2, lr=1.5, samples=4, **cfg):
     folded = copy.deepcopy(model)
     adapter = adapter_for(folded.config)
     fold_residual(folded, adapter)
-    config = QuantConfig(**{**SPIN, **cfg}, seed=seed, spin=SpinSettings(steps=steps, lr=1.5, samples=4))
-    return learn_rotations(folded, adapter, _ids(), config)
+    config = preset_config("spinquant", **cfg, seed=seed)
+    return learn_rotations(folded, adapter, _ids(), config, SpinSettings(steps=steps, lr=lr, samples=samples))
 
 
 def test_cayley_step_stays_orthogonal_and_descends():
@@ -80,8 +78,8 @@ def test_learned_rotations_fold_exactly(name):
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
     folded = copy.deepcopy(model)
-    fp = QuantConfig(**SPIN, disable_w_quant=True, disable_a_quant=True)
-    report = quantize_model(folded, adapter_for(folded.config), _ids(), fp, progress=False, rotations=learned)
+    fp = preset_config("spinquant", disable_w_quant=True, disable_a_quant=True)
+    report = quantize_model(folded, adapter_for(folded.config), _ids(), fp, progress=False, given={LEARNED: learned})
     assert report.summary()["residual_rotation"]["kind"].startswith("learned")
     assert all(d["points"][p]["head_rotate"]["kind"] == "learned" for d in report.decisions()
                for p in d["points"] if "head_rotate" in d["points"][p])
@@ -92,11 +90,13 @@ def test_learned_rotations_fold_exactly(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_cayley_steps_lower_the_fake_quantized_loss(name):
-    """A few steps at SpinQuant's learning rate lower the W4A4 cross-entropy (RTN weights, which are then
-    fake-quantized while learning) on the windows they saw (measured: opt 10.83 -> 10.79, llama GQA 7.32 ->
-    7.16 at 10 steps)."""
-    report = _learn(MODELS[name](), steps=10, w_quantizer="rtn", w_clip_search=False).report
-    assert report["loss_after"] < report["loss_before"] - 0.02, report
+    """Cayley SGD lowers the fake-quantized cross-entropy it descends: W4A8, RTN weights fake-quantized while
+    learning (straight-through), 20 steps at lr 0.5 on one window. Measured drop over seeds 0-4 (torch 2.13
+    CPU): opt 0.036-0.067, llama GQA 0.047-0.364; the bound is under a third of the smallest. (At 4-bit
+    activations the rounding makes the objective jagged: 10 steps at lr 1.5 over 4 windows gave drops from
+    -0.09 to +0.17 across seeds, so a W4A4 bound held on one machine and one seed only.)"""
+    report = _learn(MODELS[name](), steps=20, lr=0.5, samples=1, w_quantizer="rtn", w_clip_fit="", abits=8).report
+    assert report["loss_after"] < report["loss_before"] - 0.01, report
     assert report["r2_orthogonality_error"] < 1e-6 and report["r1_orthogonality_error"] < 1e-6
 
 
@@ -106,7 +106,7 @@ def test_gptq_runs_learn_against_full_precision_weights_rtn_runs_against_rtn_wei
     and a W4 RTN run's is higher (its weights are on the 4-bit grid)."""
     model = MODELS["llama_gqa"]()
     gptq, w16, rtn = (_learn(model, steps=0, **cfg).report for cfg in
-                      ({}, {"wbits": 16}, {"w_quantizer": "rtn", "w_clip_search": False}))
+                      ({}, {"wbits": 16}, {"w_quantizer": "rtn", "w_clip_fit": ""}))
     assert gptq["weights_while_learning"] == w16["weights_while_learning"] == "full precision"
     assert rtn["weights_while_learning"] == "rtn 4-bit (STE)"
     assert gptq["loss_before"] == w16["loss_before"]
@@ -138,10 +138,10 @@ def test_spinquant_from_the_command_line(model_dir, cache, tmp_path, capsys):  #
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "quarot", "--spin_steps", "4"], "--spin_steps sets SpinQuant's learning"),
-    (["--method", "rptq", "--spin_lr", "1.0"], "--spin_lr sets SpinQuant's learning"),
+    (["--method", "quarot", "--spin_steps", "4"], "--spin_steps is used only with the spin_rotate step"),
+    (["--method", "rptq", "--spin_lr", "1.0"], "--spin_lr is used only with the spin_rotate step"),
     (["--method", "spinquant", "--spin_samples", "5"], "exceeds the 2 calibration windows"),
-    (["--method", "spinquant", "--spin_lr", "0"], "--spin_lr positive"),
+    (["--method", "spinquant", "--spin_lr", "0"], "--spin_lr must be positive"),
     (["--method", "spinquant", "--transforms", "spin_rotate,head_rotate"], "add residual_rotate"),
     (["--method", "spinquant", "--save_quantized", "SAVE"], "cannot yet store a residual-rotated model"),
 ])

@@ -92,7 +92,7 @@ def test_notes_compare_with_the_runs_own_recorded_defaults():
     assert notes({**smooth, "grid": "full", "w_quantizer": "gptq"}) == ["smoothquant", "grid full", "GPTQ"]
     recorded = method_info(QuantConfig(method="smoothquant"))["defaults"]
     assert recorded == preset_defaults("smoothquant") and recorded["grid"] == "symmetric"
-    assert recorded["clusters"] == {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32}
+    assert runs.clusters(recorded) == {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32}
     json.dumps(recorded)  # it goes into results.json
     # defaults recorded differently (e.g. by a later version's preset) are the ones used
     run = {"config": smooth, "method": {"name": "smoothquant", "defaults": {**recorded, "grid": "full"}}}

@@ -8,7 +8,11 @@ import torch
 
 from models.registry import adapter_for
 from quant.rotation import random_orthogonal, sylvester_hadamard
-from rptq.config import QuantConfig, RotationSettings, SmoothSettings
+from rptq.config import QuantConfig
+from rptq.methods.duquant import RotationSettings
+from rptq.methods.fptq import FPTQSettings
+from rptq.methods.rptq import RPTQSettings
+from rptq.methods.smoothquant import SmoothSettings
 from rptq.fold import ONLINE, NORM, ROWS, place, place_qk
 from models.execution import wrap_blocks
 from rptq.pipeline import quantize_model
@@ -121,16 +125,22 @@ def test_statistics_are_re_expressed_not_re_measured(arch):
     assert torch.allclose(before.sample(), after.sample(), rtol=1e-4, atol=1e-5)
 
 
-FP_PRESETS = {
-    "smoothquant": dict(method="smoothquant", transforms=("smooth",), abits_policy="smoothquant"),
-    "fptq": dict(method="fptq", transforms=("lae",), abits_policy="fptq"),
-    "duquant": dict(method="duquant", transforms=("smooth", "rotate", "qk_rotate"), abits_policy="duquant",
-                    smooth=SmoothSettings(alpha=0.6, points="all", floor=1e-2),
-                    rotation=RotationSettings(block_size=16, steps=32, sample_tokens=64)),
-    "rotation": dict(method="rotation", transforms=("rotate", "qk_rotate"), abits_policy="duquant",
-                     rotation=RotationSettings(kind="hadamard", block_size=16)),
-    "smooth+reorder": dict(transforms=("smooth", "reorder"), clusters={"R1": 4, "R2": 2, "R3": 2, "R4": 4, "R5": 4}),
+FP_PRESETS = {  # (shared settings, method settings); fptq routes everything through LAE so the fold is exercised
+    "smoothquant": (dict(method="smoothquant", transforms=("smooth",), abits_policy="smoothquant"), ()),
+    "fptq": (dict(method="fptq", transforms=("lae",), abits_policy="fptq"), (FPTQSettings(v0=0.0, v1=1e9),)),
+    "duquant": (dict(method="duquant", transforms=("smooth", "rotate", "qk_rotate"), abits_policy="duquant",
+                     act_clip=0.9), (SmoothSettings(alpha=0.6, points="all", floor=1e-2),
+                                     RotationSettings(block_size=16, steps=32, sample_tokens=64))),
+    "rotation": (dict(method="rotation", transforms=("rotate", "qk_rotate"), abits_policy="duquant", act_clip=0.9),
+                 (RotationSettings(kind="hadamard", block_size=16),)),
+    "smooth+reorder": (dict(transforms=("smooth", "reorder")),
+                       (RPTQSettings(R1_clusters=4, R2_clusters=2, R3_clusters=2, R4_clusters=4, R5_clusters=4),)),
 }
+
+
+def fp_preset(name: str, **shared) -> QuantConfig:
+    settings, methods = FP_PRESETS[name]
+    return QuantConfig(**{**settings, **shared}).using(*methods)
 
 
 @pytest.mark.parametrize("arch", ["opt", "llama"])
@@ -141,11 +151,7 @@ def test_method_transforms_alone_keep_the_model(arch, preset):
     ids = _ids(model, seed=2)
     ref = _logits(model, ids)
     quant = copy.deepcopy(model)
-    cfg = QuantConfig(wbits=16, abits=16, **FP_PRESETS[preset])
-    if preset == "fptq":  # route everything through LAE so the fold is exercised
-        from rptq.config import FPTQSettings
-
-        cfg = QuantConfig(wbits=16, abits=16, **FP_PRESETS[preset], fptq=FPTQSettings(v0=0.0, v1=1e9))
+    cfg = fp_preset(preset, wbits=16, abits=16)
     report = quantize_model(quant, adapter_for(quant.config), _ids(model, n=4, seed=5), cfg, progress=False)
     assert _rel(_logits(quant, ids), ref) < TOL
     assert report.layers[0].placements, "no transform was placed"
@@ -158,7 +164,7 @@ def test_duquant_same_seed_identical_rotations_and_results():
     outs = []
     for _ in range(2):
         quant = copy.deepcopy(model)
-        cfg = QuantConfig(wbits=4, abits=4, **FP_PRESETS["duquant"])
+        cfg = fp_preset("duquant", wbits=4, abits=4)
         quantize_model(quant, adapter_for(quant.config), calib, cfg, progress=False)
         outs.append((_logits(quant, ids), quant.model.layers[0].online["qkv_in"].steps[0].R.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

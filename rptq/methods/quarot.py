@@ -1,16 +1,19 @@
 """QuaRot (Ashkboos et al., NeurIPS 2024, arXiv 2404.00456): rotate so that no channel is an outlier.
 
-R1, a randomized Hadamard on the whole residual stream, is model-level (rptq.residual_rotate, run
-by the pipeline before the first layer is captured; its per-block step here does nothing). Per
+R1, a randomized Hadamard on the whole residual stream, is a model step (rptq.residual_rotate, run
+before the first layer's inputs are captured). Per
 block: R2, a Hadamard of size head_dim folded into the value rows and the attention output's
 consumer columns, plus QuaRot's online Hadamard across the heads there (``head_rotate``); R3, a
 Hadamard on Q and K after RoPE, online (DuQuant's ``qk_rotate``); R4, a Hadamard of the MLP width
 online at the MLP's second linear input with its transpose in the consumer's columns (``mlp_rotate``).
 Quantizers: every linear input per token, symmetric on QuaRot's grid (quant.grid "quarot"), dynamic,
 clip 0.9; K and V per token x head, asymmetric, clip 0.95; Q and the softmax output FP; weights per
-output channel, symmetric, GPTQ after QuaRot's clipping search (spec: shared/methods/quarot_spinquant.md).
+output channel, symmetric, GPTQ after QuaRot's clipping search.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,18 +23,37 @@ from quant.quantizer import QuantSpec
 from quant.transforms import BlockRotation
 
 from ..config import FP, QuantConfig
-from ..context import BlockContext
+from ..context import BlockContext, ModelContext
 from ..fold import place_within_heads
+from ..method_api import Method, Needs, Policy, Step, setting
+from ..residual_rotate import rotate_residual
+
+HEAD_ROTATION = "head_rotation"  # what a model step may hand head_rotate per layer (SpinQuant's learned R2)
 
 
-def residual_step(ctx: BlockContext) -> None:
-    """R1 was applied to the whole model before calibration (rptq.pipeline); nothing per block."""
+@dataclass(frozen=True)
+class QuaRotSettings:
+    """QuaRot's rotations: R1 on the residual stream (the residual_rotate step), R2 per head
+    (head_rotate), R4 at the MLP's second linear input (mlp_rotate); KV cache clipping."""
+
+    namespace: ClassVar[str] = "quarot"
+    kind: str = setting("hadamard", "residual_rotation", "R1 of the residual_rotate step (quarot): randomized "
+                        "Hadamard (random orthogonal where no Hadamard of the width is built) or random orthogonal",
+                        choices=("hadamard", "random"), needs=Needs(steps=("residual_rotate",)))
+    kv_clip: float = 0.95  # QuaRot's K/V clipping ratio (per token x head, asymmetric)
+    across_heads: bool = True  # head_rotate's online mixer across the heads at o_proj's input (QuaRot; not SpinQuant)
+
+
+def residual_step(mctx: ModelContext) -> None:
+    """R1 on the whole model before layer 0's inputs are captured (rptq.residual_rotate)."""
+    mctx.report["residual_rotation"] = rotate_residual(mctx.model, mctx.adapter, mctx.cfg.of(QuaRotSettings).kind,
+                                                       mctx.cfg.seed)
 
 
 def head_matrix(ctx: BlockContext) -> tuple[torch.Tensor, str]:
-    """R2 of this layer: SpinQuant's learned one when the spin_rotate step gave one, else a Hadamard."""
-    if ctx.head_rotation is not None:
-        return ctx.head_rotation, "learned"
+    """R2 of this layer: SpinQuant's learned one when a model step gave one, else a Hadamard."""
+    if ctx.given.get(HEAD_ROTATION) is not None:
+        return ctx.given[HEAD_ROTATION], "learned"
     return orthogonal_mixer(ctx.spec.heads.head_dim, ctx.generator(salt=20), randomized=False)
 
 
@@ -61,7 +83,7 @@ def head_rotate_step(ctx: BlockContext) -> None:
         where = place_within_heads(ctx.block, edge.point, BlockRotation(H), ctx.observers)
         ctx.placements.append({"point": edge.point, "transform": "rotation", "where": where, "step": "head_rotate"})
         decision = {"kind": kind, "block": heads.head_dim, "where": where}
-        if ctx.cfg.residual.across_heads:
+        if ctx.cfg.of(QuaRotSettings).across_heads:
             n_heads = ctx.block.module(edge.consumer).in_features // heads.head_dim
             mix, across_kind = across_heads_matrix(ctx, n_heads)
             online = ctx.apply(edge.point, BlockRotation(mix), step="head_rotate")
@@ -97,14 +119,14 @@ def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str
         return kv_spec(ctx, bits), "minmax"
     # QuaRot's grid: scale = clip * absmax / (2^(b-1) - 1) on codes -2^(b-1) .. 2^(b-1) - 1, so a clipped
     # token's negative side keeps the extra code (the toolkit's "symmetric" grid stops at -(2^(b-1) - 1)).
-    return QuantSpec(bits=bits, dynamic="token", grid="quarot", clip=cfg.rotation.act_clip), "minmax"
+    return QuantSpec(bits=bits, dynamic="token", grid="quarot", clip=cfg.act_clip), "minmax"
 
 
 def kv_spec(ctx: BlockContext, bits: int) -> QuantSpec:
     """K and V per token x head, asymmetric, dynamic, clipped at --kv_clip (QuaRot's and SpinQuant's)."""
     heads = ctx.spec.heads
     return QuantSpec(bits=bits, group_sizes=(heads.head_dim,) * heads.num_kv_heads, dynamic="token", grid="full",
-                     clip=ctx.cfg.residual.kv_clip)
+                     clip=ctx.cfg.of(QuaRotSettings).kv_clip)
 
 
 def describe_fixed(cfg: QuantConfig, role: str) -> dict | None:
@@ -113,7 +135,7 @@ def describe_fixed(cfg: QuantConfig, role: str) -> dict | None:
     if bits >= FP:
         return {"bits": bits, "granularity": "none", "static": False}
     if role in (KEY, VALUE):
-        return {"bits": bits, "granularity": f"token x head dynamic, asymmetric, clip {cfg.residual.kv_clip}",
+        return {"bits": bits, "granularity": f"token x head dynamic, asymmetric, clip {cfg.of(QuaRotSettings).kv_clip}",
                 "static": False}
     return None
 
@@ -124,4 +146,40 @@ def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
         return fixed
     bits = _bits(cfg, role)
     return {"bits": bits, "granularity": f"token dynamic, symmetric (codes -2^(b-1)..2^(b-1)-1), clip "
-            f"{cfg.rotation.act_clip}", "static": False}
+            f"{cfg.act_clip}", "static": False}
+
+
+METHOD = Method(
+    name="quarot", summary="QuaRot (Ashkboos et al., NeurIPS 2024, arXiv 2404.00456): Hadamard rotations of the "
+    "residual stream (R1), the heads (R2), Q/K (R3) and the MLP (R4)",
+    settings=QuaRotSettings,
+    steps=(Step("residual_rotate", model=residual_step, whole_model=True),
+           Step("head_rotate", block=head_rotate_step, online=True),
+           Step("mlp_rotate", block=mlp_rotate_step, online=True)),
+    policies=(Policy("quarot", activation, describe, uses_act_clip=True),),
+    presets={"quarot": dict(transforms=("residual_rotate", "head_rotate", "qk_rotate", "mlp_rotate"),
+                            abits_policy="quarot", grid="quarot", w_quantizer="gptq", w_range="minmax",
+                            w_group_size=0, w_clip=1.0, w_clip_fit="search", act_clip=0.9, wbits=4, abits=4)},
+    assumptions={
+        "residual_rotate": (
+            "QuaRot R1: a randomized Hadamard D H (random signs on H's rows) of the hidden width where one is built "
+            "(m * 2^k, m from Paley I/II), else a random orthogonal matrix (QR of a Gaussian, sign-fixed), seeded by "
+            "--seed; which one is in results.json",
+            "QuaRot R1: the LM head is untied from the embeddings when they share a tensor (the final norm's gain goes "
+            "into the head only); OPT's LayerNorms become RMSNorms on a zero-mean residual (SliceGPT), the final "
+            "LayerNorm's shift a head bias"),
+        "quarot": (
+            "QuaRot: linear inputs on QuaRot's grid (quant.grid 'quarot'): scale clip * absmax / (2^(b-1) - 1), codes "
+            "clamped to [-2^(b-1), 2^(b-1) - 1] as its sym_quant does; Q and the softmax output stay FP as in "
+            "QuaRot's fake-quant code",
+            "QuaRot: K and V per token x head (group = head_dim), asymmetric, clip 0.95, at --abits",
+            "QuaRot: weights per output channel, symmetric, GPTQ (damp --percdamp, no act-order; RTN with --w_quantizer "
+            "rtn) with QuaRot's clipping search (its --w_clip: per row the shrink p = 1 - i/100, i < 80, of least sum "
+            "|w_hat - w|^2.4; quant.clip_search), on QuaRot's grid (scale absmax / (2^(b-1) - 1), codes -2^(b-1) .. "
+            "2^(b-1) - 1 as its WeightQuantizer's sym_quant: a clipped or GPTQ-updated weight may take the extra "
+            "negative code)",
+            "QuaRot: R2 and R4 are plain Hadamards (random orthogonal where none of the width is built), R2 the same "
+            "on every head; the online mixer across heads at o_proj's input (QuaRot's partial Hadamard) is a "
+            "Hadamard of order num_heads where one is built, else random orthogonal (SmolLM2-135M's 9 heads: random; "
+            "QuaRot's code has no order-9 Hadamard)")},
+)

@@ -2,22 +2,64 @@
 each cluster its own quantization range (Yuan et al., arXiv 2304.01089)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from models.spec import PROBS
 from quant.quantizer import QuantSpec
+from quant.transforms import Permutation
 
 from ..cluster import cluster_channels, cluster_heads, head_layout, range_features
 from ..config import FP, QuantConfig, point_reorder, role_bits
 from ..context import BlockContext
-from quant.transforms import Permutation
+from ..method_api import Method, Needs, Policy, Step, at_least_one, setting
+
+REORDER = Needs(steps=("reorder",))
+
+
+def _reorder_digits(value: str) -> str | None:
+    if any(c not in "12345" for c in value) or len(set(value)) != len(value):
+        return "takes distinct digits 1-5 such as 12345 or 14"
+    return None
+
+
+def _clusters(point: str, default: int):
+    return setting(default, f"{point}_clusters", f"clusters at {point} (default {default}; R2/R3 per head)", type=int,
+                   check=at_least_one, needs=Needs(custom=lambda cfg: reorders(cfg, point),
+                                                   what=f"{point} in --reorder (the reorder step)"))
+
+
+@dataclass(frozen=True)
+class RPTQSettings:
+    """Which reorder points are clustered, into how many clusters, on which features."""
+
+    namespace: ClassVar[str] = "rptq"
+    reorder: str = setting("12345", "reorder", 'reorder points to cluster, e.g. 12345 (default), 1, or "" for none',
+                           check=_reorder_digits, needs=REORDER)
+    R1_clusters: int = _clusters("R1", 32)
+    R2_clusters: int = _clusters("R2", 4)
+    R3_clusters: int = _clusters("R3", 4)
+    R4_clusters: int = _clusters("R4", 32)
+    R5_clusters: int = _clusters("R5", 32)
+    kmeans_features: str = setting("minmax", "kmeans_features", "what k-means clusters: global min/max (reference) "
+                                   "or the --metric ranges", choices=("minmax", "metric"), needs=REORDER)
+
+    def clusters(self, point: str) -> int:
+        return getattr(self, f"{point}_clusters")
+
+
+def reorders(cfg: QuantConfig, point: str) -> bool:
+    """Whether reorder point 'R1'..'R5' is clustered."""
+    return "reorder" in cfg.transforms and point[1] in cfg.of(RPTQSettings).reorder
 
 
 def _feature_ranges(ctx: BlockContext, point: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (min, max) that k-means sees: the running global extremes over every calibration
     token (the reference, whatever --metric is) or the --metric ranges (``kmeans_features metric``)."""
     obs = ctx.observers[point]
-    if ctx.cfg.kmeans_features == "minmax" or ctx.cfg.metric in ("mse", "layer_mse"):
+    if ctx.cfg.of(RPTQSettings).kmeans_features == "minmax" or ctx.cfg.metric in ("mse", "layer_mse"):
         return obs.channel_minmax()
     channels = obs.maxes[0].shape[-1]
     return obs.group_ranges(ctx.cfg.metric, (1,) * channels)
@@ -43,34 +85,34 @@ def qk_feature_ranges(ctx: BlockContext):
 def reorder_step(ctx: BlockContext) -> None:
     """Cluster every reorder point named in ``--reorder`` and fold the permutations (R1..R5)."""
     cfg, spec = ctx.cfg, ctx.spec
-    heads = spec.heads
+    heads, clusters = spec.heads, cfg.of(RPTQSettings).clusters
     for edge in spec.norm_edges:
-        if cfg.reorders(edge.reorder):
-            layout = cluster_channels(range_features(*_feature_ranges(ctx, edge.point)), cfg.clusters[edge.reorder],
+        if reorders(cfg, edge.reorder):
+            layout = cluster_channels(range_features(*_feature_ranges(ctx, edge.point)), clusters(edge.reorder),
                                       cfg.seed)
             ctx.apply(edge.point, Permutation(layout.perm), step="reorder")
             ctx.groups[edge.point] = layout.sizes
     qk = spec.qk_edge
-    if cfg.reorders(qk.reorder):
+    if reorders(cfg, qk.reorder):
         q_ranges, k_ranges = qk_feature_ranges(ctx)
         q = _head_features(q_ranges, heads.group, heads.num_kv_heads, heads.head_dim)
         k = _head_features(k_ranges, 1, heads.num_kv_heads, heads.head_dim)
-        local = cluster_heads(torch.cat([q, k], dim=-1), heads, cfg.clusters[qk.reorder], cfg.seed, rope=heads.rope)
+        local = cluster_heads(torch.cat([q, k], dim=-1), heads, clusters(qk.reorder), cfg.seed, rope=heads.rope)
         q_layout, k_layout = head_layout(local, heads.group, heads.head_dim), head_layout(local, 1, heads.head_dim)
         ctx.apply_qk(Permutation(q_layout.perm), Permutation(k_layout.perm), step="reorder")
         ctx.groups[qk.q_point], ctx.groups[qk.k_point] = q_layout.sizes, k_layout.sizes
     for edge in spec.linear_edges:
-        if not cfg.reorders(edge.reorder):
+        if not reorders(cfg, edge.reorder):
             continue
         ranges = _feature_ranges(ctx, edge.point)
         if edge.per_head:
             feats = _head_features(ranges, heads.group, heads.num_kv_heads, heads.head_dim)
-            local = cluster_heads(feats, heads, cfg.clusters[edge.reorder], cfg.seed, rope=False)
+            local = cluster_heads(feats, heads, clusters(edge.reorder), cfg.seed, rope=False)
             layout, value = head_layout(local, heads.group, heads.head_dim), head_layout(local, 1, heads.head_dim)
             ctx.apply(edge.point, Permutation(layout.perm), producer_form=Permutation(value.perm), step="reorder")
             ctx.groups[edge.point], ctx.groups[edge.value_point] = layout.sizes, value.sizes
         else:
-            layout = cluster_channels(range_features(*ranges), cfg.clusters[edge.reorder], cfg.seed)
+            layout = cluster_channels(range_features(*ranges), clusters(edge.reorder), cfg.seed)
             ctx.apply(edge.point, Permutation(layout.perm), step="reorder")
             ctx.groups[edge.point] = layout.sizes
 
@@ -98,11 +140,21 @@ def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
         gran = "none"
     elif role == PROBS:
         gran = "fixed [0,1] grid (1/255)"
-    elif reorder and cfg.reorders(reorder):
+    elif reorder and reorders(cfg, reorder):
         per_head = reorder in ("R2", "R3")
-        gran = f"cluster({reorder}={cfg.clusters[reorder]}{' per head' if per_head else ''})"
+        gran = f"cluster({reorder}={cfg.of(RPTQSettings).clusters(reorder)}{' per head' if per_head else ''})"
     else:
         gran = "tensor"
     if bits < FP and role != PROBS and cfg.a_dynamic:
         gran += " per sequence" if cfg.a_dynamic_method == "per_cluster" else " per token"
     return {"bits": bits, "granularity": gran, "static": bits < FP and (role == PROBS or not cfg.a_dynamic)}
+
+
+METHOD = Method(
+    name="rptq", summary="RPTQ (Yuan et al., arXiv 2304.01089): reorder channels into clusters, one range per cluster",
+    settings=RPTQSettings,
+    steps=(Step("reorder", block=reorder_step),),
+    policies=(Policy("rptq", activation, describe), Policy("uniform", activation, describe)),
+    presets={"rptq": dict(transforms=("reorder",), abits_policy="rptq", grid="reference", w_quantizer="gptq",
+                          w_range="minmax", w_group_size=0, w_clip=1.0)},
+)

@@ -2,8 +2,9 @@
 
 Every method of the family is a choice of transforms at activation points of the block
 declaration: RPTQ permutes channels, SmoothQuant and FPTQ scale them, DuQuant rotates and
-permutes them. With x' = x M for an invertible M, a consumer computing x W^T gets W' such that
-x' W'^T = x W^T. Each transform here knows how to act on
+permutes them, FlatQuant learns general invertible ones (a block matrix, a Kronecker product).
+With x' = x M for an invertible M, a consumer computing x W^T gets W' = W M^-T, so that
+x' W'^T = x W^T (for an orthogonal M, W M). Each transform here knows how to act on
 
 - activations (``apply``, applied online at the point when it cannot be folded),
 - a consumer's input columns (``consumer``),
@@ -161,13 +162,108 @@ class BlockRotation(ChannelTransform):
         return H
 
 
-KINDS = {cls.kind: cls for cls in (Permutation, Scale, BlockRotation)}
+class BlockLinear(ChannelTransform):
+    """x' = x blockdiag(A, ..., A) for an invertible n x n A (FlatQuant's per-head transforms), given with
+    ``A_inv_t`` = A^-T (computed by its maker, exactly where it can: U diag(1/s) V^T for A = U diag(s) V^T).
+
+    A consumer gets W' = W blockdiag(A^-T); a producer whose output reaches the point through something that
+    acts on tokens only (attention's P V, per head) folds it as rows A^T W and bias b A (``producer``; not
+    ``foldable`` in general, so only rptq.fold.place_within_heads folds it). It runs online otherwise."""
+
+    kind = "block_linear"
+    foldable = False
+
+    def __init__(self, A: torch.Tensor, A_inv_t: torch.Tensor):
+        super().__init__()
+        if A.shape != A_inv_t.shape or A.shape[0] != A.shape[1]:
+            raise ValueError(f"a block transform needs two square matrices of one size, got {tuple(A.shape)} and "
+                             f"{tuple(A_inv_t.shape)}")
+        self.register_buffer("A", A.float())
+        self.register_buffer("A_inv_t", A_inv_t.float())
+
+    @property
+    def block(self) -> int:
+        return self.A.shape[0]
+
+    def apply(self, x):
+        return apply_block_rotation(x.float(), self.A).to(x.dtype)
+
+    def consumer(self, weight):
+        return apply_block_rotation(weight.float(), self.A_inv_t).to(weight.dtype)
+
+    def producer(self, weight, bias):
+        rows = self.apply(weight.t()).t().contiguous()
+        return rows, None if bias is None else self.apply(bias)
+
+    def hessian(self, H):
+        """M^T H M for symmetric H, block-wise (contiguous between the products, as BlockRotation)."""
+        H.copy_(self.apply(self.apply(H).t().contiguous()).t())
+        return H
+
+
+def kronecker_sizes(n: int) -> tuple[int, int]:
+    """Factor sizes (a, b), a b = n, as FlatQuant picks them (its get_decompose_dim): the smallest a >= sqrt(n)
+    with a^2 - n a perfect square c^2, then (a - c, a + c) -- as square as the width allows."""
+    a = int(n ** 0.5)
+    a += a * a < n
+    while True:
+        c = int((a * a - n) ** 0.5)
+        if c * c == a * a - n:
+            return a - c, a + c
+        a += 1
+
+
+def kronecker_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """x (L kron R) without materialising the product: each row of x, read as an (a, b) matrix X, becomes
+    L^T X R (a = L's size, b = R's, a b = the channels)."""
+    a, b = left.shape[0], right.shape[0]
+    if x.shape[-1] != a * b:
+        raise ValueError(f"{x.shape[-1]} channels are not {a} x {b}")
+    grid = x.reshape(*x.shape[:-1], a, b)
+    out = left.t().to(x.device, x.dtype) @ (grid @ right.to(x.device, x.dtype))
+    return out.reshape(x.shape)
+
+
+class Kronecker(ChannelTransform):
+    """x' = x (L kron R) for invertible L (a x a) and R (b x b), a b = the channels (FlatQuant's transform at
+    a linear input: two small matmuls per token instead of one C x C). Given with the inverse-transposed
+    factors (L^-T, R^-T), so a consumer gets W' = W (L^-T kron R^-T) exactly as computed by the maker. It
+    mixes channels, so it runs online at its point."""
+
+    kind = "kronecker"
+    foldable = False
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, left_inv_t: torch.Tensor, right_inv_t: torch.Tensor):
+        super().__init__()
+        for name, m in (("left", left), ("right", right), ("left_inv_t", left_inv_t), ("right_inv_t", right_inv_t)):
+            if m.dim() != 2 or m.shape[0] != m.shape[1]:
+                raise ValueError(f"a Kronecker factor must be square, {name} is {tuple(m.shape)}")
+            self.register_buffer(name, m.float())
+        if left.shape != left_inv_t.shape or right.shape != right_inv_t.shape:
+            raise ValueError("each Kronecker factor needs its inverse transpose of the same size")
+
+    @property
+    def channels(self) -> int:
+        return self.left.shape[0] * self.right.shape[0]
+
+    def apply(self, x):
+        return kronecker_apply(x.float(), self.left, self.right).to(x.dtype)
+
+    def consumer(self, weight):
+        return kronecker_apply(weight.float(), self.left_inv_t, self.right_inv_t).to(weight.dtype)
+
+    def hessian(self, H):
+        """M^T H M for symmetric H: the rows by M, then the columns (contiguous in between)."""
+        H.copy_(self.apply(self.apply(H).t().contiguous()).t())
+        return H
+
+
+KINDS = {cls.kind: cls for cls in (Permutation, Scale, BlockRotation, BlockLinear, Kronecker)}
 
 
 def transform_from_state(kind: str, state: dict[str, torch.Tensor]) -> ChannelTransform:
-    cls = KINDS[kind]
-    (tensor,) = state.values()
-    return cls(tensor)
+    """A transform rebuilt from its buffers (``state()``), which are named as its constructor's arguments."""
+    return KINDS[kind](**state)
 
 
 class OnlineTransforms(nn.Module):

@@ -32,11 +32,12 @@ from .weights import quantize_weights
 def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict, cfg: QuantConfig,
                     layer: int = 0, keep_ranges: bool = False,
                     side_by_side: bool = True,
-                    given: dict | None = None) -> tuple[torch.Tensor, BlockReport]:
+                    given: dict | None = None, keep_codes: bool = True) -> tuple[torch.Tensor, BlockReport]:
     """Transform and quantize ``block`` in place; return the next block's inputs: its quantized outputs on
     ``inputs``, or with ``cfg.block_inputs == "fp"`` its full-precision ones (FlatQuant trains every block on
     the FP model's activations). ``side_by_side``: see :func:`quantize_weights` (False out of core, where
-    memory binds). ``given``: what the model steps handed this layer (e.g. SpinQuant's learned R2)."""
+    memory binds). ``given``: what the model steps handed this layer (e.g. SpinQuant's learned R2).
+    ``keep_codes``: keep the weights' integer codes (for --save_quantized or --export)."""
     spec = block.spec
     report = BlockReport()
     timing = report.timing
@@ -60,7 +61,7 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
         fit(ctx)
     t2 = time.perf_counter()
 
-    weight_errors = quantize_weights(ctx, side_by_side) if cfg.weight_bits < FULL_PRECISION else {}
+    weight_errors = quantize_weights(ctx, side_by_side, keep_codes) if cfg.weight_bits < FULL_PRECISION else {}
     t3 = time.perf_counter()
 
     taps = activation_quantizers(ctx)

@@ -86,7 +86,8 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
                    device: torch.device | str = "cpu", progress: bool = True, store: LayerStore | None = None,
                    fingerprint: str | dict = "", layer_source=None, placement: list | None = None,
                    offload: bool = False, on_layer_done=None, captured: tuple | None = None,
-                   plot_layers: set[int] | None = None, given: dict | None = None) -> CalibrationReport:
+                   plot_layers: set[int] | None = None, given: dict | None = None,
+                   keep_codes: bool = True) -> CalibrationReport:
     """Replace every decoder layer of ``model`` by its reordered, quantized block, in place.
 
     store:        a :class:`LayerStore`; each finished block, the next layer's inputs and the
@@ -100,6 +101,7 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
                   caller captured them already (out of core: to drop the embeddings meanwhile).
     plot_layers:  layers whose per-channel ranges before/after the transforms are kept (report.plot_data).
     given:        inputs for the model steps (e.g. SpinQuant's rotations, learned already).
+    keep_codes:   keep each quantized weight's integer codes (a packed checkpoint or an export needs them).
     """
     device = torch.device(device)
     start = time.perf_counter()
@@ -149,7 +151,8 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
                                                layer_kwargs_on(layer_kwargs, layer_device), cfg, layer=i,
                                                keep_ranges=bool(plot_layers) and i in plot_layers,
                                                given={k: v[i] for k, v in mctx.per_layer.items()},
-                                               side_by_side=not offload)  # out of core, memory binds
+                                               side_by_side=not offload,  # out of core, memory binds
+                                               keep_codes=keep_codes)
         report.layers.append(block_report)
         if block_report.ranges:
             report.plot_data[i] = block_report.ranges

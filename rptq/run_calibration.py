@@ -51,11 +51,17 @@ class CalibrationInterrupted(KeyboardInterrupt):
 def fingerprint(cfg: RunConfig, model, windows, seqlen: int) -> dict:
     """What a calibration result depends on, in parts that resume compares one by one: the model's files
     by content (weights, config, tokenizer), the quantization code, the settings, the calibration windows."""
-    settings = {**cfg.quant.flat(), "seqlen": seqlen, "dtype": str(next(model.parameters()).dtype),
+    settings = {**cfg.quant.flat(), "seqlen": seqlen, "keeps_codes": keeps_codes(cfg),
+                "dtype": str(next(model.parameters()).dtype),
                 "nsamples": cfg.nsamples, "calib_dataset": cfg.calib_dataset}
     ident = {"model": model_digest(cfg.model, cfg.cache_dir)["files"], "code": code_digest(), "settings": settings,
              "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()}
     return json.loads(json.dumps(ident, sort_keys=True, default=str))  # as state.json will hold it
+
+
+def keeps_codes(cfg: RunConfig) -> bool:
+    """Whether the run keeps the weights' integer codes: only a packed checkpoint or an export reads them."""
+    return bool(cfg.save_quantized or cfg.export_dir)
 
 
 def _changed(old: dict, new: dict) -> list[str]:
@@ -132,7 +138,7 @@ def calibrate(cfg: RunConfig, model, tokenizer, adapter, reader, device, seqlen:
         report = quantize_model(model, adapter, windows, cfg.quant, device, progress=cfg.progress, store=store,
                                 fingerprint=run_id, layer_source=source, offload=reader is not None,
                                 placement=placement, captured=captured, plot_layers=plot_layers,
-                                on_layer_done=_on_layer_done(trim, finished))
+                                on_layer_done=_on_layer_done(trim, finished), keep_codes=keeps_codes(cfg))
     except torch.linalg.LinAlgError as exc:  # finished layers stay in the resume state
         raise UserError(f"GPTQ could not factorise a layer's input Hessian ({str(exc).splitlines()[0]}); "
                         "raise --percdamp or calibrate on more --nsamples") from None

@@ -37,14 +37,16 @@ def _with_clips(ctx: BlockContext, name: str, wspec):
     return wspec if clips is None else dataclasses.replace(wspec, row_clip=clips)
 
 
-def _gptq_readers(ctx: BlockContext, point: str, wspec) -> dict[str, tuple]:
-    """GPTQ of every linear reading ``point`` in one sweep: name -> (q, codes, scale, zero).
+def _gptq_readers(ctx: BlockContext, point: str, wspec, names: tuple[str, ...] | None = None) -> dict[str, tuple]:
+    """GPTQ of every linear reading ``point`` (or of ``names`` among them) in one sweep: name -> (q, codes, scale,
+    zero).
 
     The readers share the input's inverse Hessian, and GPTQ treats each output row on its own
     given it, so their rows stacked (q/k/v: 3 x 768 rows of OPT-125m) take one column loop instead
     of one per linear: the loop's cost is thousands of small ops, nearly independent of the rows.
-    Each row sees the same arithmetic as alone (checked bit for bit by bench_calibration's digest)."""
-    names = ctx.spec.readers(point)
+    Each row sees the same arithmetic as alone (tests/test_weights_sweep.py: bit for bit), so out of core, where
+    the stacked copy costs memory, the caller sweeps one reader at a time."""
+    names = names or ctx.spec.readers(point)
     weights = [ctx.block.module(n).weight.data.float() for n in names]
     specs = [_with_clips(ctx, n, wspec) for n in names]
     with single_thread_on_cpu(weights[0].device):  # extremes and rounding: exact on one thread, and far
@@ -89,10 +91,12 @@ def _gptq_sweeps(ctx: BlockContext) -> dict[str, tuple]:
 
 
 @torch.no_grad()
-def quantize_weights(ctx: BlockContext, side_by_side: bool = True) -> dict[str, float]:
+def quantize_weights(ctx: BlockContext, side_by_side: bool = True, keep_codes: bool = True) -> dict[str, float]:
     """Quantize every linear of the block; returns each one's weight-only relative output error
     on the token rows its input point kept (in the transformed basis). ``side_by_side``: GPTQ
-    sweeps of different inputs may run concurrently (:func:`_gptq_sweeps`)."""
+    sweeps of different inputs may run concurrently (:func:`_gptq_sweeps`); False (out of core, where
+    memory binds): one input, and one reader of it, at a time. ``keep_codes``: keep each linear's integer
+    codes in ``block.weight_codes`` for a packed checkpoint or an export (they cost a byte per weight)."""
     cfg, spec, block = ctx.cfg, ctx.spec, ctx.block
     bits = cfg.weight_bits
     errors = {}
@@ -113,21 +117,24 @@ def quantize_weights(ctx: BlockContext, side_by_side: bool = True) -> dict[str, 
             if point not in hessian_diag:
                 hessian_diag[point] = obs.gptq.hessian.diagonal().clone()
             _, coded = gptqt_quantize(W, obs.gptq, gcfg, groups, hessian=hessian_diag[point], sets=level_sets)
-            q, block.weight_codes[name] = _binary_weight(coded, W.device)
+            q, kept = _binary_weight(coded, W.device)
         elif cfg.w_quantizer == "bcq":
             _, coded = bcq_quantize(W, bits, groups)
-            q, block.weight_codes[name] = _binary_weight(coded, W.device)
+            q, kept = _binary_weight(coded, W.device)
         else:
             if cfg.w_quantizer == "gptq":
-                if name not in swept:  # one input at a time
-                    swept.update(_gptq_readers(ctx, point, wspec))
+                if name not in swept:  # one input at a time; out of core one reader at a time
+                    swept.update(_gptq_readers(ctx, point, wspec, None if side_by_side else (name,)))
                 q, codes, scale, zero = swept.pop(name)
             else:
                 codes, scale, zero = weight_codes(W, groups, bits, wspec)
                 q = dequantize_weight(codes, scale, zero, groups)
             # the quantizer's own integers: the packed checkpoint stores them as they are
-            block.weight_codes[name] = {"kind": "affine", "codes": codes.cpu(), "scale": scale.cpu(),
-                                        "zero": zero.cpu(), "bits": bits, "grid": wspec.grid, "group_sizes": groups}
+            kept = {"kind": "affine", "codes": codes.cpu(), "scale": scale.cpu(), "zero": zero.cpu(), "bits": bits,
+                    "grid": wspec.grid, "group_sizes": groups}
+        if keep_codes:
+            block.weight_codes[name] = kept
+        del kept
         if obs.samples:
             x = obs.sample().to(W.device)
             ref = x @ W.t()

@@ -20,7 +20,7 @@ from tests.helpers import inject_opt_outliers, tiny_opt
 FREE = {"model", "eval_ppl", "eval_base_ppl", "ppl_datasets", "tasks", "tasks_source", "task_bos", "num_fewshot",
         "limit", "seqlen", "multigpu", "offload_dir", "max_memory", "save_quantized", "load_quantized", "export",
         "act_dist_plot", "plot_layers", "no_resume", "cache_dir", "output_path", "device", "no_progress", "help"}
-GPTQT = ["--w_quantizer", "gptqt", "--wbits", "3"]
+EXTRAS = ([], ["--w_quantizer", "gptqt", "--wbits", "3"], ["--w_clip", "learned"])  # what some flags need
 
 
 def _config(argv):
@@ -72,7 +72,7 @@ def test_every_method_flag_reaches_the_recorded_config(flag_name):
     for value in _other_values(flag, default):
         argv = [f"--{flag_name}"] if flag.const is not None else [f"--{flag_name}", str(value)]
         for preset in methods.method_names():
-            for extra in ([], GPTQT):
+            for extra in EXTRAS:
                 try:
                     cfg = _config(["--method", preset, *extra, *argv])
                 except Exception:  # noqa: BLE001  (a preset that does not run what the flag needs: refused)

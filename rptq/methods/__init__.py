@@ -138,6 +138,8 @@ def bit_manifest(cfg: QuantConfig, spec) -> dict[str, dict]:
 
 
 def assumptions(cfg: QuantConfig) -> list[str]:
-    """What the run's steps, policy and weight quantizer assume where their paper or code is silent."""
+    """What the run's steps, policy, weight quantizer and weight clipping fit assume where their paper or code is
+    silent."""
     declared = {k: v for m in modules() for k, v in m.assumptions.items()}
-    return [text for name in (*cfg.transforms, cfg.abits_policy, cfg.w_quantizer) for text in declared.get(name, ())]
+    return [text for name in (*cfg.transforms, cfg.abits_policy, cfg.w_quantizer, cfg.w_clip_fit)
+            for text in declared.get(name, ())]

@@ -29,6 +29,12 @@ METHOD_ROWS = (
     ("methods/W4A4-spinquant", "SpinQuant"),
     ("methods/W4A4-spinquant-no-learning", "SpinQuant's quantizers and seeded Hadamard R1/R2, not learned "
      "(`--spin_steps 0`, control)"),
+    ("methods/W4A4-flatquant", "FlatQuant (RTN weights, 2 epochs per block)"),
+    ("methods/W4A4-flatquant-gptq", "FlatQuant with GPTQ weights"),
+    ("methods/W4A4-flatquant-best", "FlatQuant, 8 epochs, GPTQ asymmetric weights in groups of 64, asymmetric "
+     "activations"),
+    ("methods/W4A4-duquant-gptq-lwc", "DuQuant with GPTQ weights and learned weight clipping (`--w_clip learned`)"),
+    ("methods/W4A4-quarot-lwc", "QuaRot with learned weight clipping in place of its clipping search"),
     ("methods/W4A4-duquant-clusters", "DuQuant rotations + RPTQ clusters, static (experiment)"),
     ("methods/W4A4-quarot-reorder", "QuaRot R1 + RPTQ clusters, uniform policy (composition)"),
     ("methods/W4A4-quarot-duquant", "QuaRot R1 + DuQuant's smoothing and rotations (composition)"),
@@ -38,7 +44,8 @@ METHOD_ROWS = (
 # and the rotations are judged by.
 SEEDED = ("ppl/W4A4", "ppl/W4A4-uniform", "methods/W4A4-duquant", "methods/W4A4-rotation", "ppl/W4A8",
           "methods/W4A8-fptq", "methods/W8A8-smoothquant-per-token", "ppl/W4A16", "methods/W4A4-quarot",
-          "methods/W4A4-spinquant", "methods/W4A4-spinquant-no-learning")
+          "methods/W4A4-spinquant", "methods/W4A4-spinquant-no-learning", "methods/W4A4-flatquant",
+          "methods/W4A4-flatquant-best")
 ROTATION_RUNS = ("methods/W4A4-duquant", "methods/W4A4-rotation", "methods/W4A4-duquant-clusters")
 # Weight-only: (bits, quantizer, group size) per run name.
 WEIGHT_RUNS = tuple(f"weights/W{b}-{q}" for b in (3, 2) for q in ("rtn", "gptq", "gptqt", "bcq", "gptq-g128",

@@ -113,6 +113,11 @@ m W8A8-smoothquant --method smoothquant
 m W4A8-fptq-gptq --method fptq --w_quantizer gptq
 m W4A8-naive --wbits 4 --abits 8 --reorder "" --w_quantizer rtn
 m W4A16-g128-rtn --wbits 4 --abits 16 --w_quantizer rtn --w_group_size 128 --grid full
+ms W4A4-flatquant --method flatquant
+m W4A4-flatquant-gptq --method flatquant --w_quantizer gptq
+ms W4A4-flatquant-best --method flatquant --flat_epochs 8 --w_quantizer gptq --grid full --a_asym --w_group_size 64
+m W4A4-duquant-gptq-lwc --method duquant --w_quantizer gptq --w_clip learned --rotation_steps "$ROT_STEPS"
+m W4A4-quarot-lwc --method quarot --w_clip learned
 
 # Tier 2: zero-shot (no --eval_ppl: the perplexity of these settings is in the tables)
 plan 2 tasks tasks/FP16 --wbits 16 --abits 16 "${TASK_ARGS[@]}"

@@ -2,7 +2,7 @@
 run with its perplexity (every digit) and a digest of its per-layer errors and decisions.
 
 A refactor that claims "numbers unchanged" prints the same lines before and after (diff the two files).
-Tiny random models with injected outliers, 4 windows x 64 tokens: about two minutes on 2 cores.
+Tiny random models with injected outliers, 4 windows x 64 tokens: about a minute on 2 idle cores.
 
     .venv/bin/python scripts/method_digests.py [--only NAME] [--out FILE]
 """
@@ -56,6 +56,10 @@ RUNS: dict[str, list[str]] = {
     "gptqt": ["--wbits", "3", "--abits", "16", "--w_quantizer", "gptqt", "--reorder", ""],
     "gptqt-a": ["--wbits", "2", "--abits", "16", "--w_quantizer", "gptqt", "--gptqt_variant", "A", "--reorder", ""],
     "bcq": ["--wbits", "3", "--abits", "16", "--w_quantizer", "bcq", "--reorder", ""],
+    "flatquant": ["--method", "flatquant", "--flat_epochs", "1"],
+    "flatquant-gptq-asym": ["--method", "flatquant", "--flat_epochs", "1", "--w_quantizer", "gptq", "--grid", "full",
+                            "--a_asym", "--w_group_size", "32", "--flat_scale_param", "log"],
+    "duquant-lwc": ["--method", "duquant", *ROT, "--w_clip", "learned", "--lwc_epochs", "1"],
 }
 COMMON = ["--eval_ppl", "--ppl_datasets", "ptb", "--calib_dataset", "ptb", "--nsamples", "4", "--seqlen", "64",
           "--limit", "2", "--seed", "2", "--no_progress", "--no_resume"]

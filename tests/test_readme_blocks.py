@@ -206,10 +206,11 @@ def test_tee_writes_only_a_finished_report(tmp_path, capsys):
 
 # Decimals that are not measurements, each with why: an arXiv id, versions (Python, torch, compressed-tensors,
 # llmcompressor, transformers), settings (EMA momentum, percdamp and DuQuant's smoothing floor, QuaRot's K/V
-# clip) and sf8's rounding bound (1/16, arithmetic).
+# clip), sf8's rounding bound (1/16, arithmetic) and the learned clipping factors' start (sigmoid(4), arithmetic).
 ALLOWED = (r"arXiv \d{4}\.\d{5}", r"abs/\d{4}\.\d{5}", r"Python 3\.11", r"torch==\d+\.\d+\.\d+",
            r"library itself \(0\.19", r"llmcompressor 0\.14", r"transformers 5\.23", r"compressed-tensors 0\.19",
-           r"momentum 0\.99", r"--percdamp 0\.01", r"floor 0\.01", r"clip 0\.95", r"<= 6\.25%")
+           r"momentum 0\.99", r"--percdamp 0\.01", r"floor 0\.01", r"clip 0\.95", r"<= 6\.25%",
+           r"factors start at 0\.982")
 
 
 def test_no_hand_typed_figures_outside_generated_blocks():

@@ -119,6 +119,27 @@ def nonoverlapping_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
     return ids[: count * seqlen].view(count, seqlen)
 
 
+def bos_windows(make, ids: torch.Tensor, seqlen: int, bos: int | None) -> torch.Tensor:
+    """``make(ids, seqlen)``'s windows, or, with ``bos``, windows of seqlen - 1 text tokens each led by BOS (the
+    tokenizer's own BOS at the start of the text is dropped): a model trained to always see BOS first (Gemma)
+    is measured as it runs, every window still ``seqlen`` long."""
+    if bos is None:
+        return make(ids, seqlen)
+    if ids.numel() and int(ids[0]) == bos:
+        ids = ids[1:]
+    windows = make(ids, seqlen - 1)
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def lead_with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """Drawn windows each led by BOS (its last token dropped to keep the length); one that starts with BOS
+    already is kept as it is."""
+    if bos is None:
+        return windows
+    led = torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows[:, :-1]], dim=1)
+    return torch.where((windows[:, :1] == bos), windows, led)
+
+
 def random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random) -> torch.Tensor:
     if ids.numel() <= seqlen:
         raise UserError(f"the calibration text has {ids.numel()} tokens, not more than seqlen={seqlen}; "
@@ -143,13 +164,14 @@ def c4_windows(tokenizer, docs: list[str], count: int, seqlen: int, rng: random.
     return torch.stack(windows)
 
 
-def eval_windows(tokenizer, name: str, seqlen: int, cache_dir: str | None = None) -> torch.Tensor:
+def eval_windows(tokenizer, name: str, seqlen: int, cache_dir: str | None = None,
+                 bos: int | None = None) -> torch.Tensor:
     if name == "c4":  # GPTQ: 256 windows from the validation shard, seed 0
         key = {"what": "c4-eval", "tokenizer": tokenizer_digest(tokenizer), "seqlen": seqlen, "seed": 0,
                "count": C4_EVAL_WINDOWS}
-        return cached_tensor(cache_dir, key, lambda: c4_windows(
-            tokenizer, _c4_docs("validation"), C4_EVAL_WINDOWS, seqlen, random.Random(0)))
-    windows = nonoverlapping_windows(_tokens(tokenizer, name, "eval", cache_dir), seqlen)
+        return lead_with_bos(cached_tensor(cache_dir, key, lambda: c4_windows(
+            tokenizer, _c4_docs("validation"), C4_EVAL_WINDOWS, seqlen, random.Random(0))), bos)
+    windows = bos_windows(nonoverlapping_windows, _tokens(tokenizer, name, "eval", cache_dir), seqlen, bos)
     if windows.shape[0] == 0:
         raise UserError(f"dataset {name!r} is shorter than one window of seqlen={seqlen}; use a smaller --seqlen")
     return windows
@@ -168,8 +190,11 @@ def check_windows(tokenizer, name: str, seqlen: int, role: str, cache_dir: str |
 
 
 def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: int,
-                        cache_dir: str | None = None) -> torch.Tensor:
-    """Exactly ``nsamples`` windows; the same seed always gives the same windows."""
+                        cache_dir: str | None = None, bos: int | None = None) -> torch.Tensor:
+    """Exactly ``nsamples`` windows; the same seed always gives the same windows; with ``bos`` each is led by
+    BOS (see :func:`lead_with_bos`)."""
+    if bos is not None:
+        return lead_with_bos(calibration_windows(tokenizer, name, nsamples, seqlen, seed, cache_dir), bos)
     if name == "mix":  # an equal share from each source; the remainder goes to the first sources
         shares = [nsamples // len(MIX_SOURCES) + (i < nsamples % len(MIX_SOURCES)) for i in range(len(MIX_SOURCES))]
         parts = [calibration_windows(tokenizer, src, n, seqlen, seed, cache_dir)

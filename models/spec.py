@@ -47,6 +47,9 @@ class QKEdge:
     # The query tap sees q_proj's output times head_dim^-0.5 (OPT scales q before the scores);
     # RPTQ's reference clusters on q_proj's own output, so features are unscaled first.
     q_prescaled: bool = False
+    # (q_norm, k_norm): per-head RMSNorms on q and k before RoPE whose one gain every head shares (Qwen3, Gemma 3).
+    # The owned forward applies them with a gain per head, so a permutation within heads (R2) stays exact.
+    norms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

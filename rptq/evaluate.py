@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from common.errors import UserError
 from eval.data import eval_windows
 from eval.ppl import perplexity, streamed_perplexity
 from eval.tasks import effective_bos, evaluate_tasks
@@ -24,7 +25,7 @@ def perplexities(cfg: RunConfig, model, tokenizer, adapter, reader, store: Layer
     """Per --ppl_datasets entry; ``reader`` set: out of core, each block is read back from ``store``."""
     ppl = {}
     for name in cfg.ppl_datasets if (cfg.eval_ppl if wanted is None else wanted) else ():
-        windows = eval_windows(tokenizer, name, seqlen, cfg.cache_dir)
+        windows = eval_windows(tokenizer, name, seqlen, cfg.cache_dir, window_bos(adapter, tokenizer))
         if reader is not None:
             spec = adapter.block_spec(model.config)
             layers = adapter.layers(model)
@@ -51,6 +52,17 @@ def evaluate(cfg: RunConfig, model, tokenizer, adapter, reader, store: LayerStor
                                source=cfg.tasks_source, device=str(device), seed=cfg.quant.seed,
                                cache_dir=cfg.cache_dir, bos=cfg.task_bos)
     return Evaluation(ppl, tasks, time.perf_counter() - start)
+
+
+def window_bos(adapter, tokenizer) -> int | None:
+    """The BOS id that leads every perplexity and calibration window, where the architecture declares that its
+    model needs one (Gemma), else None (the GPTQ protocol: windows cut from the running text)."""
+    if not adapter.windows_need_bos:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise UserError(f"{adapter.name} windows need a BOS token and the tokenizer has none; use the model's own "
+                        "tokenizer")
+    return tokenizer.bos_token_id
 
 
 def tasks_bos(cfg: RunConfig, model, tokenizer) -> bool | None:

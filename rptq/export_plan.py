@@ -172,6 +172,8 @@ def plan_block(plan: ExportPlan, block: QuantBlock, prefix: str, layer: int) -> 
 
 def plan_export(model, adapter) -> ExportPlan:
     """The whole model: resident tensors as they are, every decoder block through :func:`plan_block`."""
+    if getattr(adapter, "export_unsupported", ""):
+        raise UserError(adapter.export_unsupported)
     plan = ExportPlan()
     path = adapter.layers_path
     plan.state.update({k: v.detach().float().cpu() for k, v in model.state_dict().items()

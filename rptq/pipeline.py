@@ -148,7 +148,8 @@ def quantize_model(model: nn.Module, adapter, windows: torch.Tensor, cfg: QuantC
             continue
         block = block.to(layer_device)
         inputs, block_report = calibrate_block(block, inputs.to(layer_device),
-                                               layer_kwargs_on(layer_kwargs, layer_device), cfg, layer=i,
+                                               layer_kwargs_on(adapter.layer_kwargs(model, i, layer_kwargs),
+                                                               layer_device), cfg, layer=i,
                                                keep_ranges=bool(plot_layers) and i in plot_layers,
                                                given={k: v[i] for k, v in mctx.per_layer.items()},
                                                side_by_side=not offload,  # out of core, memory binds

@@ -17,6 +17,7 @@ from models.content import model_digest
 from models.execution import capture_block_inputs
 from models.streaming import layer_loader, load_resident, release_resident, return_freed_memory
 
+from .evaluate import window_bos
 from .layer_store import LayerStore
 from .pipeline import CalibrationReport, quantize_model
 from .run_config import RunConfig
@@ -120,7 +121,7 @@ def calibrate(cfg: RunConfig, model, tokenizer, adapter, reader, device, seqlen:
     """Calibrate in place; ``reader`` set: out of core, the layers stream from the checkpoint."""
     check_dataset_name(cfg.calib_dataset, "calibration")
     windows = calibration_windows(tokenizer, cfg.calib_dataset, cfg.nsamples, seqlen, cfg.quant.seed,
-                                  cfg.cache_dir)
+                                  cfg.cache_dir, window_bos(adapter, tokenizer))
     source = captured = trim = None
     run_id = ""
     if store is not None:  # hashing the model's files only matters where a state is kept

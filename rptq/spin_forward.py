@@ -162,6 +162,7 @@ class SpinForward:
         x = h0 @ r1.to(h0.dtype)
         for i, block in enumerate(self.blocks):
             r2 = None if r2s is None else r2s[i]
-            x = functional_call(block, self.layer_weights(i, r1, r2), (x,), layer_kwargs)
+            x = functional_call(block, self.layer_weights(i, r1, r2), (x,),
+                                self.adapter.layer_kwargs(self.model, i, layer_kwargs))
         logits = self.adapter.head_logits(self.model, x @ r1.T.to(x.dtype))
         return nn.functional.cross_entropy(logits[0, :-1].float(), ids[1:].to(logits.device))

@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "quarot, spinquant) or learned (per-row clipping trained on the block output, LWC)")
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--block_inputs", default=None, choices=BLOCK_INPUTS,
-                   help="what the next block calibrates on: this block's quantized outputs (default) or its full-"
-                        "precision ones (flatquant)")
+                   help="what the next block calibrates on: this block's quantized outputs (default), its full-"
+                        "precision ones (flatquant), or the quantized ones only where weights are quantized (weights: "
+                        "rptq, as the reference)")
     p.add_argument("--disable_w_quant", action="store_true")
     p.add_argument("--disable_a_quant", action="store_true")
     p.add_argument("--multigpu", action="store_true", help="shard decoder layers over all visible GPUs")

@@ -19,10 +19,13 @@ from __future__ import annotations
 import torch
 
 GRIDS = ("full", "reference", "symmetric", "quarot")
-# A floor, not a working value: it only keeps a constant group from dividing by zero. (The RPTQ
-# reference floors at 1e-4 and clamps zero points to +-1e4, which maps a near-constant group far
-# from 0 onto the wrong value; a floor this small lets it round-trip.)
+# A floor, not a working value: it only keeps a constant group from dividing by zero, and lets it round-trip.
 _MIN_SCALE = 1e-8
+# The RPTQ reference's quantizer, which the "reference" grid reproduces: scales clamped to [1e-4, 1e4] and zero
+# points to +-1e4. A constant group then lands on a 1e-4 step (off by up to 5e-5), and one beyond 1 in
+# magnitude, whose zero point the clamp cuts, on the wrong value; it changes single-channel weight clusters.
+_REFERENCE_SCALE = (1e-4, 1e4)
+_REFERENCE_ZERO = 1e4
 
 
 def _unknown(grid: str) -> ValueError:
@@ -56,7 +59,7 @@ def zero_point(xmin: torch.Tensor, xmax: torch.Tensor, scale: torch.Tensor, grid
     if grid == "full":
         return torch.round(-xmin / scale)
     if grid == "reference":
-        return torch.round(-(xmax + xmin) / (2 * scale))
+        return torch.round((-(xmax + xmin) / (2 * scale)).clamp(-_REFERENCE_ZERO, _REFERENCE_ZERO))
     if grid in ("symmetric", "quarot"):
         return torch.zeros_like(scale)
     raise _unknown(grid)
@@ -72,7 +75,7 @@ def affine_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, grid: str =
         scale = torch.maximum(xmin.abs(), xmax.abs()) / (2 ** (bits - 1) - 1)
     else:
         raise _unknown(grid)
-    scale = scale.clamp(min=_MIN_SCALE)
+    scale = scale.clamp(*_REFERENCE_SCALE) if grid == "reference" else scale.clamp(min=_MIN_SCALE)
     return scale, zero_point(xmin, xmax, scale, grid)
 
 

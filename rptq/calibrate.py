@@ -35,7 +35,7 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
                     given: dict | None = None, keep_codes: bool = True) -> tuple[torch.Tensor, BlockReport]:
     """Transform and quantize ``block`` in place; return the next block's inputs: its quantized outputs on
     ``inputs``, or with ``cfg.block_inputs == "fp"`` its full-precision ones (FlatQuant trains every block on
-    the FP model's activations). ``side_by_side``: see :func:`quantize_weights` (False out of core, where
+    the FP model's activations), or with "weights" the quantized ones only where the weights were quantized. ``side_by_side``: see :func:`quantize_weights` (False out of core, where
     memory binds). ``given``: what the model steps handed this layer (e.g. SpinQuant's learned R2).
     ``keep_codes``: keep the weights' integer codes (for --save_quantized or --export)."""
     spec = block.spec
@@ -43,7 +43,10 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
     timing = report.timing
     t0 = time.perf_counter()
     observers = make_observers(spec, cfg, inputs.shape[0], layer)
-    block.taps = nn.ModuleDict({p: observers.get(p, nn.Identity()) for p in spec.points})
+    # A quantizer the policy fixes before any statistic (RPTQ's softmax grid) already acts in this pass, as in
+    # the reference, so the ranges and Hessians downstream of it see what the quantized block will produce.
+    fixed = methods.policy(cfg).fixed_quantizers(cfg, spec)
+    block.taps = nn.ModuleDict({p: observers.get(p, fixed.get(p, nn.Identity())) for p in spec.points})
     fp_out = run_block(block, inputs, layer_kwargs)
     timing.passes += 1
     t1 = time.perf_counter()
@@ -82,4 +85,5 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
     report.decisions.update(ctx.decisions)
     report.placements = ctx.placements
     timing.stats_s, timing.transform_s, timing.weights_s, timing.output_s = t1 - t0, t2 - t1, t3 - t2, t4 - t3
-    return (fp_out if cfg.block_inputs == "fp" else outputs), report
+    quantized = cfg.block_inputs == "quantized" or (cfg.block_inputs == "weights" and cfg.weight_bits < FULL_PRECISION)
+    return (outputs if quantized else fp_out), report

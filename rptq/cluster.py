@@ -41,16 +41,19 @@ def kmeans_labels(features: np.ndarray, clusters: int, seed: int,
         return km.fit(features.astype(np.float64)).labels_.astype(np.int64)
 
 
-def labels_to_layout(labels: np.ndarray, features: np.ndarray) -> Layout:
-    """Clusters contiguous; clusters ordered by their mean feature vector, channels by index.
+CLUSTER_ORDERS = ("label", "feature")
 
-    The order does not depend on k-means' arbitrary label numbering, and ties are
-    broken by the smallest channel index, so the permutation is deterministic.
-    """
+
+def labels_to_layout(labels: np.ndarray, features: np.ndarray, order: str = "label") -> Layout:
+    """Clusters contiguous, channels by index inside each; clusters in k-means' label order (``label``: the
+    RPTQ reference sorts its channels by label) or by their mean feature vector (``feature``: independent of
+    k-means' arbitrary numbering, ties broken by the smallest channel index). The order of the clusters changes
+    nothing but the order of GPTQ's columns."""
     keys = []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
-        keys.append((tuple(features[members].mean(axis=0).round(8)), int(members[0]), label))
+        feature_key = tuple(features[members].mean(axis=0).round(8)) if order == "feature" else ()
+        keys.append((feature_key, int(label) if order == "label" else int(members[0]), label))
     rank = {label: r for r, (_, _, label) in enumerate(sorted(keys))}
     cluster_rank = np.array([rank[label] for label in labels])
     channels = np.arange(labels.shape[0])
@@ -60,10 +63,10 @@ def labels_to_layout(labels: np.ndarray, features: np.ndarray) -> Layout:
 
 
 def cluster_channels(features: torch.Tensor, clusters: int, seed: int,
-                     pools: ThreadpoolController | None = None) -> Layout:
+                     pools: ThreadpoolController | None = None, order: str = "label") -> Layout:
     """Layout for one set of channels; ``features`` is (channels, n_features)."""
     feats = features.detach().double().cpu().numpy()
-    return labels_to_layout(kmeans_labels(feats, clusters, seed, pools), feats)
+    return labels_to_layout(kmeans_labels(feats, clusters, seed, pools), feats, order)
 
 
 def range_features(cmin: torch.Tensor, cmax: torch.Tensor) -> torch.Tensor:
@@ -71,7 +74,7 @@ def range_features(cmin: torch.Tensor, cmax: torch.Tensor) -> torch.Tensor:
 
 
 def cluster_heads(features: torch.Tensor, heads: HeadLayout, clusters: int, seed: int,
-                  rope: bool) -> list[Layout]:
+                  rope: bool, order: str = "label") -> list[Layout]:
     """One local layout per key/value head.
 
     ``features`` is (kv_heads, head_dim, n_features): the features of every tensor sharing
@@ -86,11 +89,11 @@ def cluster_heads(features: torch.Tensor, heads: HeadLayout, clusters: int, seed
         f = features[g]
         if rope:
             pairs = torch.cat([f[:half], f[half:]], dim=-1)
-            local = cluster_channels(pairs, clusters, seed, pools)
+            local = cluster_channels(pairs, clusters, seed, pools, order)
             perm = torch.cat([local.perm, local.perm + half])
             layouts.append(Layout(perm, local.sizes + local.sizes))
         else:
-            layouts.append(cluster_channels(f, clusters, seed, pools))
+            layouts.append(cluster_channels(f, clusters, seed, pools, order))
     return layouts
 
 

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from models.spec import KEY, LINEAR_IN, LN_OUT, PROBS, QUERY, VALUE, BlockSpec
 
 FP = 16
-BLOCK_INPUTS = ("quantized", "fp")  # what the next block calibrates on
+# What the next block calibrates on: this block's quantized outputs, its full-precision ones, or the quantized
+# ones only where the weights were quantized ("weights": the RPTQ reference, which recomputes a block's outputs
+# only after GPTQ and otherwise passes its calibration pass's outputs on).
+BLOCK_INPUTS = ("quantized", "fp", "weights")
 W_CLIP_FITS = ("", "search", "learned")  # a fixed ratio only | QuaRot's per-row search | learned (LWC)
 
 

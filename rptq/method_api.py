@@ -21,6 +21,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from quant.quantizer import ActQuantizer
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -139,12 +141,21 @@ class Step:
 class Policy:
     """An activation policy (``--abits_policy``): ``activation(ctx, point, role) -> (QuantSpec, metric)`` and
     ``describe(cfg, spec, point, role) -> dict`` (the bit manifest's entry). ``uses_act_clip``: it reads the
-    shared ``--act_clip``."""
+    shared ``--act_clip``. ``fixed(cfg, point, role) -> QuantSpec | None``: a quantizer that needs no statistic
+    and already acts in the statistics pass (RPTQ's softmax grid, as its reference calibrates)."""
 
     name: str
     activation: Callable
     describe: Callable
     uses_act_clip: bool = False
+    fixed: Callable | None = None
+
+    def fixed_quantizers(self, cfg, spec) -> dict:
+        """{point: ActQuantizer} of the quantizers this policy fixes before any statistic."""
+        if self.fixed is None:
+            return {}
+        specs = {p: self.fixed(cfg, p, role) for p, role in spec.points.items()}
+        return {p: ActQuantizer(q) for p, q in specs.items() if q is not None}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from models.spec import PROBS
 from quant.quantizer import QuantSpec
 from quant.transforms import Permutation
 
-from ..cluster import cluster_channels, cluster_heads, head_layout, range_features
+from ..cluster import CLUSTER_ORDERS, cluster_channels, cluster_heads, head_layout, range_features
 from ..config import FP, QuantConfig, point_reorder, role_bits
 from ..context import BlockContext
 from ..method_api import Method, Needs, Policy, Step, at_least_one, setting
@@ -45,6 +45,16 @@ class RPTQSettings:
     R5_clusters: int = _clusters("R5", 32)
     kmeans_features: str = setting("minmax", "kmeans_features", "what k-means clusters: global min/max (reference) "
                                    "or the --metric ranges", choices=("minmax", "metric"), needs=REORDER)
+    kmeans_seed: int = setting(0, "kmeans_seed", "k-means' random_state (default 0, the reference's); the "
+                               "calibration windows still follow --seed", type=int, needs=REORDER)
+    cluster_order: str = setting("label", "cluster_order", "order of the clusters in a reordered layout: k-means' "
+                                 "label order (default, the reference's) or their mean feature; only GPTQ's column "
+                                 "order depends on it", choices=CLUSTER_ORDERS, needs=REORDER)
+    calib_softmax: str = setting("grid", "calib_softmax", "the softmax output in the statistics pass: on its "
+                                 "1/255 grid (default, as the reference calibrates) or unrounded (fp)",
+                                 choices=("grid", "fp"),
+                                 needs=Needs(custom=lambda cfg: cfg.abits_policy in ("rptq", "uniform"),
+                                             what="--abits_policy rptq or uniform"))
 
     def clusters(self, point: str) -> int:
         return getattr(self, f"{point}_clusters")
@@ -85,11 +95,12 @@ def qk_feature_ranges(ctx: BlockContext):
 def reorder_step(ctx: BlockContext) -> None:
     """Cluster every reorder point named in ``--reorder`` and fold the permutations (R1..R5)."""
     cfg, spec = ctx.cfg, ctx.spec
-    heads, clusters = spec.heads, cfg.of(RPTQSettings).clusters
+    rptq = cfg.of(RPTQSettings)
+    heads, clusters, seed, order = spec.heads, rptq.clusters, rptq.kmeans_seed, rptq.cluster_order
     for edge in spec.norm_edges:
         if reorders(cfg, edge.reorder):
             layout = cluster_channels(range_features(*_feature_ranges(ctx, edge.point)), clusters(edge.reorder),
-                                      cfg.seed)
+                                      seed, order=order)
             ctx.apply(edge.point, Permutation(layout.perm), step="reorder")
             ctx.groups[edge.point] = layout.sizes
     qk = spec.qk_edge
@@ -97,7 +108,8 @@ def reorder_step(ctx: BlockContext) -> None:
         q_ranges, k_ranges = qk_feature_ranges(ctx)
         q = _head_features(q_ranges, heads.group, heads.num_kv_heads, heads.head_dim)
         k = _head_features(k_ranges, 1, heads.num_kv_heads, heads.head_dim)
-        local = cluster_heads(torch.cat([q, k], dim=-1), heads, clusters(qk.reorder), cfg.seed, rope=heads.rope)
+        local = cluster_heads(torch.cat([q, k], dim=-1), heads, clusters(qk.reorder), seed, rope=heads.rope,
+                              order=order)
         q_layout, k_layout = head_layout(local, heads.group, heads.head_dim), head_layout(local, 1, heads.head_dim)
         ctx.apply_qk(Permutation(q_layout.perm), Permutation(k_layout.perm), step="reorder")
         ctx.groups[qk.q_point], ctx.groups[qk.k_point] = q_layout.sizes, k_layout.sizes
@@ -107,12 +119,12 @@ def reorder_step(ctx: BlockContext) -> None:
         ranges = _feature_ranges(ctx, edge.point)
         if edge.per_head:
             feats = _head_features(ranges, heads.group, heads.num_kv_heads, heads.head_dim)
-            local = cluster_heads(feats, heads, clusters(edge.reorder), cfg.seed, rope=False)
+            local = cluster_heads(feats, heads, clusters(edge.reorder), seed, rope=False, order=order)
             layout, value = head_layout(local, heads.group, heads.head_dim), head_layout(local, 1, heads.head_dim)
             ctx.apply(edge.point, Permutation(layout.perm), producer_form=Permutation(value.perm), step="reorder")
             ctx.groups[edge.point], ctx.groups[edge.value_point] = layout.sizes, value.sizes
         else:
-            layout = cluster_channels(range_features(*ranges), clusters(edge.reorder), cfg.seed)
+            layout = cluster_channels(range_features(*ranges), clusters(edge.reorder), seed, order=order)
             ctx.apply(edge.point, Permutation(layout.perm), step="reorder")
             ctx.groups[edge.point] = layout.sizes
 
@@ -131,6 +143,14 @@ def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str
     if role == PROBS:
         return QuantSpec(bits=bits, unit_grid=bits < FP), cfg.metric
     return QuantSpec(bits=bits, group_sizes=ctx.groups.get(point), dynamic=dynamic_kind(cfg), grid=cfg.grid), cfg.metric
+
+
+def fixed(cfg: QuantConfig, point: str, role: str) -> QuantSpec | None:
+    """The softmax grid acts in the statistics pass too (``--calib_softmax grid``): the reference rounds P
+    before its calibration-mode check, so P @ V's ranges and o_proj's Hessian see the rounded P."""
+    if role != PROBS or role_bits(cfg, role) >= FP or cfg.of(RPTQSettings).calib_softmax != "grid":
+        return None
+    return QuantSpec(bits=role_bits(cfg, role), unit_grid=True)
 
 
 def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
@@ -154,7 +174,7 @@ METHOD = Method(
     name="rptq", summary="RPTQ (Yuan et al., arXiv 2304.01089): reorder channels into clusters, one range per cluster",
     settings=RPTQSettings,
     steps=(Step("reorder", block=reorder_step),),
-    policies=(Policy("rptq", activation, describe), Policy("uniform", activation, describe)),
+    policies=(Policy("rptq", activation, describe, fixed=fixed), Policy("uniform", activation, describe, fixed=fixed)),
     presets={"rptq": dict(transforms=("reorder",), abits_policy="rptq", grid="reference", w_quantizer="gptq",
-                          w_range="minmax", w_group_size=0, w_clip=1.0)},
+                          w_range="minmax", w_group_size=0, w_clip=1.0, block_inputs="weights")},
 )

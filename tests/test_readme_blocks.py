@@ -12,11 +12,11 @@ import pytest
 from common.errors import UserError
 from common.provenance import code_digest
 from common.tee import tee_stdout
-from eval import readme_blocks
-from eval.readme_blocks import Sources, demo_block, rewrite
-from eval.readme_data import load_tree
-from eval.readme_diffs import differences_block
-from eval.readme_headline import headline_block
+from docgen import readme_blocks
+from docgen.readme_blocks import Sources, demo_block, rewrite
+from docgen.readme_data import load_tree
+from docgen.readme_diffs import differences_block
+from docgen.readme_headline import headline_block
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -73,7 +73,7 @@ def test_readme_blocks_match_the_committed_data():
     """The check: every block of README.md is exactly what docs/runs and docs/bench render to."""
     text = README.read_text()
     new, changed = rewrite(text, Sources(ROOT / "docs/runs", ROOT / "docs/bench"))
-    assert changed == [], f"stale blocks {changed}: run python -m eval.readme_blocks --write"
+    assert changed == [], f"stale blocks {changed}: run python -m docgen.readme_blocks --write"
     assert new == text
 
 

@@ -3,7 +3,7 @@ scripts/make_results_doc.sh plans; tests/test_runs_doc.py checks the two agree).
 numbers are in the runs."""
 from __future__ import annotations
 
-from eval.doc_runs import EXTRA_SEEDS, seed_key
+from docgen.doc_runs import EXTRA_SEEDS, seed_key
 
 PAPER = ("FP16", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV",
          "W4A4-per-tensor", "W4A4-uniform", "W4A4-uniform-per-tensor")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from statistics import mean
 
-from eval.readme_data import NOT_RUN, measure, ratio, settings_line, show
+from docgen.readme_data import NOT_RUN, measure, ratio, settings_line, show
 
 CONFIGS = ("W4A4", "W4A3KV")  # each alternative ran on both; their defaults are ppl/W4A4 and ppl/W4A3KV
 DYNAMIC_DEFAULT = "a-dynamic"  # per-token dynamic ranges compare with the reference's dynamic ranges

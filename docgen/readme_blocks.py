@@ -2,8 +2,8 @@
 `<!-- generated:NAME begin (SOURCE; do not edit) -->` and `<!-- generated:NAME end -->` and is rendered from
 committed data only (docs/runs/**/results.json, docs/bench/*.txt), so no figure in them is typed by hand.
 
-    python -m eval.readme_blocks --write     # rewrite every block in place (atomically)
-    python -m eval.readme_blocks --check     # exit 1 naming each block that differs from its data
+    python -m docgen.readme_blocks --write     # rewrite every block in place (atomically)
+    python -m docgen.readme_blocks --check     # exit 1 naming each block that differs from its data
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from typing import Callable
 from common.errors import UserError
 from common.provenance import code_digest
 from eval.cli import Parser, write_atomic
-from eval.doc_runs import stored_digest
-from eval.readme_data import load_tree
-from eval.readme_diffs import differences_block
-from eval.readme_headline import headline_block
+from docgen.doc_runs import stored_digest
+from docgen.readme_data import load_tree
+from docgen.readme_diffs import differences_block
+from docgen.readme_headline import headline_block
 from eval.table import render_table
 
 DEMO_RUNS = ("fp16", "w4a4-rptq", "w4a4-per-tensor")  # scripts/demo.sh's runs, in its order
@@ -122,7 +122,7 @@ def rewrite(text: str, src: Sources) -> tuple[str, list[str]]:
 
 
 def main(argv=None) -> int:
-    parser = Parser(prog="python -m eval.readme_blocks", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m docgen.readme_blocks", description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="rewrite the blocks in place")
     mode.add_argument("--check", action="store_true", help="exit 1 naming each stale block")
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         if args.check:
             for name in changed:
                 print(f"error: {args.readme}: generated block '{name}' differs from its data; run "
-                      "python -m eval.readme_blocks --write", file=sys.stderr)
+                      "python -m docgen.readme_blocks --write", file=sys.stderr)
             return 1 if changed else 0
         if changed:
             write_atomic(args.readme, new)

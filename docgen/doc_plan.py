@@ -62,6 +62,9 @@ DIFF_ITEMS = (
     ("metric-mse", "static activation ranges", _EMA, "metric"),
     ("metric-layer-mse", "static activation ranges", _EMA, "metric"),
     ("kmeans-metric", "k-means features", "each channel's global min/max", "kmeans_features"),
+    ("kmeans-seed-2", "k-means seed", "random_state 0", "kmeans_seed"),
+    ("cluster-order-feature", "cluster order (GPTQ's columns)", "k-means' label order", "cluster_order"),
+    ("calib-softmax-fp", "softmax P in the statistics pass", "on its 1/255 grid", "calib_softmax"),
     ("a-dynamic-per-token", "dynamic ranges (`--a_dynamic`)", "one range per cluster and sequence",
      "a_dynamic_method"),
 )

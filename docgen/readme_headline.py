@@ -136,7 +136,7 @@ def headline_block(tree: dict[str, list[dict]]) -> str:
     settings = settings_line(present)
     lines += [f"PTB / wiki_leads perplexity; FP16 {fp_text}" + (f"; {settings}" if settings else "")
               + ". ×N = perplexity / FP16's on that set; ± = sample std over calibration seeds.", "",
-              "| run | PTB | wiki_leads | issue target |", "|---|---:|---:|---|"]
+              "| run | PTB | wiki_leads | target |", "|---|---:|---:|---|"]
     for row in ROWS:
         runs = tree.get(row.key)
         cells = [show(measure(runs, d), fp[d]) for d in SETS]

@@ -188,7 +188,7 @@ def render(root: Path, doc: Path, model: str, digest: str) -> str:
          "## Weight-only: binary coding (GPTQT)", "",
          "Weights at 3 and 2 bits, activations FP16 (`--abits 16`), no reordering (`--reorder \"\"`, so per row "
          "means per output row), `--grid full --w_range minmax`; GPTQT and BCQ store each weight group as binary "
-         "codes with per-row scales (see the README).", "",
+         "codes with per-row scales (see [GPTQT and BCQ](methods/gptqt.md)).", "",
          *section(runs, "weights", lambda: weights_section(runs, model == "smollm2-135m")), "",
          "## Differences from the reference", "",
          "Each item where this toolkit offers an alternative to the RPTQ reference code's behaviour (our default "

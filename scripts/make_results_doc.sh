@@ -156,11 +156,14 @@ for cfg in W4A4 W4A3KV; do
     d metric-mse --metric mse
     d metric-layer-mse --metric layer_mse
     d kmeans-metric --kmeans_features metric
+    d kmeans-seed-2 --kmeans_seed 2
+    d cluster-order-feature --cluster_order feature
+    d calib-softmax-fp --calib_softmax fp
     d a-dynamic --a_dynamic
     d a-dynamic-per-token --a_dynamic --a_dynamic_method per_token
 done
 
-# Tier 9: what one run costs alone on the machine (issue #23): RPTQ W4A4's command again, after every other run,
+# Tier 9: what one run costs alone on the machine: RPTQ W4A4's command again, after every other run,
 # by itself with all cores (OMP_NUM_THREADS unset); the wall-time section and the settings read its timing
 plan 9 ref ref/W4A4-alone --wbits 4 --abits 4 "${PPL_ARGS[@]}"
 

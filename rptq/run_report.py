@@ -52,9 +52,9 @@ def preset_defaults(method: str) -> dict:
 
 
 def method_info(quant: QuantConfig) -> dict:
-    """The method, what the run used of it, the assumptions it rests on, and "defaults": the settings its
-    preset implies (preset_defaults), which the results table compares the run's config with."""
+    """The method, what the run used of it, the assumptions it rests on, its documentation page, and
+    "defaults": the settings its preset implies (preset_defaults), which the results table compares the run's config with."""
     return {"name": quant.method, "transforms": list(quant.transforms), "activation_policy": quant.abits_policy,
             "weight_quantizer": quant.w_quantizer, "grid": quant.grid,
-            "assumptions": methods.assumptions(quant),
+            "assumptions": methods.assumptions(quant), "doc": methods.doc_page(quant.method),
             "defaults": preset_defaults(quant.method)}

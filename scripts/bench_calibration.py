@@ -27,7 +27,7 @@ from rptq import methods  # noqa: E402
 from rptq.config import QuantConfig  # noqa: E402
 from rptq.pipeline import quantize_model  # noqa: E402
 
-TARGET_RATIO = 2.5  # issue #10: calibration within 2.5 FP forwards of the calibration set, 2 passes per layer
+TARGET_RATIO = 2.5  # calibration within 2.5 FP forwards of the calibration set, 2 passes per layer
 
 
 def _digest(model, report) -> str:
@@ -91,7 +91,7 @@ def main() -> None:
                        ("output pass (quantized)", "output_s"), ("calibration total", "total_s")):
         print(f"{label:<28} {s[key]:7.2f} s  ({s[key] / fp_forward_s:.2f}x)")
     ratio = s["total_s"] / fp_forward_s
-    print(f"calibration / FP forward = {ratio:.2f}x; target (issue #10) <= {TARGET_RATIO}x: "
+    print(f"calibration / FP forward = {ratio:.2f}x; target <= {TARGET_RATIO}x: "
           f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}")
     if args.digest:
         print(f"digest {_digest(model, report)}")

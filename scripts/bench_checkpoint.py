@@ -30,7 +30,7 @@ from rptq.checkpoint import load_quantized, save_quantized  # noqa: E402
 from rptq.config import QuantConfig  # noqa: E402
 from rptq.pipeline import quantize_model  # noqa: E402
 
-TARGETS = {4: 0.30, 3: 0.22, 2: 0.16}  # issue #15: codes + scales vs fp16
+TARGETS = {4: 0.30, 3: 0.22, 2: 0.16}  # codes + scales vs fp16, the target per bit width
 SCALES = {"exact": {}, "fp16": {"fp16_scales": True}, "sf8": {"sf8_scales": True}}
 
 

@@ -1,4 +1,4 @@
-"""Calibration cost of DuQuant with GPTQ weights against DuQuant with RTN weights (issue #21).
+"""Calibration cost of DuQuant with GPTQ weights against DuQuant with RTN weights.
 
 Both run back to back in one process on the same OPT-shaped model (random weights, injected
 outliers; nothing from the hub), with the ``--method duquant`` preset and only --w_quantizer
@@ -31,7 +31,7 @@ from rptq.flags import quant_config  # noqa: E402
 from rptq.pipeline import quantize_model  # noqa: E402
 from scripts.bench_calibration import _digest  # noqa: E402  (the same digest: weights and per-layer errors)
 
-TARGET_RATIO = 2.0  # issue #21: DuQuant with GPTQ weights within 2x of DuQuant with RTN
+TARGET_RATIO = 2.0  # DuQuant with GPTQ weights within 2x of DuQuant with RTN
 PHASES = (("stats pass (FP)", "stats_s"), ("transforms", "transform_s"), ("weights", "weights_s"),
           ("output pass", "output_s"), ("total", "total_s"))
 
@@ -76,7 +76,7 @@ def main() -> None:
     for label, key in PHASES:
         print(f"{label:<18} {results['rtn'][0][key]:8.2f}s {results['gptq'][0][key]:8.2f}s")
     ratio = results["gptq"][0]["total_s"] / results["rtn"][0]["total_s"]
-    print(f"gptq / rtn calibration = {ratio:.2f}x; target (issue #21) <= {TARGET_RATIO}x: "
+    print(f"gptq / rtn calibration = {ratio:.2f}x; target <= {TARGET_RATIO}x: "
           f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}")
     if args.digest:
         for q in ("rtn", "gptq"):

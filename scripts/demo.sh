@@ -36,4 +36,4 @@ for name in fp16 w4a4-rptq w4a4-per-tensor; do
   cp "$OUT/$name/results.json" "$DOCS/$name/results.json.tmp"
   mv "$DOCS/$name/results.json.tmp" "$DOCS/$name/results.json"  # a reader sees the old file or the new one
 done
-"$PYTHON" -m eval.readme_blocks --write
+"$PYTHON" -m docgen.readme_blocks --write

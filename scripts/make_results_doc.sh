@@ -5,7 +5,7 @@
 #
 # Every run the document shows is stored as docs/runs/<section>/<run>/{results.json,command.txt} (section: ppl,
 # methods, weights, diffs, tasks, ref; results.json stripped small, plus the plot data of the runs a figure
-# draws), and the document is rendered from docs/runs alone (python -m eval.results_doc), so it regenerates on
+# draws), and the document is rendered from docs/runs alone (python -m docgen.results_doc), so it regenerates on
 # any machine. A run is skipped when docs/runs holds its results.json, its command.txt equals the planned
 # command and its code digest (versions.code_digest) equals the checkout's (common.provenance.code_digest);
 # otherwise it runs into OUT and is stored as soon as it finishes, so an interrupted generation resumes where
@@ -41,7 +41,7 @@ NSAMPLES="${NSAMPLES:-32}"
 TASK_LIMIT="${TASK_LIMIT:-500}"
 ROT_STEPS="${ROT_STEPS:-64}"
 JOBS="${JOBS:-2}"
-EXTRA_SEEDS="3 4"  # eval.doc_runs.EXTRA_SEEDS; the base runs use seed 2
+EXTRA_SEEDS="3 4"  # docgen.doc_runs.EXTRA_SEEDS; the base runs use seed 2
 if (( JOBS > 1 )); then
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # JOBS processes share the cores
 fi
@@ -156,11 +156,14 @@ for cfg in W4A4 W4A3KV; do
     d metric-mse --metric mse
     d metric-layer-mse --metric layer_mse
     d kmeans-metric --kmeans_features metric
+    d kmeans-seed-2 --kmeans_seed 2
+    d cluster-order-feature --cluster_order feature
+    d calib-softmax-fp --calib_softmax fp
     d a-dynamic --a_dynamic
     d a-dynamic-per-token --a_dynamic --a_dynamic_method per_token
 done
 
-# Tier 9: what one run costs alone on the machine (issue #23): RPTQ W4A4's command again, after every other run,
+# Tier 9: what one run costs alone on the machine: RPTQ W4A4's command again, after every other run,
 # by itself with all cores (OMP_NUM_THREADS unset); the wall-time section and the settings read its timing
 plan 9 ref ref/W4A4-alone --wbits 4 --abits 4 "${PPL_ARGS[@]}"
 
@@ -170,7 +173,7 @@ if [[ -n "${PLAN_ONLY:-}" ]]; then printf '%s\n' "$ORDERED"; exit 0; fi
 mkdir -p "$OUT/logs" "$RUNS"
 printf '%s\n' "$ORDERED" > "$RUNS/plan.tsv.tmp" && mv "$RUNS/plan.tsv.tmp" "$RUNS/plan.tsv"
 DIGEST="$("$PYTHON" -c 'from common.provenance import code_digest; print(code_digest())')"
-CURRENT=" $(cut -f3,4 <<< "$ORDERED" | "$PYTHON" -m eval.doc_runs current "$RUNS" "$DIGEST" | tr '\n' ' ') "
+CURRENT=" $(cut -f3,4 <<< "$ORDERED" | "$PYTHON" -m docgen.doc_runs current "$RUNS" "$DIGEST" | tr '\n' ' ') "
 QUEUE=()  # plan lines to run: selected, not current
 while IFS= read -r line; do
     sections=$(cut -f2 <<< "$line") name=$(cut -f3 <<< "$line")
@@ -196,14 +199,14 @@ run_one() {  # plan line: run it into OUT, store it in RUNS, log its wall time i
         tail -n 15 "$log" >&2
         return 1
     fi
-    "$PYTHON" -m eval.doc_runs store "$OUT/$name" "$RUNS/$name" "$cmd"
+    "$PYTHON" -m docgen.doc_runs store "$OUT/$name" "$RUNS/$name" "$cmd"
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$((SECONDS - t0))" "$(date -u +%FT%TZ)" "${OMP_NUM_THREADS:-}" \
         "$JOBS" >> "$RUNS/steps.tsv"  # one short line per write: appends from parallel runs do not interleave
     echo "done $name ($((SECONDS - t0)) s)"
 }
 
 if (( ${#QUEUE[@]} )); then  # the machine that runs them, once per distinct machine
-    machine="$("$PYTHON" -m eval.doc_runs machine)"
+    machine="$("$PYTHON" -m docgen.doc_runs machine)"
     grep -qxF -- "$machine" "$RUNS/machines.txt" 2>/dev/null || echo "$machine" >> "$RUNS/machines.txt"
 fi
 failed=0
@@ -227,10 +230,10 @@ while (( $(jobs -rp | wc -l) > 0 )); do
 done
 
 # The document from what is stored, also after a failure (a partial doc lists the rest as not run)
-"$PYTHON" -m eval.results_doc --runs "$RUNS" --doc "$DOC" --model "$MODEL"
+"$PYTHON" -m docgen.results_doc --runs "$RUNS" --doc "$DOC" --model "$MODEL"
 echo "wrote $DOC"
 if [[ "$RUNS" == docs/runs ]]; then  # the README's tables read the same stored runs
-    "$PYTHON" -m eval.readme_blocks --write
+    "$PYTHON" -m docgen.readme_blocks --write
 fi
 if (( failed )); then
     echo "error: a run failed (see above); finished runs are stored, rerun to resume" >&2

@@ -12,11 +12,11 @@ import pytest
 from common.errors import UserError
 from common.provenance import code_digest
 from common.tee import tee_stdout
-from eval import readme_blocks
-from eval.readme_blocks import Sources, demo_block, rewrite
-from eval.readme_data import load_tree
-from eval.readme_diffs import differences_block
-from eval.readme_headline import headline_block
+from docgen import readme_blocks
+from docgen.readme_blocks import Sources, demo_block, rewrite
+from docgen.readme_data import load_tree
+from docgen.readme_diffs import differences_block
+from docgen.readme_headline import headline_block
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -69,12 +69,15 @@ def tree(tmp_path):
     return root
 
 
-def test_readme_blocks_match_the_committed_data():
-    """The check: every block of README.md is exactly what docs/runs and docs/bench render to."""
-    text = README.read_text()
-    new, changed = rewrite(text, Sources(ROOT / "docs/runs", ROOT / "docs/bench"))
-    assert changed == [], f"stale blocks {changed}: run python -m eval.readme_blocks --write"
-    assert new == text
+def test_generated_blocks_match_the_committed_data():
+    """The check: every block of the README and the docs pages is exactly what docs/runs and docs/bench render
+    to."""
+    assert "README.md" in readme_blocks.PAGES and "docs/benchmarks.md" in readme_blocks.PAGES
+    for page in readme_blocks.PAGES:
+        text = (ROOT / page).read_text()
+        new, changed = rewrite(text, Sources(ROOT / "docs/runs", ROOT / "docs/bench"), page)
+        assert changed == [], f"{page}: stale blocks {changed}: run python -m docgen.readme_blocks --write"
+        assert new == text
 
 
 def test_headline_values_ratios_seeds_and_verdicts(tree):
@@ -137,7 +140,7 @@ def test_differences_measured_column(tree):
     # per-token dynamic compares with the reference's dynamic ranges: 90 / 120 = 0.75
     assert got["`--a_dynamic`"][2] == "W4A4 120.00 → 90.00 (×0.75); W4A3KV not run"
     assert got["weight ranges"][2] == "W4A4 not run; W4A3KV not run"
-    assert got["softmax P"][2] == "—"
+    assert got["softmax P"][2] == "W4A4 not run; W4A3KV not run"
     # mean over the two layers: down_in 0.15, o_in 0.04
     assert "`down_in` (1.5e-01), next `o_in` (4.0e-02)" in block
 
@@ -177,20 +180,27 @@ def test_check_names_the_stale_block_and_write_fixes_it(tree, tmp_path, capsys):
     bench = tmp_path / "bench"
     bench.mkdir()
     (bench / "memory.txt").write_text("peak RSS 1.23 GiB\n")
-    readme = tmp_path / "README.md"
-    readme.write_text("\n".join(f"<!-- generated:{b.name} begin (x) -->\nold\n<!-- generated:{b.name} end -->"
-                                for b in readme_blocks.BLOCKS) + "\n")
-    args = ["--readme", str(readme), "--runs", str(tree), "--bench", str(bench)]
+    for page in readme_blocks.PAGES:  # each page holding its own blocks, all stale
+        path = tmp_path / page
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(f"<!-- generated:{b.name} begin (x) -->\nold\n<!-- generated:{b.name} end -->"
+                                   for b in readme_blocks.BLOCKS if b.page == page) + "\n")
+    args = ["--root", str(tmp_path), "--runs", str(tree), "--bench", str(bench)]
     assert readme_blocks.main(["--check", *args]) == 1
-    assert "generated block 'headline' differs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "README.md: generated block 'headline' differs" in err
+    assert "docs/benchmarks.md: generated block 'bench-memory' differs" in err
     assert readme_blocks.main(["--write", *args]) == 0
     assert readme_blocks.main(["--check", *args]) == 0
-    text = readme.read_text()
+    text = (tmp_path / "docs/benchmarks.md").read_text()
     assert "```\npeak RSS 1.23 GiB\n```" in text
     assert "Not run yet: `python scripts/bench_rotation.py --out docs/bench/rotation.txt`" in text
-    readme.write_text(text + "<!-- generated:mystery begin (x) -->\n<!-- generated:mystery end -->\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(readme.read_text() + "<!-- generated:mystery begin (x) -->\n<!-- generated:mystery end -->\n")
     with pytest.raises(UserError, match="mystery"):
         rewrite(readme.read_text(), Sources(tree, bench))
+    with pytest.raises(UserError, match="bench-memory"):  # a block declared on another page is unknown here
+        rewrite(readme.read_text().replace("mystery", "bench-memory"), Sources(tree, bench))
 
 
 def test_tee_writes_only_a_finished_report(tmp_path, capsys):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from eval import ablation_doc, doc_plan, methods_doc, results_doc
-from eval.doc_runs import dump
-from eval.doc_stats import Spread
-from eval.results_doc import task_section
+from docgen import ablation_doc, doc_plan, methods_doc, results_doc
+from docgen.doc_runs import dump
+from docgen.doc_stats import Spread
+from docgen.results_doc import task_section
 from rptq.run_report import preset_defaults
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "results.md"
@@ -271,7 +271,7 @@ def test_a_partial_doc_takes_the_zero_shot_size_from_the_plan_and_explains_dirty
 
 
 def test_wall_time_states_the_cost_alone_against_shared_and_the_generation_wall_time():
-    from eval.doc_header import budget_lines, settings_lines
+    from docgen.doc_header import budget_lines, settings_lines
     runs = {"ppl/W4A4": fake_run(calib_s=300.0), "ref/W4A4-alone": fake_run(calib_s=180.0),
             "ppl/FP16": fake_run(16, 16, calib_s=0.0)}
     steps = {"ppl/W4A4": (600, "t", "1", "2"), "ref/W4A4-alone": (250, "t", "unset", "1"),

@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 from statistics import mean, stdev
 
-from eval import doc_runs, results_doc
-from eval.doc_plan import SECTION_RUNS, SEEDED, all_runs
-from eval.doc_stats import Spread, compare
+from docgen import doc_runs, results_doc
+from docgen.doc_plan import SECTION_RUNS, SEEDED, all_runs
+from docgen.doc_stats import Spread, compare
 from tests.test_results_doc import fake_run
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_results_doc.sh"
@@ -206,7 +206,7 @@ def test_residual_rotation_figure_pairs_the_unrotated_and_rotated_ranges(tmp_pat
     import numpy as np
     import torch
 
-    from eval.doc_figures import residual_rotation_figures
+    from docgen.doc_figures import residual_rotation_figures
     from eval.plot_data import write_plot_data
 
     width = 16
@@ -222,7 +222,7 @@ def test_residual_rotation_figure_pairs_the_unrotated_and_rotated_ranges(tmp_pat
             quarot = {"_path": str(root / "results.json"), "plots": {"data": rels}, "model": "m"}
     rptq = {"_path": str(tmp_path / "ppl/W4A4/results.json")}
     captured = {}
-    import eval.doc_figures as figs
+    import docgen.doc_figures as figs
 
     real = figs.plot_channel_ranges
     monkeypatch.setattr(figs, "plot_channel_ranges",
@@ -237,7 +237,7 @@ def test_residual_rotation_figure_pairs_the_unrotated_and_rotated_ranges(tmp_pat
 
 
 def test_ratio_keeps_its_digits_when_the_reference_collapsed():
-    from eval.doc_cells import ratio
+    from docgen.doc_cells import ratio
     assert ratio(314.65, 1213299.53) == "×2.6e-04"  # GPTQT against a collapsed GPTQ: not "×0.00"
     assert ratio(84.61, 179.92) == "×0.47" and ratio(1.0, 0.0) == "–"
 
@@ -248,7 +248,7 @@ def test_task_on_which_every_row_scores_alike_is_said_to_separate_nothing():
         return {"config": {"wbits": w, "abits": a, "limit": 500}, "method": {"name": "rptq"},
                 "tasks": {"piqa": {"acc_norm": piqa, "acc_norm_stderr": 0.021},
                           "boolq": {"acc": boolq, "acc_stderr": 0.022}}}
-    from eval.results_doc import task_section
+    from docgen.results_doc import task_section
     lines = task_section({"FP16": row(16, 16, 0.66, 0.42), "W4A4": row(4, 4, 0.56, 0.42),
                           "W8A8": row(8, 8, 0.59, 0.418)})
     assert ("- boolq separates no rows: all 3 lie within 0.2 points of each other, less than one stderr (2.2); the "

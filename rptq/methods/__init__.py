@@ -45,6 +45,12 @@ def presets() -> dict[str, dict]:
     return _unique("preset", ((n, p, m.name) for m in modules() for n, p in m.presets.items()))
 
 
+def doc_page(preset: str) -> str:
+    """The documentation page of the method module declaring ``--method preset`` (docs/methods/<module>.md)."""
+    owner = next((m.name for m in modules() if preset in m.presets), preset)
+    return f"docs/methods/{owner}.md"
+
+
 @functools.cache
 def steps() -> dict[str, Step]:
     return _unique("step", ((s.name, s, m.name) for m in modules() for s in m.steps))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from statistics import mean
 
-from eval.doc_cells import MISSING, NOT_RUN, calib_s, fmt, md_table, method_text, ratio
-from eval.doc_plan import METHOD_ROWS, ROTATION_RUNS, SEEDED
-from eval.doc_stats import fmt_spread, ppl_spread, ranking, seed_runs
+from docgen.doc_cells import MISSING, NOT_RUN, calib_s, fmt, md_table, method_text, ratio
+from docgen.doc_plan import METHOD_ROWS, ROTATION_RUNS, SEEDED
+from docgen.doc_stats import fmt_spread, ppl_spread, ranking, seed_runs
 from eval.runs import method_settings, row_label
 
 SETS = ("ptb", "wiki_leads")

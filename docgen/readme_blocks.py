@@ -1,9 +1,10 @@
-"""Rewrite or check the README's generated blocks: each sits between
-`<!-- generated:NAME begin (SOURCE; do not edit) -->` and `<!-- generated:NAME end -->` and is rendered from
-committed data only (docs/runs/**/results.json, docs/bench/*.txt), so no figure in them is typed by hand.
+"""Rewrite or check the generated blocks of the README and the docs pages: each sits between
+`<!-- generated:NAME begin (SOURCE; do not edit) -->` and `<!-- generated:NAME end -->` on the page that declares
+it, and is rendered from committed data only (docs/runs/**/results.json, docs/bench/*.txt), so no figure in them
+is typed by hand.
 
-    python -m eval.readme_blocks --write     # rewrite every block in place (atomically)
-    python -m eval.readme_blocks --check     # exit 1 naming each block that differs from its data
+    python -m docgen.readme_blocks --write     # rewrite every block of every page in place (atomically)
+    python -m docgen.readme_blocks --check     # exit 1 naming each block that differs from its data
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from typing import Callable
 from common.errors import UserError
 from common.provenance import code_digest
 from eval.cli import Parser, write_atomic
-from eval.doc_runs import stored_digest
-from eval.readme_data import load_tree
-from eval.readme_diffs import differences_block
-from eval.readme_headline import headline_block
+from docgen.doc_runs import stored_digest
+from docgen.readme_data import load_tree
+from docgen.readme_diffs import differences_block
+from docgen.readme_headline import headline_block
 from eval.table import render_table
 
 DEMO_RUNS = ("fp16", "w4a4-rptq", "w4a4-per-tensor")  # scripts/demo.sh's runs, in its order
@@ -39,6 +40,7 @@ class Block:
     name: str
     source: str  # what makes its data, named in the begin marker
     render: Callable[[Sources], str]
+    page: str = "README.md"  # where it sits, relative to the repository root
 
 
 def demo_block(src: Sources) -> str:
@@ -84,30 +86,34 @@ BENCHES = {
                                 "--windows 4 --seqlen 128 --layers 2 --digest"),
     "bench-gptqt": Bench("gptqt_synthetic.py", "gptqt_synthetic.txt"),
     "bench-checkpoint": Bench("bench_checkpoint.py", "checkpoint.txt"),
+    "bench-flatquant": Bench("bench_flatquant.py", "flatquant.txt"),
+    "bench-w4a4-frontier": Bench("w4a4_frontier.py", "w4a4_frontier.txt"),
 }
 BLOCKS = (
     Block("demo", "scripts/demo.sh", demo_block),
     Block("headline", "scripts/make_results_doc.sh", lambda src: headline_block(load_tree(src.runs))),
-    Block("differences", "scripts/make_results_doc.sh", lambda src: differences_block(load_tree(src.runs))),
-    *(Block(name, f"scripts/{b.script} --out", b.render) for name, b in BENCHES.items()),
+    Block("differences", "scripts/make_results_doc.sh", lambda src: differences_block(load_tree(src.runs)),
+          page="docs/methods/rptq.md"),
+    *(Block(name, f"scripts/{b.script} --out", b.render, page="docs/benchmarks.md") for name, b in BENCHES.items()),
 )
+PAGES = tuple(dict.fromkeys(b.page for b in BLOCKS))
 
 
 def begin_marker(block: Block) -> str:
     return f"<!-- generated:{block.name} begin ({block.source}; do not edit) -->"
 
 
-def rewrite(text: str, src: Sources) -> tuple[str, list[str]]:
-    """(the README with every block rendered afresh, the names of the blocks that changed). A declared block
-    missing from the text, or an unknown one in it, is a UserError."""
-    blocks = {b.name: b for b in BLOCKS}
+def rewrite(text: str, src: Sources, page: str = "README.md") -> tuple[str, list[str]]:
+    """(``page``'s text with each of its blocks rendered afresh, the names of the blocks that changed). A block
+    the page declares but lacks, or an unknown one in it, is a UserError."""
+    blocks = {b.name: b for b in BLOCKS if b.page == page}
     found = [m.group("name") for m in _BLOCK.finditer(text)]
     unknown = sorted(set(found) - set(blocks))
     if unknown:
-        raise UserError(f"README has generated blocks this command does not know: {unknown}")
+        raise UserError(f"{page} has generated blocks this command does not know there: {unknown}")
     absent = [name for name in blocks if name not in found]
     if absent:
-        raise UserError(f"README lacks the generated blocks {absent}; add their begin/end markers")
+        raise UserError(f"{page} lacks the generated blocks {absent}; add their begin/end markers")
     changed = []
 
     def fresh(m: re.Match) -> str:
@@ -122,32 +128,35 @@ def rewrite(text: str, src: Sources) -> tuple[str, list[str]]:
 
 
 def main(argv=None) -> int:
-    parser = Parser(prog="python -m eval.readme_blocks", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m docgen.readme_blocks", description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="rewrite the blocks in place")
     mode.add_argument("--check", action="store_true", help="exit 1 naming each stale block")
-    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--root", default=".", help="the repository root the pages are under (default .)")
     parser.add_argument("--runs", default="docs/runs", help="the results.json tree (default docs/runs)")
     parser.add_argument("--bench", default="docs/bench", help="the benchmarks' output files (default docs/bench)")
     args = parser.parse_args(argv)
-    try:
-        text = Path(args.readme).read_text()
-        new, changed = rewrite(text, Sources(Path(args.runs), Path(args.bench)))
+    stale = 0
+    for page in PAGES:
+        path = Path(args.root) / page
+        try:
+            new, changed = rewrite(path.read_text(), Sources(Path(args.runs), Path(args.bench)), page)
+        except OSError as exc:
+            print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         if args.check:
             for name in changed:
-                print(f"error: {args.readme}: generated block '{name}' differs from its data; run "
-                      "python -m eval.readme_blocks --write", file=sys.stderr)
-            return 1 if changed else 0
+                print(f"error: {page}: generated block '{name}' differs from its data; run "
+                      "python -m docgen.readme_blocks --write", file=sys.stderr)
+            stale += len(changed)
+            continue
         if changed:
-            write_atomic(args.readme, new)
-        print(f"{args.readme}: rewrote {', '.join(changed) if changed else 'nothing (all blocks current)'}")
-    except OSError as exc:
-        print(f"error: cannot read {args.readme}: {exc}", file=sys.stderr)
-        return 2
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+            write_atomic(path, new)
+        print(f"{page}: rewrote {', '.join(changed) if changed else 'nothing (all blocks current)'}")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

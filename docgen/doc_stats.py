@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from statistics import mean, stdev
 
-from eval.doc_runs import EXTRA_SEEDS, seed_key
+from docgen.doc_runs import EXTRA_SEEDS, seed_key
 
 K = 2.0  # means must differ by more than K x the larger standard deviation
 

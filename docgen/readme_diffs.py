@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from statistics import mean
 
-from eval.readme_data import NOT_RUN, measure, ratio, settings_line, show
+from docgen.readme_data import NOT_RUN, measure, ratio, settings_line, show
 
 CONFIGS = ("W4A4", "W4A3KV")  # each alternative ran on both; their defaults are ppl/W4A4 and ppl/W4A3KV
 DYNAMIC_DEFAULT = "a-dynamic"  # per-token dynamic ranges compare with the reference's dynamic ranges
@@ -22,9 +22,9 @@ class Item:
 
 
 ITEMS = (
-    Item("integer grid", "2^b levels over [min, max − step], signed codes, zero = round(−(max+min)/2s) (no 1e-4 "
-         "floor / ±1e4 zero clamp: constant groups round-trip)", "`--grid full` (2^b − 1 steps over [min, max])",
-         "grid-full"),
+    Item("integer grid", "2^b levels over [min, max − step], signed codes, zero = round(−(max+min)/2s); scale "
+         "clamped to [1e-4, 1e4], zero to ±1e4", "`--grid full` (2^b − 1 steps over [min, max], scale floor 1e-8: "
+         "constant groups round-trip)", "grid-full"),
     Item("weight ranges", "plain min/max per (row × cluster)", "`--w_range with_zero` (GPTQ's convention)",
          "w-range-with-zero"),
     Item("`--metric ema_minmax`", "EMA (0.99) over calibration samples of each sample's *cluster* extreme, from "
@@ -42,15 +42,21 @@ ITEMS = (
          "by 1/8–1/11 against k)", unmeasured="OPT only (Llama taps unscaled q); no OPT weights offline"),
     Item("`--a_dynamic`", "one range per cluster and *sequence*; softmax stays on its fixed grid",
          "`--a_dynamic_method per_token`", "a-dynamic-per-token"),
-    Item("softmax P", "round(255·p)/255 always, also during calibration", "none"),
+    Item("softmax P", "round(255·p)/255 always, also in the statistics pass (ranges and Hessians downstream see "
+         "the rounded P)", "`--calib_softmax fp` (statistics on the unrounded P)", "calib-softmax-fp"),
+    Item("next block's calibration inputs", "this block's quantized outputs after weights were quantized, else its "
+         "calibration-pass outputs (`--block_inputs weights`)", "`--block_inputs quantized` (always the quantized "
+         "outputs)", unmeasured="only where weights stay unquantized (W16Ax): not in these configurations"),
     Item("zero-shot metric", "tables show acc_norm for piqa, ARC, OpenBookQA; acc for boolq, LAMBADA (header "
          "names it)", "results.json keeps every metric"),
     Item("BOS in lm-eval contexts", "none for OPT (the reference's lm-eval 0.3); the model's own for Llama",
          "`--task_bos on/off`", unmeasured="OPT only; no OPT weights offline"),
     Item("LAMBADA offline", "`lambada_openai` refused offline", "`lambada_flat` (paragraph breaks collapsed: a "
          "different number)"),
-    Item("k-means seed", "reference `random_state=0`", "ours `--seed` (default 2); `--seed 0` gives the "
-         "reference's k-means"),
+    Item("k-means seed", "`random_state=0` (`--kmeans_seed 0`), whatever `--seed`", "`--kmeans_seed 2` (seeded "
+         "like the windows)", "kmeans-seed-2"),
+    Item("cluster order", "k-means' label order (the reference's argsort of the labels)", "`--cluster_order "
+         "feature` (by mean feature; only GPTQ's column order differs)", "cluster-order-feature"),
     Item("`--w_quantizer normal`", "reference: a silent no-op", "ours: RTN that really quantizes"),
     Item("`mix` calibration", "reference: 126 real windows + 2 all-zero rows", "ours: exactly `--nsamples` real "
          "windows"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.doc_runs import base_key, read_plan
-from eval.doc_stats import Spread, spread
+from docgen.doc_runs import base_key, read_plan
+from docgen.doc_stats import Spread, spread
 from eval.runs import load_runs
 
 NOT_RUN = "not run"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from eval.doc_cells import fmt
-from eval.doc_runs import base_key, stored_digest
+from docgen.doc_cells import fmt
+from docgen.doc_runs import base_key, stored_digest
 from eval.runs import row_label
 
 PAPER_CALIB = (128, 2048)  # RPTQ / GPTQ / SmoothQuant / DuQuant / QuaRot calibrate on 128 windows of 2048 tokens

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.provenance import code_digest
-from eval.doc_runs import stored_digest
-from eval.doc_stats import K, compare
-from eval.readme_data import NOT_RUN, measure, settings_line, show
+from docgen.doc_runs import stored_digest
+from docgen.doc_stats import K, compare
+from docgen.readme_data import NOT_RUN, measure, settings_line, show
 from eval.runs import method_settings
 
 SETS = ("ptb", "wiki_leads")
@@ -126,7 +126,7 @@ def headline_block(tree: dict[str, list[dict]]) -> str:
     present = [r for row in ROWS + (Row(FP16, "FP16"),) for r in tree.get(row.key) or ()]
     if not present:
         lines += ["No runs yet — run `scripts/make_results_doc.sh` (it copies every finished run's results.json "
-                  "into docs/runs/), then `python -m eval.readme_blocks --write`.", ""]
+                  "into docs/runs/), then `python -m docgen.readme_blocks --write`.", ""]
     digest = code_digest()
     stale = sorted({r["_path"] for r in present if stored_digest(r) != digest})
     if stale:
@@ -136,7 +136,7 @@ def headline_block(tree: dict[str, list[dict]]) -> str:
     settings = settings_line(present)
     lines += [f"PTB / wiki_leads perplexity; FP16 {fp_text}" + (f"; {settings}" if settings else "")
               + ". ×N = perplexity / FP16's on that set; ± = sample std over calibration seeds.", "",
-              "| run | PTB | wiki_leads | issue target |", "|---|---:|---:|---|"]
+              "| run | PTB | wiki_leads | target |", "|---|---:|---:|---|"]
     for row in ROWS:
         runs = tree.get(row.key)
         cells = [show(measure(runs, d), fp[d]) for d in SETS]

@@ -3,7 +3,7 @@ scripts/make_results_doc.sh plans; tests/test_runs_doc.py checks the two agree).
 numbers are in the runs."""
 from __future__ import annotations
 
-from eval.doc_runs import EXTRA_SEEDS, seed_key
+from docgen.doc_runs import EXTRA_SEEDS, seed_key
 
 PAPER = ("FP16", "W4A16", "W4A8", "W4A4", "W4A4KV", "W4A3KV", "W3A3KV",
          "W4A4-per-tensor", "W4A4-uniform", "W4A4-uniform-per-tensor")
@@ -62,6 +62,9 @@ DIFF_ITEMS = (
     ("metric-mse", "static activation ranges", _EMA, "metric"),
     ("metric-layer-mse", "static activation ranges", _EMA, "metric"),
     ("kmeans-metric", "k-means features", "each channel's global min/max", "kmeans_features"),
+    ("kmeans-seed-2", "k-means seed", "random_state 0", "kmeans_seed"),
+    ("cluster-order-feature", "cluster order (GPTQ's columns)", "k-means' label order", "cluster_order"),
+    ("calib-softmax-fp", "softmax P in the statistics pass", "on its 1/255 grid", "calib_softmax"),
     ("a-dynamic-per-token", "dynamic ranges (`--a_dynamic`)", "one range per cluster and sequence",
      "a_dynamic_method"),
 )

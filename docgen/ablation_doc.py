@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from statistics import mean
 
-from eval.doc_cells import NOT_RUN, calib_s, fmt, md_table, ppl_of, ratio
-from eval.doc_plan import DIFF_CONFIGS, DIFF_ITEMS, DYNAMIC_DEFAULT, WEIGHT_RUNS
-from eval.doc_stats import K, Spread, ppl_spread
+from docgen.doc_cells import NOT_RUN, calib_s, fmt, md_table, ppl_of, ratio
+from docgen.doc_plan import DIFF_CONFIGS, DIFF_ITEMS, DYNAMIC_DEFAULT, WEIGHT_RUNS
+from docgen.doc_stats import K, Spread, ppl_spread
 from eval.runs import rptq_setting
 
 SETS = ("ptb", "wiki_leads")

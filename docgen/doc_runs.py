@@ -11,9 +11,9 @@ command that produced it; the rule by which scripts/make_results_doc.sh skips a 
 A run is current (skipped) when its results.json exists, command.txt equals the planned command byte for byte,
 and results.json's versions.code_digest equals the working tree's common.provenance.code_digest().
 
-    python -m eval.doc_runs current RUNS DIGEST < plan   prints the runs of the plan (run TAB command) that are current
-    python -m eval.doc_runs store SRC DEST COMMAND      copies the finished run SRC (an --output_path) into DEST
-    python -m eval.doc_runs machine                     prints the machine's line for docs/runs/machines.txt
+    python -m docgen.doc_runs current RUNS DIGEST < plan   prints the runs of the plan (run TAB command) that are current
+    python -m docgen.doc_runs store SRC DEST COMMAND      copies the finished run SRC (an --output_path) into DEST
+    python -m docgen.doc_runs machine                     prints the machine's line for docs/runs/machines.txt
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def strip(results: dict) -> dict:
     size = len(dump(out))
     if size > MAX_BYTES:
         raise UserError(f"results.json of {out.get('model')} is {size} bytes stripped, over docs/runs' "
-                        f"{MAX_BYTES}; drop a bulky field in eval/doc_runs.strip")
+                        f"{MAX_BYTES}; drop a bulky field in docgen/doc_runs.strip")
     return out
 
 
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     except (UserError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print("usage: python -m eval.doc_runs current RUNS DIGEST < plan | store SRC DEST COMMAND | machine",
+    print("usage: python -m docgen.doc_runs current RUNS DIGEST < plan | store SRC DEST COMMAND | machine",
           file=sys.stderr)
     return 2
 

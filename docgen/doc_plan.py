@@ -56,6 +56,8 @@ DIFF_CONFIGS = (("W4A4", "ppl/W4A4"), ("W4A3KV", "ppl/W4A3KV"))
 _EMA = "EMA over samples of each sample's cluster extreme"
 DIFF_ITEMS = (
     ("grid-full", "integer grid", "2^b levels over [min, max − step]", "grid"),
+    ("grid-clamped", "grid clamps", "ours none (scale floor 1e-8); the reference code: scale in [1e-4, 1e4], zero ±1e4",
+     "grid"),
     ("w-range-with-zero", "weight range", "plain per-group min/max (0 need not be on the grid)", "w_range"),
     ("metric-ema-channel", "static activation ranges", _EMA, "metric"),
     ("metric-minmax", "static activation ranges", _EMA, "metric"),

@@ -22,9 +22,12 @@ class Item:
 
 
 ITEMS = (
-    Item("integer grid", "2^b levels over [min, max − step], signed codes, zero = round(−(max+min)/2s); scale "
-         "clamped to [1e-4, 1e4], zero to ±1e4", "`--grid full` (2^b − 1 steps over [min, max], scale floor 1e-8: "
-         "constant groups round-trip)", "grid-full"),
+    Item("integer grid", "2^b levels over [min, max − step], signed codes, zero = round(−(max+min)/2s)",
+         "`--grid full` (2^b − 1 steps over [min, max])", "grid-full"),
+    Item("grid clamps", "reference code: scale clamped to [1e-4, 1e4], zero to ±1e4, which clips every "
+         "single-channel weight cluster with |w| > 1 to ~1; ours: scale floor 1e-8, no zero clamp (a deliberate "
+         "default: the clamps collapse SmolLM2)", "`--grid reference_clamped` (the reference code's clamps)",
+         "grid-clamped"),
     Item("weight ranges", "plain min/max per (row × cluster)", "`--w_range with_zero` (GPTQ's convention)",
          "w-range-with-zero"),
     Item("`--metric ema_minmax`", "EMA (0.99) over calibration samples of each sample's *cluster* extreme, from "

@@ -8,6 +8,8 @@ Three grids, named by where they come from:
 - ``reference``: RPTQ's UniformAffineQuantizer: scale (max - min) / 2^b, zero point
   round(-(max + min) / (2 scale)) on the signed codes -2^(b-1) .. 2^(b-1) - 1, so the grid's 2^b levels
   span [min, max - scale] and the top step is clipped;
+- ``reference_clamped``: the same with the reference code's clamps, scale in [1e-4, 1e4] and zero point in
+  +-1e4 (parity with its figures; see below why it is not the default);
 - ``symmetric``: scale max|x| / (2^(b-1) - 1), zero point 0 (SmoothQuant, FPTQ activations);
 - ``quarot``: the same scale and zero point on the two's-complement codes -2^(b-1) .. 2^(b-1) - 1
   (QuaRot's sym_quant: a clipped range's negative side rounds onto the extra code -2^(b-1)).
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import torch
 
-GRIDS = ("full", "reference", "symmetric", "quarot")
+GRIDS = ("full", "reference", "reference_clamped", "symmetric", "quarot")
+_REFERENCE = ("reference", "reference_clamped")
 # A floor, not a working value: it only keeps a constant group from dividing by zero, and lets it round-trip.
 _MIN_SCALE = 1e-8
-# The RPTQ reference's quantizer, which the "reference" grid reproduces: scales clamped to [1e-4, 1e4] and zero
-# points to +-1e4. A constant group then lands on a 1e-4 step (off by up to 5e-5), and one beyond 1 in
-# magnitude, whose zero point the clamp cuts, on the wrong value; it changes single-channel weight clusters.
+# The RPTQ reference code clamps scales to [1e-4, 1e4] and zero points to +-1e4 ("reference_clamped"). A constant
+# group then lands on a 1e-4 step, and one beyond 1 in magnitude, whose zero point the clamp cuts, near +-1: every
+# single-channel weight cluster with |w| > 1 is clipped to ~1. On SmolLM2-135M (W4A4, RPTQ's defaults) that takes
+# PTB perplexity from 133 to 410369, so the default "reference" grid keeps the reference's formulas without it.
 _REFERENCE_SCALE = (1e-4, 1e4)
 _REFERENCE_ZERO = 1e4
 
@@ -36,7 +40,7 @@ def code_range(bits: int, grid: str = "full") -> tuple[int, int]:
     """(qmin, qmax) of the integer codes of a grid."""
     if grid == "full":
         return 0, 2**bits - 1
-    if grid in ("reference", "quarot"):
+    if grid in (*_REFERENCE, "quarot"):
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if grid == "symmetric":
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
@@ -59,6 +63,8 @@ def zero_point(xmin: torch.Tensor, xmax: torch.Tensor, scale: torch.Tensor, grid
     if grid == "full":
         return torch.round(-xmin / scale)
     if grid == "reference":
+        return torch.round(-(xmax + xmin) / (2 * scale))
+    if grid == "reference_clamped":
         return torch.round((-(xmax + xmin) / (2 * scale)).clamp(-_REFERENCE_ZERO, _REFERENCE_ZERO))
     if grid in ("symmetric", "quarot"):
         return torch.zeros_like(scale)
@@ -69,13 +75,13 @@ def affine_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, grid: str =
     """Scale and integer zero point of a grid for the range [xmin, xmax] (elementwise)."""
     if grid == "full":
         scale = (xmax - xmin) / (2**bits - 1)
-    elif grid == "reference":
+    elif grid in _REFERENCE:
         scale = (xmax - xmin) / 2**bits
     elif grid in ("symmetric", "quarot"):
         scale = torch.maximum(xmin.abs(), xmax.abs()) / (2 ** (bits - 1) - 1)
     else:
         raise _unknown(grid)
-    scale = scale.clamp(*_REFERENCE_SCALE) if grid == "reference" else scale.clamp(min=_MIN_SCALE)
+    scale = scale.clamp(*_REFERENCE_SCALE) if grid == "reference_clamped" else scale.clamp(min=_MIN_SCALE)
     return scale, zero_point(xmin, xmax, scale, grid)
 
 

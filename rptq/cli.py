@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from quant.grid import GRIDS
+
 from . import methods
 from .config import BLOCK_INPUTS
 from .flags import PPL_DEFAULT, add_method_flags
@@ -58,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per_cluster: one range per cluster and sequence (reference); per_token: per token and cluster")
     p.add_argument("--act_clip", type=float, default=None,
                    help="dynamic activation clipping ratio (duquant, quarot: 0.9; spinquant: 1.0)")
-    p.add_argument("--grid", default=None, choices=("reference", "full", "symmetric", "quarot"),
-                   help="integer grid: reference (RPTQ: 2^b levels over [min, max-step]), full (2^b-1 steps over "
+    p.add_argument("--grid", default=None, choices=GRIDS,
+                   help="integer grid: reference (RPTQ: 2^b levels over [min, max-step]), reference_clamped (the "
+                        "same with the reference code's scale/zero clamps, which clip |w| > 1 in single-channel "
+                        "clusters), full (2^b-1 steps over "
                         "[min, max]), symmetric (codes +-(2^(b-1)-1)), quarot (symmetric scale on codes -2^(b-1)..2^(b-1)-1)")
     p.add_argument("--w_quantizer", default=None, choices=("gptq", "rtn", "normal", "gptqt", "bcq"),
                    help="normal = rtn (the reference's name); gptqt: GPTQT binary codes (3/2 bits); bcq: plain "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from quant.packing import PackedAffine, PackedBinary, load_packed
-from quant.grid import code_dtype, code_range
+from quant.grid import GRIDS, code_dtype, code_range
 
 Packed = PackedAffine | PackedBinary
 _FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -60,7 +60,7 @@ def unpack_linear(prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> 
                  "offset": packed.offset.float(), "group_sizes": groups}
     else:
         grid = meta.get("grid")
-        if grid not in ("full", "reference", "symmetric", "quarot") or _qmin(packed.bits, grid) != packed.qmin:
+        if grid not in GRIDS or _qmin(packed.bits, grid) != packed.qmin:
             raise ValueError(f"packed weight {prefix}: grid {grid!r} does not match its code origin {packed.qmin}")
         codes = {"kind": "affine", "codes": packed.integer_codes().to(code_dtype(packed.bits, grid)),
                  "scale": packed.group_scale(), "zero": packed.group_zero(), "bits": packed.bits, "grid": grid,

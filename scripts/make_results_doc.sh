@@ -150,6 +150,7 @@ for cfg in W4A4 W4A3KV; do
     case $cfg in W4A4) bits=(--wbits 4 --abits 4) ;; W4A3KV) bits=(--wbits 4 --abits 3 --only_quant_kv) ;; esac
     d() { plan 3 diffs "diffs/$cfg-$1" "${bits[@]}" "${@:2}" "${DIFF_ARGS[@]}"; }
     d grid-full --grid full
+    d grid-clamped --grid reference_clamped
     d w-range-with-zero --w_range with_zero
     d metric-ema-channel --metric ema_channel
     d metric-minmax --metric minmax

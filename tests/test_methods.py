@@ -95,6 +95,11 @@ def test_reference_grid_by_hand():
     # a near-constant group must still round-trip (the reference's 1e-4 floor and 1e4 zero clamp do not)
     scale, zero = affine_params(torch.tensor(5.0), torch.tensor(5.0), 4, "reference")
     assert abs(fake_quant(torch.tensor(5.0), scale, zero, 4, "reference").item() - 5.0) < 1e-6
+    # the reference code's clamps (reference_clamped): scale 1e-4, zero round(-5e4) cut to -1e4, so the code
+    # clamp(5e4 - 1e4, -8, 7) = 7 dequantizes to (7 + 1e4) * 1e-4 = 1.0007, not 5
+    scale, zero = affine_params(torch.tensor(5.0), torch.tensor(5.0), 4, "reference_clamped")
+    assert scale.item() == pytest.approx(1e-4) and zero.item() == -1e4
+    assert fake_quant(torch.tensor(5.0), scale, zero, 4, "reference_clamped").item() == pytest.approx(1.0007, abs=1e-6)
 
 
 def test_ema_of_cluster_extreme_by_hand():

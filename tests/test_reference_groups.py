@@ -6,8 +6,8 @@ formulas stated in quant/quantizer.py's docstring (written out again here, not i
 - ``full``:      scale = (max - min) / (2^b - 1),   zero = round(-min / scale),              codes 0 .. 2^b - 1
 - ``reference``: scale = (max - min) / 2^b,         zero = round(-(max + min) / (2 scale)),  codes -2^(b-1) .. 2^(b-1) - 1
 - ``symmetric``: scale = max(|min|, |max|) / (2^(b-1) - 1), zero = 0,                        codes -(2^(b-1) - 1) .. 2^(b-1) - 1
-- every scale at least 1e-8, except ``reference``: the RPTQ reference's scale in [1e-4, 1e4] and zero in
-  [-1e4, 1e4]; x -> (clamp(round(x / scale) + zero) - zero) * scale, round half to even.
+- ``reference_clamped``: ``reference`` with the RPTQ reference code's scale in [1e-4, 1e4] and zero in [-1e4, 1e4]
+- every other scale at least 1e-8; x -> (clamp(round(x / scale) + zero) - zero) * scale, round half to even.
 
 Checked: static activation quantizers (ActQuantizer) per tensor and per uneven cluster layout,
 with a clipping ratio; dynamic ones per token and per sequence; weight RTN per (row, uneven
@@ -21,13 +21,13 @@ import torch
 from quant.quantizer import ActQuantizer, QuantSpec, WeightSpec, quantize_weight_rtn
 
 F = np.float32
-GRIDS = ("full", "reference", "symmetric")
+GRIDS = ("full", "reference", "reference_clamped", "symmetric")
 
 
 def code_limits(bits, grid):
     if grid == "full":
         return 0, 2**bits - 1
-    if grid == "reference":
+    if grid in ("reference", "reference_clamped"):
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
 
@@ -39,7 +39,10 @@ def params(lo, hi, bits, grid):
         scale = max((hi - lo) / F(2**bits - 1), F(1e-8))
         return scale, np.round(-lo / scale)
     if grid == "reference":
-        scale = min(max((hi - lo) / F(2**bits), F(1e-4)), F(1e4))  # the RPTQ reference's clamps
+        scale = max((hi - lo) / F(2**bits), F(1e-8))
+        return scale, np.round(-(hi + lo) / (F(2) * scale))
+    if grid == "reference_clamped":
+        scale = min(max((hi - lo) / F(2**bits), F(1e-4)), F(1e4))  # the RPTQ reference code's clamps
         return scale, np.round(min(max(-(hi + lo) / (F(2) * scale), F(-1e4)), F(1e4)))
     scale = max(max(abs(lo), abs(hi)) / F(2 ** (bits - 1) - 1), F(1e-8))
     return scale, F(0)

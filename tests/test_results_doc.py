@@ -204,7 +204,8 @@ def test_diffs_section_flags_from_config_ratios_and_point_errors():
     assert table[0] == ("| W4A4 | integer grid | 2^b levels over [min, max − step] (`grid=reference`) | "
                         "`--grid full` | 100.00 | 120.00 | ×1.20 | yes: 20.00 > 2 × 4.00 |")
     assert not any("--metric" in ln for ln in table)  # items whose run is not there: not run
-    assert table[2] == ("| W4A4 | static activation ranges | EMA over samples of each sample's cluster extreme "
+    assert table[1].startswith("| W4A4 | grid clamps |") and table[1].endswith("| 100.00 | not run | – | – |")
+    assert table[3] == ("| W4A4 | static activation ranges | EMA over samples of each sample's cluster extreme "
                         "(`metric=ema_minmax`) | `diffs/W4A4-metric-ema-channel` | 100.00 | not run | – | – |")
     table = [ln for ln in table if "not run" not in ln]
     assert table[1] == ("| W4A4 | dynamic ranges (`--a_dynamic`) | one range per cluster and sequence "

@@ -107,9 +107,19 @@ def _tokenizer(cls, dest: Path) -> None:
     cls.from_pretrained(str(tok_dir)).save_pretrained(str(dest))
 
 
+def _without_seconds(value):
+    """``value`` without its wall-clock entries (a learned step reports its "seconds"): they differ run to run."""
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value
+
+
 def digest(result: dict) -> str:
-    """The numbers a run produced: perplexity, per-layer errors, decisions and the bit manifest."""
-    keep = {k: result.get(k) for k in ("ppl", "layer_errors", "decisions", "bit_manifest")}
+    """The numbers a run produced: perplexity, per-layer errors, decisions (less their timings) and the bit
+    manifest."""
+    keep = {k: _without_seconds(result.get(k)) for k in ("ppl", "layer_errors", "decisions", "bit_manifest")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -6,6 +6,9 @@ outputs, and one through the quantized block that yields the next block's inputs
 against the FP outputs, the block's quantization error (rptq/block_error.py). Between them
 the method's transform steps run on the statistics (re-expressed, never re-measured), then
 weights (rptq/weights.py) and activation quantizers (rptq/act_quantizers.py) are built.
+A third pass comes first only where a quantizer the policy fixes (RPTQ's softmax grid) acts in the
+statistics pass and the first step wants its channel features without it (RPTQ's k-means, as the
+reference clusters on the unquantized layer).
 """
 from __future__ import annotations
 

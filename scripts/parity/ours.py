@@ -25,6 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from common.provenance import code_digest  # noqa: E402
 from eval.ppl import perplexity  # noqa: E402
 from models.registry import adapter_for  # noqa: E402
 from quant.gptq import GPTQ  # noqa: E402
@@ -102,7 +103,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     record = json.loads(Path(args.record).read_text())
-    out = {"record": args.record, "settings": {}}
+    out = {"record": args.record, "code_digest": code_digest(), "settings": {}}
     with tempfile.TemporaryDirectory() as tmp:
         build, calib, evaluation = inputs(record, Path(tmp))
         for name, setting in record["settings"].items():

@@ -51,7 +51,7 @@ def _method_lines(name: str, record: dict, ours: dict | None) -> list[str]:
         errors = setting.get("gptq_weight_error_by_layer")
         error = (f"{errors[0]:.6f} / {parity['gptq_weight_error_layer0']:.6f}"
                  if errors and "gptq_weight_error_layer0" in parity else "—")
-        flags = " ".join(f for f in setting["our_flags"]) or "(unquantized)"
+        flags = " ".join(f or '""' for f in setting["our_flags"]) or "(unquantized)"
         L.append(f"| {setting_name} | `{flags}` | {setting['ppl']:.3f} | "
                  + (f"{parity['ppl']:.3f} | {_rel(parity['ppl'], setting['ppl'])}" if parity else "— | —")
                  + " | " + (f"{default['ppl']:.3f} | {_rel(default['ppl'], setting['ppl'])}" if default else "— | —")

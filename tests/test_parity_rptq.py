@@ -68,3 +68,15 @@ def test_setting_matches_the_official_code(name, fixture_inputs, fp_ppl):
     official_error = setting.get("gptq_weight_error_by_layer")
     if official_error:
         assert got["gptq_weight_error_layer0"] == pytest.approx(official_error[0], rel=2e-4), name
+
+
+def test_the_results_doc_shows_these_figures():
+    from docgen.parity_doc import parity_section
+
+    lines = parity_section()
+    text = "\n".join(lines)
+    assert f"@ `{RECORD['official']['commit'][:10]}`" in text
+    assert all(f"| {name} |" in text for name in SETTINGS)
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "results.md").read_text()
+    stale = [line for line in lines if line and line not in doc]
+    assert not stale, f"docs/results.md is stale ({stale[0][:80]}...): run python -m docgen.results_doc"

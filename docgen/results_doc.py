@@ -22,6 +22,7 @@ from eval.cli import write_atomic
 from docgen.doc_figures import figures_section
 from docgen.doc_header import budget_lines, provenance_lines, settings_lines, stale_runs
 from docgen.doc_plan import PAPER, SECTION_RUNS, all_runs
+from docgen.parity_doc import parity_section
 from docgen.doc_runs import load_tree, read_plan, read_steps
 from docgen.doc_stats import compare, fmt_spread, ppl_spread
 from docgen.methods_doc import methods_section
@@ -194,6 +195,12 @@ def render(root: Path, doc: Path, model: str, digest: str) -> str:
          "Each item where this toolkit offers an alternative to the RPTQ reference code's behaviour (our default "
          "follows the reference): the default run against the same run with one flag changed, on PTB only.", "",
          *section(runs, "diffs", lambda: diffs_section(runs)), "",
+         "## Parity with the official implementations", "",
+         "The authors' own code, run here on CPU on a shared fixture, beside ours with the flags that give its "
+         "semantics (`tests/test_parity_*.py` assert these figures; how each tolerance was measured is in the "
+         "test's docstring). rel. = ours / official - 1; excess = log ppl - log FP. This fixture is a random "
+         "model, so the absolute perplexities mean nothing: what is compared is the arithmetic.", "",
+         *parity_section(), "",
          "## Figures", "",
          "Per-channel activation ranges over the calibration tokens of the middle layer, before and after "
          "RPTQ's reordering (red: each cluster's quantization range), drawn from the plot data stored with the "

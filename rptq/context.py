@@ -31,6 +31,9 @@ class BlockContext:
     fp_outputs: torch.Tensor | None = None
     layer_kwargs: dict = field(default_factory=dict)
     weight_clips: dict = field(default_factory=dict)  # linear -> learned per-row (max, min) clip factors
+    # Channel ranges from a pass without the policy's fixed quantizers, in the block's original channel order
+    # (Step.unquantized_features); None when the statistics pass already is that pass.
+    feature_observers: dict[str, ChannelObserver] | None = None
 
     @property
     def spec(self) -> BlockSpec:

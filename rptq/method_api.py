@@ -124,6 +124,9 @@ class Step:
               for this step (a rotation search, a learned step's initialisation).
     fits_weight_clips: learns the weights' clipping itself (FlatQuant's LWC, jointly with its transforms),
               so ``--w_clip learned`` runs no separate fit after it.
+    unquantized_features: as the first step, reads its channel features (``ctx.feature_observers``) from a
+              pass where the policy's fixed quantizers do not act yet: RPTQ's reference clusters on the
+              unquantized layer, then calibrates ranges and Hessians with the softmax on its grid.
     """
 
     name: str
@@ -135,6 +138,7 @@ class Step:
     online: bool = False
     token_sample: Callable | None = None
     fits_weight_clips: bool = False
+    unquantized_features: bool = False
 
 
 @dataclass(frozen=True)

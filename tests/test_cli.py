@@ -53,7 +53,8 @@ def test_fp_ppl_run_writes_schema_and_is_repeatable(model_dir, cache, tmp_path, 
 def test_w4a4_run_on_local_text(model_dir, cache, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(400)))
-    args = [str(model_dir), "--wbits", "4", "--abits", "4", "--eval_ppl", "--ppl_datasets", f"file:{text}",
+    args = [str(model_dir), "--wbits", "4", "--abits", "4", "--eval_ppl", "--eval_base_ppl",
+            "--ppl_datasets", f"file:{text}",
             "--calib_dataset", f"file:{text}", "--nsamples", "4", "--seqlen", "64", "--limit", "2",
             "--R1_clusters", "4", "--R4_clusters", "4", "--R5_clusters", "4", "--cache_dir", cache,
             "--output_path", str(tmp_path / "out"), "--no_progress"]
@@ -62,8 +63,10 @@ def test_w4a4_run_on_local_text(model_dir, cache, tmp_path, capsys):
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["bit_manifest"]["q"] == {"bits": 4, "granularity": "cluster(R2=4 per head)", "static": True,
                                         "transforms": ["permutation@rows"]}
-    assert res["bit_manifest"]["qkv_in"]["bits"] == 8 and res["calibration"]["passes_per_layer"] == 2
-    assert res["timing"]["calibration_s"] > 0 and res["ppl"][f"file:{text}"] > 1
+    assert res["bit_manifest"]["qkv_in"]["bits"] == 8 and res["calibration"]["passes_per_layer"] == 3
+    assert res["timing"]["calibration_s"] > 0  # 3 passes: k-means features from the unquantized layer first
+    # quantized / FP measured 0.998-1.004 over --seed 0-4 on this tiny random model and text
+    assert 0.97 < res["ppl"][f"file:{text}"] / res["ppl_base"][f"file:{text}"] < 1.03
 
 
 BAD = {

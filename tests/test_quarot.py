@@ -44,7 +44,7 @@ def test_residual_rotation_lowers_w4a4_error_on_outliers():
 
 
 def test_quarot_from_the_command_line(model_dir, cache, tmp_path, capsys):  # noqa: F811
-    code, err = run(small(model_dir, cache, tmp_path / "out", "--method", "quarot"), capsys)
+    code, err = run(small(model_dir, cache, tmp_path / "out", "--method", "quarot", "--eval_base_ppl"), capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["method"]["transforms"] == ["residual_rotate", "head_rotate", "qk_rotate", "mlp_rotate"]
@@ -55,7 +55,8 @@ def test_quarot_from_the_command_line(model_dir, cache, tmp_path, capsys):  # no
     assert manifest["fc2_in"]["transforms"] == ["rotation@online"]
     assert res["config"]["grid"] == "quarot" and res["config"]["w_quantizer"] == "gptq"
     assert res["config"]["w_clip_fit"] == "search" and "-2^(b-1)..2^(b-1)-1" in manifest["fc2_in"]["granularity"]
-    assert res["ppl"]["ptb"] > 1
+    # W4A4 barely moves this tiny random model: quantized / FP measured 0.991-1.007 over --seed 0-4
+    assert 0.97 < res["ppl"]["ptb"] / res["ppl_base"]["ptb"] < 1.03
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -26,10 +26,13 @@ SMALL = {"R1_clusters": 4, "R2_clusters": 2, "R3_clusters": 2, "R4_clusters": 4,
 
 def test_label_order_is_the_references_argsort_of_kmeans_labels():
     feats = torch.randn(96, 2, generator=torch.Generator().manual_seed(1)) * torch.tensor([3.0, 1.0])
-    labels = KMeans(n_clusters=6, n_init=10, random_state=0).fit(feats.double().numpy()).labels_
-    reference = np.argsort(labels, kind="stable")  # the reference's argsort(labels), channels by index inside
+    # the reference: k-means on the float32 features, then torch.argsort of its labels, whose default sort is
+    # not stable (inside a cluster the channels are not in index order; GPTQ's column order depends on it)
+    labels = KMeans(n_clusters=6, n_init=10, random_state=0).fit(feats.numpy()).labels_
+    reference = torch.argsort(torch.from_numpy(labels))
     ours = cluster_channels(feats, 6, seed=0, order="label")
     assert ours.perm.tolist() == reference.tolist()
+    assert ours.perm.tolist() != np.argsort(labels, kind="stable").tolist()  # the stable order differs here
     assert list(ours.sizes) == np.bincount(labels).tolist()
     by_feature = cluster_channels(feats, 6, seed=0, order="feature")
     groups = lambda lay: sorted(tuple(sorted(g.tolist())) for g in torch.split(lay.perm, list(lay.sizes)))  # noqa

@@ -122,7 +122,7 @@ def test_same_seed_same_rotations():
 
 def test_spinquant_from_the_command_line(model_dir, cache, tmp_path, capsys):  # noqa: F811
     code, err = run(small(model_dir, cache, tmp_path / "out", "--method", "spinquant", "--spin_steps", "3",
-                          "--spin_samples", "2"), capsys)
+                          "--spin_samples", "2", "--eval_base_ppl"), capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["method"]["transforms"] == list(TRANSFORMS)
@@ -134,7 +134,8 @@ def test_spinquant_from_the_command_line(model_dir, cache, tmp_path, capsys):  #
     assert manifest["out_in"]["granularity"].startswith("token x head dynamic, asymmetric")
     assert manifest["fc2_in"]["granularity"] == "token dynamic, asymmetric, clip 1.0"
     assert any("SpinQuant" in a for a in res["method"]["assumptions"])
-    assert res["ppl"]["ptb"] > 1
+    # quantized / FP measured 1.0007-1.0045 over --seed 0-4 on this tiny random model
+    assert 0.97 < res["ppl"]["ptb"] / res["ppl_base"]["ptb"] < 1.03
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -67,8 +67,9 @@ def reorders(cfg: QuantConfig, point: str) -> bool:
 
 def _feature_ranges(ctx: BlockContext, point: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (min, max) that k-means sees: the running global extremes over every calibration
-    token (the reference, whatever --metric is) or the --metric ranges (``kmeans_features metric``)."""
-    obs = ctx.observers[point]
+    token (the reference, whatever --metric is) or the --metric ranges (``kmeans_features metric``); with the
+    softmax grid on in calibration, measured before it acts, on the unquantized layer, as the reference does."""
+    obs = (ctx.feature_observers or ctx.observers)[point]
     if ctx.cfg.of(RPTQSettings).kmeans_features == "minmax" or ctx.cfg.metric in ("mse", "layer_mse"):
         return obs.channel_minmax()
     channels = obs.maxes[0].shape[-1]
@@ -173,7 +174,7 @@ def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
 METHOD = Method(
     name="rptq", summary="RPTQ (Yuan et al., arXiv 2304.01089): reorder channels into clusters, one range per cluster",
     settings=RPTQSettings,
-    steps=(Step("reorder", block=reorder_step),),
+    steps=(Step("reorder", block=reorder_step, unquantized_features=True),),
     policies=(Policy("rptq", activation, describe, fixed=fixed), Policy("uniform", activation, describe, fixed=fixed)),
     presets={"rptq": dict(transforms=("reorder",), abits_policy="rptq", grid="reference", w_quantizer="gptq",
                           w_range="minmax", w_group_size=0, w_clip=1.0, block_inputs="weights")},

@@ -1,0 +1,72 @@
+"""The results doc's "Parity with the official implementations" section, rendered from the official runs'
+records (tests/parity/<method>.json, made by scripts/parity/<method>_official.py) and this project's figures on
+the same fixture (tests/parity/<method>-ours.json, made by scripts/parity/ours.py)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+PARITY = Path(__file__).resolve().parent.parent / "tests" / "parity"
+
+
+def _rel(a: float, b: float) -> str:
+    return f"{a / b - 1:+.1e}"
+
+
+def _spread(setting: dict, fp: float) -> str:
+    seeds = setting.get("ppl_by_kmeans_seed")
+    if not seeds:
+        return "—"
+    excess = [math.log(p / fp) for p in seeds.values()]
+    return f"{min(excess):+.1e} … {max(excess):+.1e}"
+
+
+def _method_lines(name: str, record: dict, ours: dict | None) -> list[str]:
+    official = record["official"]
+    versions = ", ".join(f"{k} {v}" for k, v in official["versions"].items())
+    spec = record["fixture"]
+    model, windows = spec["model"], spec["windows"]
+    L = [f"### {name}: {official['repo']} @ `{official['commit'][:10]}`", "",
+         f"- Fixture: a {model['num_hidden_layers']}-layer OPT, hidden {model['hidden_size']}, random weights with "
+         f"x{model['outliers']['scale']:g} outliers on {model['outliers']['channels']} channels per edge "
+         f"(function-preserving); {windows['calibration']['count']} calibration windows of {windows['seqlen']} "
+         f"tokens of {windows['dataset']} {windows['calibration']['split']} (seed {windows['calibration']['seed']}), "
+         f"the first {windows['evaluation']['first']} of its {windows['evaluation']['split']} split; windows digest "
+         f"`{spec['windows_digest']}` (`scripts/parity/fixture.py`).",
+         f"- Official run: `{record['command']}` ({versions}). Changes made to run it on CPU:",
+         *(f"  - {p}" for p in official["patches"]),
+         f"- Ours: the flags in the table plus `{' '.join(record['shared_flags'])}` (the official quantizer's "
+         "clamps); \"defaults\" leaves that out." + (f" Computed by code digest `{ours['code_digest']}`."
+                                                       if ours and ours.get("code_digest") else ""), ""]
+    if ours is None:
+        return L + ["(ours not computed yet: run `python scripts/parity/ours.py tests/parity/<method>.json`)", ""]
+    fp = record["settings"]["FP"]["ppl"]
+    L += ["| setting | our flags | official ppl | ours | rel. | ours, defaults | rel. | official excess over "
+          "k-means seeds 0-4 | layer 0 GPTQ weight error: official / ours |",
+          "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for setting_name, setting in record["settings"].items():
+        mine = ours["settings"].get(setting_name, {})
+        parity, default = mine.get("parity_flags", {}), mine.get("defaults", {})
+        errors = setting.get("gptq_weight_error_by_layer")
+        error = (f"{errors[0]:.6f} / {parity['gptq_weight_error_layer0']:.6f}"
+                 if errors and "gptq_weight_error_layer0" in parity else "—")
+        flags = " ".join(f or '""' for f in setting["our_flags"]) or "(unquantized)"
+        L.append(f"| {setting_name} | `{flags}` | {setting['ppl']:.3f} | "
+                 + (f"{parity['ppl']:.3f} | {_rel(parity['ppl'], setting['ppl'])}" if parity else "— | —")
+                 + " | " + (f"{default['ppl']:.3f} | {_rel(default['ppl'], setting['ppl'])}" if default else "— | —")
+                 + f" | {_spread(setting, fp)} | {error} |")
+    return L + [""]
+
+
+def parity_section(root: Path = PARITY) -> list[str]:
+    records = sorted(p for p in root.glob("*.json") if not p.stem.endswith("-ours")) if root.is_dir() else []
+    if not records:
+        return ["(no official run recorded yet under tests/parity/)"]
+    L = []
+    for path in records:
+        ours_path = path.with_name(f"{path.stem}-ours.json")
+        ours = json.loads(ours_path.read_text()) if ours_path.is_file() else None
+        L += _method_lines(path.stem.upper() if len(path.stem) <= 5 else path.stem, json.loads(path.read_text()),
+                           ours)
+    return L

@@ -1,0 +1,123 @@
+"""This project's figures on a parity fixture: for each setting an official run recorded (tests/parity/<method>.json),
+run ours with the recorded flags on the same model and windows, rebuilt in process (scripts/parity/fixture.py),
+once with the flags that give the official semantics and once with this project's defaults, and write them beside
+the official ones for the docs (tests/parity/<method>-ours.json):
+
+    .venv/bin/python scripts/parity/ours.py tests/parity/rptq.json
+
+The parity tests call :func:`run` themselves; this file only stores what the docs show.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from common.provenance import code_digest  # noqa: E402
+from eval.ppl import perplexity  # noqa: E402
+from models.registry import adapter_for  # noqa: E402
+from quant.gptq import GPTQ  # noqa: E402
+from rptq.cli import build_parser  # noqa: E402
+from rptq.flags import build_config  # noqa: E402
+from rptq.pipeline import quantize_model  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_fixture():
+    """scripts/parity/fixture.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("parity_fixture", HERE / "fixture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def inputs(record: dict, work: Path):
+    """(model builder, calibration windows, evaluation windows) of a record's fixture, after checking that the
+    windows are the ones the official run read."""
+    fixture = load_fixture()
+    tok = fixture.tokenizer(work / "tokenizer")
+    calib, evaluation = fixture.build_windows(tok, record["fixture"], cache_dir=str(work / "cache"))
+    digest = fixture.windows_digest(calib, evaluation)
+    if digest != record["fixture"]["windows_digest"]:
+        raise SystemExit(f"windows digest {digest} != the record's {record['fixture']['windows_digest']}")
+    return (lambda: fixture.build_model(record["fixture"])), calib, evaluation
+
+
+def config(flags: list[str]):
+    return build_config(build_parser().parse_args(["fixture", *flags])).quant
+
+
+def gptq_weight_error(model, calib: torch.Tensor, cfg, monkeypatch_target=GPTQ) -> float | None:
+    """Layer 0's GPTQ weight error sum ||Q - W||^2 / sum ||W||^2 over its linears (None: no GPTQ), from a copy
+    of the model cut to that layer (its quantization does not depend on the layers after it)."""
+    one = copy.deepcopy(model)
+    one.model.decoder.layers = nn.ModuleList(one.model.decoder.layers[:1])
+    one.config.num_hidden_layers = 1
+    calls = []  # two sweeps run side by side in threads (rptq/weights.py): append, never read-modify-write
+    original = monkeypatch_target._quantize
+
+    def measured(self, weight, *a, **k):
+        q, codes = original(self, weight, *a, **k)
+        w = weight.detach().float()
+        calls.append((float((q.float() - w).pow(2).sum()), float(w.pow(2).sum())))
+        return q, codes
+
+    monkeypatch_target._quantize = measured
+    try:
+        quantize_model(one, adapter_for(one.config), calib, cfg, progress=False)
+    finally:
+        monkeypatch_target._quantize = original
+    calls.sort()  # a fixed order of the float sums, whichever sweep finished first
+    total = sum(c[1] for c in calls)
+    return sum(c[0] for c in calls) / total if total else None
+
+
+def run(build_model, calib: torch.Tensor, evaluation: torch.Tensor, flags: list[str] | None) -> dict:
+    """Our perplexity (and layer 0's GPTQ weight error) with ``flags`` (None: the unquantized model)."""
+    model = build_model()
+    if flags is None:
+        return {"ppl": perplexity(model, evaluation, progress=False)}
+    cfg = config(flags)
+    error = gptq_weight_error(model, calib, cfg) if cfg.weight_bits < 16 and cfg.w_quantizer == "gptq" else None
+    quantize_model(model, adapter_for(model.config), calib, cfg, progress=False)
+    return {"ppl": perplexity(model, evaluation, progress=False),
+            **({"gptq_weight_error_layer0": error} if error is not None else {})}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("record", help="an official run's record, e.g. tests/parity/rptq.json")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    record = json.loads(Path(args.record).read_text())
+    out = {"record": args.record, "code_digest": code_digest(), "settings": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        build, calib, evaluation = inputs(record, Path(tmp))
+        for name, setting in record["settings"].items():
+            if not setting["official_flags"]:
+                out["settings"][name] = {"parity_flags": run(build, calib, evaluation, None)}
+                continue
+            out["settings"][name] = {
+                "parity_flags": run(build, calib, evaluation, setting["our_flags"] + record["shared_flags"]),
+                "defaults": run(build, calib, evaluation, setting["our_flags"])}
+            print(name, out["settings"][name])
+    path = Path(args.record).with_name(Path(args.record).stem + "-ours.json")
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

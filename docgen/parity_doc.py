@@ -22,6 +22,13 @@ def _spread(setting: dict, fp: float) -> str:
     return f"{min(excess):+.1e} … {max(excess):+.1e}"
 
 
+def _ours_line(record: dict, ours: dict | None) -> str:
+    shared = record["shared_flags"]
+    line = "- Ours: the flags in the table" + (f" plus `{' '.join(shared)}`; \"defaults\" leaves those out"
+                                              if shared else "") + "."
+    return line + (f" Computed by code digest `{ours['code_digest']}`." if ours and ours.get("code_digest") else "")
+
+
 def _method_lines(name: str, record: dict, ours: dict | None) -> list[str]:
     official = record["official"]
     versions = ", ".join(f"{k} {v}" for k, v in official["versions"].items())
@@ -36,15 +43,16 @@ def _method_lines(name: str, record: dict, ours: dict | None) -> list[str]:
          f"`{spec['windows_digest']}` (`scripts/parity/fixture.py`).",
          f"- Official run: `{record['command']}` ({versions}). Changes made to run it on CPU:",
          *(f"  - {p}" for p in official["patches"]),
-         f"- Ours: the flags in the table plus `{' '.join(record['shared_flags'])}` (the official quantizer's "
-         "clamps); \"defaults\" leaves that out." + (f" Computed by code digest `{ours['code_digest']}`."
-                                                       if ours and ours.get("code_digest") else ""), ""]
+         _ours_line(record, ours), ""]
     if ours is None:
         return L + ["(ours not computed yet: run `python scripts/parity/ours.py tests/parity/<method>.json`)", ""]
     fp = record["settings"]["FP"]["ppl"]
-    L += ["| setting | our flags | official ppl | ours | rel. | ours, defaults | rel. | official excess over "
-          "k-means seeds 0-4 | layer 0 GPTQ weight error: official / ours |",
-          "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    paths = ", ".join(f"{path}: `{env}`" for path, env in record.get("cpu_paths", {}).items())
+    L += [f"Other CPU code paths the official code ran on ({paths or 'none'}): the official figure moves by the "
+          "rel. shown under \"official, other path\"; a tolerance is at least twice that move.", "",
+          "| setting | our flags | official ppl | official, other path | ours | rel. | ours, defaults | rel. | "
+          "official excess over k-means seeds 0-4 | layer 0 GPTQ weight error: official / ours |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for setting_name, setting in record["settings"].items():
         mine = ours["settings"].get(setting_name, {})
         parity, default = mine.get("parity_flags", {}), mine.get("defaults", {})
@@ -52,11 +60,14 @@ def _method_lines(name: str, record: dict, ours: dict | None) -> list[str]:
         error = (f"{errors[0]:.6f} / {parity['gptq_weight_error_layer0']:.6f}"
                  if errors and "gptq_weight_error_layer0" in parity else "—")
         flags = " ".join(f or '""' for f in setting["our_flags"]) or "(unquantized)"
-        L.append(f"| {setting_name} | `{flags}` | {setting['ppl']:.3f} | "
+        other = ", ".join(_rel(p, setting["ppl"]) for p in setting.get("ppl_by_cpu_path", {}).values()) or "—"
+        L.append(f"| {setting_name} | `{flags}` | {setting['ppl']:.3f} | {other} | "
                  + (f"{parity['ppl']:.3f} | {_rel(parity['ppl'], setting['ppl'])}" if parity else "— | —")
                  + " | " + (f"{default['ppl']:.3f} | {_rel(default['ppl'], setting['ppl'])}" if default else "— | —")
                  + f" | {_spread(setting, fp)} | {error} |")
-    return L + [""]
+    notes = [f"- {n}: a deliberate difference: {s['deliberate_difference']}." for n, s in record["settings"].items()
+             if "deliberate_difference" in s]
+    return L + ([""] + notes if notes else []) + [""]
 
 
 def parity_section(root: Path = PARITY) -> list[str]:
@@ -67,6 +78,5 @@ def parity_section(root: Path = PARITY) -> list[str]:
     for path in records:
         ours_path = path.with_name(f"{path.stem}-ours.json")
         ours = json.loads(ours_path.read_text()) if ours_path.is_file() else None
-        L += _method_lines(path.stem.upper() if len(path.stem) <= 5 else path.stem, json.loads(path.read_text()),
-                           ours)
+        L += _method_lines(path.stem.upper(), json.loads(path.read_text()), ours)
     return L

@@ -88,6 +88,7 @@ BENCHES = {
     "bench-checkpoint": Bench("bench_checkpoint.py", "checkpoint.txt"),
     "bench-flatquant": Bench("bench_flatquant.py", "flatquant.txt"),
     "bench-w4a4-frontier": Bench("w4a4_frontier.py", "w4a4_frontier.txt"),
+    "bench-cpu-paths": Bench("cpu_paths.py", "cpu_paths.txt"),
 }
 BLOCKS = (
     Block("demo", "scripts/demo.sh", demo_block),

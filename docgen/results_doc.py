@@ -199,7 +199,9 @@ def render(root: Path, doc: Path, model: str, digest: str) -> str:
          "The authors' own code, run here on CPU on a shared fixture, beside ours with the flags that give its "
          "semantics (`tests/test_parity_*.py` assert these figures; how each tolerance was measured is in the "
          "test's docstring). rel. = ours / official - 1; excess = log ppl - log FP. This fixture is a random "
-         "model, so the absolute perplexities mean nothing: what is compared is the arithmetic.", "",
+         "model, so the absolute perplexities mean nothing: what is compared is the arithmetic. How far a real figure "
+         "moves between machines (one SmolLM2 W4A4 run on two CPU code paths, beside the spread over seeds above): "
+         "[benchmarks](benchmarks.md#one-run-on-two-cpu-code-paths).", "",
          *parity_section(), "",
          "## Figures", "",
          "Per-channel activation ranges over the calibration tokens of the middle layer, before and after "

@@ -13,11 +13,13 @@ defaults plus `--grid reference_clamped`, the official quantizer's clamps). Meas
   (`--cluster_order feature`: 1.3e-3);
 - with k-means clusters (R1-R5): the same partitions and order in layer 0, and later layers' k-means features
   differ by the same float noise, which moves clusters; so the excess over FP (log ppl - log FP) must lie in the
-  range the official code itself spans over k-means seeds 0-4, widened by one standard deviation of it.
+  range the official code itself spans over k-means seeds 0-4 and CPU code paths, widened by one standard
+  deviation of it;
+- the official code itself moves between CPU code paths (AVX-512 here, AVX2 with ATEN_CPU_CAPABILITY=avx2
+  MKL_ENABLE_INSTRUCTIONS=AVX2: W4A4 +1.6e-3, W3A3 +1.0e-3), so a perplexity tolerance is at least twice that
+  move, or parity would hold on one machine only. The rule is scripts/parity/ours.py's `mismatches`.
 """
 import json
-import math
-import statistics
 from pathlib import Path
 
 import pytest
@@ -55,19 +57,7 @@ def test_unquantized_model_matches(fp_ppl):
 def test_setting_matches_the_official_code(name, fixture_inputs, fp_ppl):
     setting = SETTINGS[name]
     got = ours.run(*fixture_inputs, setting["our_flags"] + RECORD["shared_flags"])
-    official_fp = SETTINGS["FP"]["ppl"]
-    seeds = setting.get("ppl_by_kmeans_seed")
-    if seeds is None:  # no k-means: the same arithmetic up to float noise
-        exact = setting["official_flags"].get("wbits", 4) >= 16
-        assert got["ppl"] == pytest.approx(setting["ppl"], rel=1e-5 if exact else 1e-3), name
-    else:
-        excess = [math.log(p / official_fp) for p in seeds.values()]
-        spread = statistics.stdev(excess)
-        ours_excess = math.log(got["ppl"] / fp_ppl)
-        assert min(excess) - spread <= ours_excess <= max(excess) + spread, (name, ours_excess, excess)
-    official_error = setting.get("gptq_weight_error_by_layer")
-    if official_error:
-        assert got["gptq_weight_error_layer0"] == pytest.approx(official_error[0], rel=2e-4), name
+    assert ours.mismatches(RECORD, name, got, fp_ppl) == []
 
 
 def test_the_results_doc_shows_these_figures():

@@ -16,11 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from official import WeightErrors, add_cpu_path_flag, copy_with_patches, perplexity, start_record, store
 
 # (file, text, replacement, why): the smallest change that runs the official code on CPU in fp32.
 PATCHES = (
@@ -77,38 +73,6 @@ def official_args(settings: dict, nsamples: int) -> SimpleNamespace:
     return a
 
 
-def patched_copy(repo: Path, dest: Path) -> list[str]:
-    shutil.copytree(repo, dest, ignore=shutil.ignore_patterns(".git", "lm_evaluation"))
-    applied = []
-    for rel, old, new, why in PATCHES:
-        path = dest / rel
-        text = path.read_text()
-        count = text.count(old)
-        if count == 0:
-            raise SystemExit(f"patch target not found in {rel}: {old!r} (another commit of the official code?)")
-        path.write_text(text.replace(old, new))
-        applied.append(f"{rel}: `{old}` -> `{new}` ({count} place{'s' * (count > 1)}): {why}")
-    for name in CUDA_NO_OPS:
-        setattr(torch.cuda, name, lambda *a, **k: 0)
-    applied.append(f"torch.cuda.{', '.join(CUDA_NO_OPS)} made no-ops at run time (the code calls them on CPU too)")
-    return applied
-
-
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor) -> float:
-    """The official evaluate()'s arithmetic (mean token NLL per window, times seqlen, summed) over exactly the
-    given windows: exp of the mean of the windows' mean NLL. (Its --limit path divides by every window of the
-    test set, evaluated or not; the fixture passes only the windows to evaluate.)"""
-    nlls = []
-    for window in windows:
-        batch = window.unsqueeze(0)
-        hidden = model.model.decoder(batch)[0]
-        logits = model.lm_head(hidden)
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:])
-        nlls.append(loss.float() * batch.shape[1])
-    return math.exp((torch.stack(nlls).sum() / (len(windows) * windows.shape[1])).item())
-
-
 LINEARS_PER_LAYER = 6  # q, k, v, out_proj, fc1, fc2: the official GPTQ quantizes each OPT layer's six in turn
 
 
@@ -120,7 +84,7 @@ def run_setting(code_dir: Path, model_dir: Path, calib: torch.Tensor, evaluation
     from transformers import OPTForCausalLM
 
     model = OPTForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
-    sums: list[list[float]] = []
+    errors = WeightErrors(LINEARS_PER_LAYER)
     if settings is not None:
         sys.path.insert(0, str(code_dir))
         import quantize.gptq as gptq
@@ -132,9 +96,7 @@ def run_setting(code_dir: Path, model_dir: Path, calib: torch.Tensor, evaluation
         def measured(self, *a, **k):  # observes GPTQ's input and output weights; changes nothing
             weight = self.layer.weight.data.float().clone()
             q, loss = fasterquant(self, *a, **k)
-            if not sums or len(sums[-1]) == 2 * LINEARS_PER_LAYER:
-                sums.append([])
-            sums[-1] += [float((q.float() - weight).pow(2).sum()), float(weight.pow(2).sum())]
+            errors.add(weight, q)
             return q, loss
 
         gptq.GPTQ.fasterquant = measured
@@ -150,8 +112,7 @@ def run_setting(code_dir: Path, model_dir: Path, calib: torch.Tensor, evaluation
         opt_reorder_quantize(lm, args, [(w.unsqueeze(0),) for w in calib], clusters, args.reorder)
         for layer in model.model.decoder.layers:
             layer.set_quant_state(not args.disable_w_quant, not args.disable_a_quant)
-    errors = [sum(s[0::2]) / sum(s[1::2]) for s in sums]
-    return perplexity(model, evaluation), errors
+    return perplexity(model, evaluation), errors.by_layer()
 
 
 def main() -> None:
@@ -160,6 +121,7 @@ def main() -> None:
     ap.add_argument("--fixture", required=True, help="scripts/parity/fixture.py's output directory")
     ap.add_argument("--out", required=True, help="the JSON to write (tests/parity/rptq.json)")
     ap.add_argument("--only", default=None, help="comma list of settings (default: all)")
+    add_cpu_path_flag(ap)
     ap.add_argument("--kmeans_seeds", default="0,1,2,3,4",
                     help="k-means random_states to run each clustered setting with (the official code's is 0)")
     args = ap.parse_args()
@@ -168,31 +130,15 @@ def main() -> None:
         raise SystemExit("--kmeans_seeds must start with 0, the official code's own seed")
     from safetensors.torch import load_file
 
-    import sklearn
-    import transformers
-
-    repo, fixture = Path(args.repo), Path(args.fixture)
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    fixture = Path(args.fixture)
     windows = load_file(str(fixture / "windows.safetensors"))
-    spec = json.loads((fixture / "spec.json").read_text())
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         code_dir = Path(tmp) / "rptq4llm"
-        patches = patched_copy(repo, code_dir)
-        print(f"official code: hahnyuan/RPTQ4LLM @ {commit}")
-        print(f"versions: torch {torch.__version__}, transformers {transformers.__version__}, scikit-learn "
-              f"{sklearn.__version__}, python {platform.python_version()}")
-        print("changes to run it here:\n  " + "\n  ".join(patches))
-        record = {"official": {"repo": "hahnyuan/RPTQ4LLM", "commit": commit, "patches": patches,
-                               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                            "scikit-learn": sklearn.__version__,
-                                            "python": platform.python_version()}},
-                  "command": " ".join(["python", *sys.argv]), "fixture": spec,
-                  "shared_flags": SHARED_FLAGS, "settings": {}}
+        patches = copy_with_patches(Path(args.repo), code_dir, PATCHES, CUDA_NO_OPS, ignore=("lm_evaluation",))
         out = Path(args.out)
-        if out.is_file():  # keep settings measured before (--only reruns some)
-            record["settings"] = json.loads(out.read_text()).get("settings", {})
+        record = start_record("hahnyuan/RPTQ4LLM", Path(args.repo), patches, fixture, SHARED_FLAGS, out,
+                              args.cpu_path)
         names = ["FP"] + list(SETTINGS) if not args.only else args.only.split(",")
         for name in names:
             theirs, ours = SETTINGS.get(name, (None, []))
@@ -207,9 +153,10 @@ def main() -> None:
                       f"({time.perf_counter() - t0:.1f} s)")
                 for mod in [m for m in sys.modules if m.split(".")[0] in ("quantize", "models")]:
                     del sys.modules[mod]  # a fresh import per run: the official code keeps module-level dicts
-            record["settings"][name] = {"official_flags": theirs or {}, "our_flags": ours, "ppl": by_seed["0"],
-                                        **({"ppl_by_kmeans_seed": by_seed} if len(seeds) > 1 else {}),
-                                        **({"gptq_weight_error_by_layer": weight_errors} if weight_errors else {})}
+            store(record, name, {"official_flags": theirs or {}, "our_flags": ours, "ppl": by_seed["0"],
+                                 **({"ppl_by_kmeans_seed": by_seed} if len(seeds) > 1 else {}),
+                                 **({"gptq_weight_error_by_layer": weight_errors} if weight_errors else {})},
+                  args.cpu_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {out}")

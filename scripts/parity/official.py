@@ -1,0 +1,124 @@
+"""What every official-code runner under scripts/parity/ shares: a patched copy of the official repository (each
+change listed, for the record), its evaluation arithmetic over the fixture's windows, and the record's header
+(repository, commit, versions, command, fixture). Runs in the scratch environment beside the official code."""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def copy_with_patches(repo: Path, dest: Path, patches, cuda_no_ops=(), ignore=()) -> list[str]:
+    """Copy ``repo`` to ``dest`` and apply ``patches`` ((file, text, replacement, why), each text must occur);
+    make ``torch.cuda.<name>`` no-ops for ``cuda_no_ops``. Returns one line per change."""
+    shutil.copytree(repo, dest, ignore=shutil.ignore_patterns(".git", *ignore))
+    applied = []
+    for rel, old, new, why in patches:
+        path = dest / rel
+        text = path.read_text()
+        count = text.count(old)
+        if count == 0:
+            raise SystemExit(f"patch target not found in {rel}: {old!r} (another commit of the official code?)")
+        path.write_text(text.replace(old, new))
+        applied.append(f"{rel}: `{old}` -> `{new}` ({count} place{'s' * (count > 1)}): {why}")
+    for name in cuda_no_ops:
+        setattr(torch.cuda, name, lambda *a, **k: 0)
+    if cuda_no_ops:
+        applied.append(f"torch.cuda.{', '.join(cuda_no_ops)} made no-ops at run time (the code calls them on CPU "
+                       "too)")
+    return applied
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor) -> float:
+    """The official evaluation's arithmetic (RPTQ's evaluate, GPTQ's opt_eval: mean token NLL per window, times
+    seqlen, summed) over exactly the given windows: exp of the mean of the windows' mean NLL. (RPTQ's --limit path
+    divides by every window of the test set, evaluated or not; the fixture passes only the windows to evaluate.)"""
+    nlls = []
+    for window in windows:
+        batch = window.unsqueeze(0)
+        hidden = model.model.decoder(batch)[0]
+        logits = model.lm_head(hidden)
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:])
+        nlls.append(loss.float() * batch.shape[1])
+    return math.exp((torch.stack(nlls).sum() / (len(windows) * windows.shape[1])).item())
+
+
+def start_record(name: str, repo: Path, patches: list[str], fixture: Path, shared_flags: list[str],
+                 out: Path, cpu_path: str = "default") -> dict:
+    """The record's header, printed too; settings measured before in ``out`` are kept (--only reruns some). On
+    another CPU path, the record as it is, with this run's command added under ``cpu_path_commands``."""
+    import sklearn
+    import transformers
+
+    if cpu_path != "default":
+        if not out.is_file():
+            raise SystemExit(f"{out}: run the default CPU path first")
+        record = json.loads(out.read_text())
+        record.setdefault("cpu_path_commands", {})[cpu_path] = " ".join(["python", *sys.argv])
+        return record
+
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+    print(f"official code: {name} @ {commit}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print("changes to run it here:\n  " + "\n  ".join(patches))
+    record = {"official": {"repo": name, "commit": commit, "patches": patches, "versions": versions},
+              "command": " ".join(["python", *sys.argv]), "fixture": json.loads((fixture / "spec.json").read_text()),
+              "shared_flags": shared_flags, "settings": {}}
+    if out.is_file():
+        old = json.loads(out.read_text())
+        record.update({k: old[k] for k in ("settings", "cpu_paths", "cpu_path_commands") if k in old})
+    return record
+
+
+class WeightErrors:
+    """Per layer, GPTQ's relative weight error sum ||Q - W||^2 / sum ||W||^2 over its ``per_layer`` linears, fed
+    one linear at a time (the official codes quantize them in turn)."""
+
+    def __init__(self, per_layer: int):
+        self.per_layer, self.sums = per_layer, []
+
+    def add(self, weight: torch.Tensor, quantized: torch.Tensor) -> None:
+        if not self.sums or len(self.sums[-1]) == 2 * self.per_layer:
+            self.sums.append([])
+        w = weight.float()
+        self.sums[-1] += [float((quantized.float() - w).pow(2).sum()), float(w.pow(2).sum())]
+
+    def by_layer(self) -> list[float]:
+        return [sum(s[0::2]) / sum(s[1::2]) for s in self.sums]
+
+
+CPU_PATH_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def add_cpu_path_flag(parser) -> None:
+    parser.add_argument("--cpu_path", default="default",
+                        help="name of the CPU code path this run uses (e.g. avx2, with ATEN_CPU_CAPABILITY=avx2 "
+                             "MKL_ENABLE_INSTRUCTIONS=AVX2 set): other than default, it only adds its perplexities "
+                             "to the settings already recorded, as the official figure's spread across machines")
+
+
+def store(record: dict, name: str, entry: dict, cpu_path: str) -> None:
+    """Record one setting's figures: the default path's replace the setting (its other paths' figures kept);
+    another path's only add ``ppl_by_cpu_path[cpu_path]``."""
+    import os
+
+    old = record["settings"].get(name, {})
+    if cpu_path == "default":
+        record["settings"][name] = {**entry, **({"ppl_by_cpu_path": old["ppl_by_cpu_path"]}
+                                                if "ppl_by_cpu_path" in old else {})}
+        return
+    if not old:
+        raise SystemExit(f"{name}: run the default CPU path first")
+    old.setdefault("ppl_by_cpu_path", {})[cpu_path] = entry["ppl"]
+    record.setdefault("cpu_paths", {})[cpu_path] = " ".join(f"{v}={os.environ[v]}" for v in CPU_PATH_VARIABLES
+                                                            if v in os.environ) or "(no variable set)"

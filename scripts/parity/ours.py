@@ -97,16 +97,17 @@ def run(build_model, calib: torch.Tensor, evaluation: torch.Tensor, flags: list[
             **({"gptq_weight_error_layer0": error} if error is not None else {})}
 
 
-# How close ours must come to an official figure (how each was measured: tests/test_parity_rptq.py's docstring).
-EXACT = 1e-5  # neither GPTQ nor k-means: the same arithmetic up to float noise
-NEAR = 1e-3  # GPTQ: a few roundings flip from layer 2 on
+# How close ours must come to an official figure (how each was measured: tests/test_parity_official.py's docstring).
+EXACT = 1e-5  # unquantized: the same arithmetic up to float noise
+ROUNDING = 1e-4  # quantized, neither GPTQ nor k-means: a few roundings flip (SmoothQuant W8A8 5.9e-5)
+NEAR = 1e-3  # GPTQ: a few roundings flip from layer 2 on, and GPTQ carries them along
 WEIGHT_ERROR = 2e-4  # layer 0's GPTQ weight error: bit-identical weights, room for a few flipped roundings
 
 
 def mismatches(record: dict, name: str, got: dict, fp_ppl: float) -> list[str]:
     """Why ``got`` (ours on setting ``name``) does not reproduce the official figure; [] when it does.
 
-    Perplexity: within EXACT (no GPTQ, no k-means) or NEAR, widened to twice the official figure's own move to
+    Perplexity: within ROUNDING (no GPTQ, no k-means) or NEAR, widened to twice the official figure's own move to
     another CPU code path where one was recorded (the official code is only defined up to that across machines).
     With k-means clusters: the excess over FP (log ppl - log FP) inside the official spread over k-means seeds
     and CPU paths, widened by one standard deviation of it. Layer 0's GPTQ weight error within WEIGHT_ERROR. A
@@ -133,7 +134,7 @@ def mismatches(record: dict, name: str, got: dict, fp_ppl: float) -> list[str]:
                             f"{max(excess):.2e} (+- {spread:.1e})")
     else:
         gptq_or_clusters = errors is not None
-        tolerance = max([NEAR if gptq_or_clusters else EXACT, *(2 * abs(p / official - 1) for p in others)])
+        tolerance = max([NEAR if gptq_or_clusters else ROUNDING, *(2 * abs(p / official - 1) for p in others)])
         if abs(got["ppl"] / official - 1) > tolerance:
             problems.append(f"{name}: ppl {got['ppl']:.4f} vs official {official:.4f} "
                             f"({got['ppl'] / official - 1:+.1e}, tolerance {tolerance:.1e})")

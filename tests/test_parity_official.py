@@ -1,0 +1,80 @@
+"""Parity with the authors' own code: each tests/parity/<method>.json holds an official implementation's figures on
+the parity fixture (a tiny OPT with outliers and fixed PTB windows, scripts/parity/fixture.py), made by
+scripts/parity/<method>_official.py, with the flags that give its semantics here. Each test rebuilds the fixture
+(the windows' digest must match the record's), runs ours and applies scripts/parity/ours.py's `mismatches`: the
+unquantized model within 1e-5; quantized without GPTQ or k-means within 1e-4; with GPTQ within 1e-3; layer 0's GPTQ
+weight error within 2e-4; with k-means the excess over FP inside the official spread over k-means seeds; every
+perplexity tolerance at least twice the official figure's own move to another CPU code path (AVX2 kernels).
+
+Measured when recorded (torch 2.13 CPU, this machine's AVX-512 kernels):
+- RPTQ (hahnyuan/RPTQ4LLM, with `--grid reference_clamped`, the official quantizer's clamps): FP 8.6e-7; W16A4 and
+  W3A3 per tensor 8e-8 and 7.6e-7; per tensor with GPTQ <= 2.8e-4 (layers 0-1 bit-identical; from layer 2, 2e-7
+  differences between the two forward implementations flip a few GPTQ roundings); layer 0 bit-identical at W4A4
+  with clusters (a different GPTQ column order moves its weight error by 1.3e-3); clustered settings inside the
+  official spread over k-means seeds 0-4. The official figure itself moves 1.6e-3 (W4A4) between CPU code paths.
+- GPTQ (IST-DASLab/gptq opt.py; ours `--reorder "" --abits 16 --grid full --w_range with_zero`): W4 per row 1.1e-5,
+  layer 0 bit-identical; W3/W2 1.1e-3 / 6.3e-3, as much as the official code moves itself between CPU code paths
+  (1.1e-3 / 6.1e-3), layer 0's weight error equal to 1e-5; groups of 32 = its --static_groups (<= 2.3e-4). Its
+  default dynamic groups are a deliberate difference, asserted visible (weight error 3.8e-4 apart).
+- SmoothQuant (mit-han-lab/smoothquant; ours `--method smoothquant --a_dynamic --a_dynamic_method per_token
+  --block_inputs fp`): without smoothing 3e-6; alpha 0.5 / 0.8: 2.5e-5 / 5.9e-5 (the folds round differently in the
+  last bit; a few 8-bit roundings flip); the official moves up to 3.1e-5 between CPU code paths.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import load_script
+
+ours = load_script("scripts/parity/ours.py")
+
+PARITY = Path(__file__).parent / "parity"
+RECORDS = {p.stem: json.loads(p.read_text()) for p in sorted(PARITY.glob("*.json")) if not p.stem.endswith("-ours")}
+CASES = [(m, name) for m, r in RECORDS.items() for name, s in r["settings"].items() if s["official_flags"]]
+
+
+@pytest.fixture(scope="module")
+def fixture_inputs(tmp_path_factory):
+    """Every record shares the fixture: built once, its digest checked against each record's."""
+    digests = {r["fixture"]["windows_digest"] for r in RECORDS.values()}
+    assert len(digests) == 1, digests
+    return ours.inputs(next(iter(RECORDS.values())), tmp_path_factory.mktemp("parity"))
+
+
+@pytest.fixture(scope="module")
+def fp_ppl(fixture_inputs):
+    return ours.run(*fixture_inputs, None)["ppl"]
+
+
+def test_three_official_implementations_are_recorded_with_their_commits():
+    assert {r["official"]["repo"] for r in RECORDS.values()} >= {"hahnyuan/RPTQ4LLM", "IST-DASLab/gptq",
+                                                                  "mit-han-lab/smoothquant"}
+    for record in RECORDS.values():
+        assert len(record["official"]["commit"]) == 40 and record["official"]["patches"]
+        assert set(record["cpu_paths"]) == {"avx2"}
+
+
+@pytest.mark.parametrize("method", sorted(RECORDS))
+def test_unquantized_model_matches(method, fp_ppl):
+    assert fp_ppl == pytest.approx(RECORDS[method]["settings"]["FP"]["ppl"], rel=ours.EXACT)
+
+
+@pytest.mark.parametrize("method,name", CASES)
+def test_setting_matches_the_official_code(method, name, fixture_inputs, fp_ppl):
+    record = RECORDS[method]
+    got = ours.run(*fixture_inputs, record["settings"][name]["our_flags"] + record["shared_flags"])
+    assert ours.mismatches(record, name, got, fp_ppl) == []
+
+
+def test_the_results_doc_shows_these_figures():
+    from docgen.parity_doc import parity_section
+
+    lines = parity_section()
+    text = "\n".join(lines)
+    for record in RECORDS.values():
+        assert f"@ `{record['official']['commit'][:10]}`" in text
+        assert all(f"| {name} |" in text for name in record["settings"])
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "results.md").read_text()
+    stale = [line for line in lines if line and line not in doc]
+    assert not stale, f"docs/results.md is stale ({stale[0][:80]}...): run python -m docgen.results_doc"

@@ -63,7 +63,8 @@ def _method_lines(name: str, record: dict, ours: dict | None) -> list[str]:
         other = ", ".join(_rel(p, setting["ppl"]) for p in setting.get("ppl_by_cpu_path", {}).values()) or "—"
         L.append(f"| {setting_name} | `{flags}` | {setting['ppl']:.3f} | {other} | "
                  + (f"{parity['ppl']:.3f} | {_rel(parity['ppl'], setting['ppl'])}" if parity else "— | —")
-                 + " | " + (f"{default['ppl']:.3f} | {_rel(default['ppl'], setting['ppl'])}" if default else "— | —")
+                 + " | " + (f"{default['ppl']:.3f} | {_rel(default['ppl'], setting['ppl'])}" if default
+                            else "= ours | " if parity and not record["shared_flags"] else "— | —")
                  + f" | {_spread(setting, fp)} | {error} |")
     notes = [f"- {n}: a deliberate difference: {s['deliberate_difference']}." for n, s in record["settings"].items()
              if "deliberate_difference" in s]

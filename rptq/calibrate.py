@@ -40,8 +40,8 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
                     given: dict | None = None, keep_codes: bool = True) -> tuple[torch.Tensor, BlockReport]:
     """Transform and quantize ``block`` in place; return the next block's inputs: its quantized outputs on
     ``inputs``, or with ``cfg.block_inputs == "fp"`` its full-precision ones (FlatQuant trains every block on
-    the FP model's activations), or with "weights" the quantized ones only where the weights were quantized. ``side_by_side``: see :func:`quantize_weights` (False out of core, where
-    memory binds). ``given``: what the model steps handed this layer (e.g. SpinQuant's learned R2).
+    the FP model's activations), or with "weights" the quantized ones only where the weights were quantized.
+    ``side_by_side``: see :func:`quantize_weights` (False out of core, where memory binds). ``given``: what the model steps handed this layer (e.g. SpinQuant's learned R2).
     ``keep_codes``: keep the weights' integer codes (for --save_quantized or --export)."""
     spec = block.spec
     report = BlockReport()
@@ -52,7 +52,8 @@ def calibrate_block(block: QuantBlock, inputs: torch.Tensor, layer_kwargs: dict,
     # produce; a first step that wants its features without it gets them from one more pass before.
     fixed = methods.policy(cfg).fixed_quantizers(cfg, spec)
     features = None
-    if fixed and cfg.transforms and methods.step(cfg.transforms[0]).unquantized_features:
+    wants = methods.step(cfg.transforms[0]).unquantized_features if cfg.transforms else None
+    if fixed and wants is not None and wants(cfg):
         features = {p: ChannelObserver() for p, role in spec.points.items() if role != PROBS}
         block.taps = nn.ModuleDict({p: features.get(p, nn.Identity()) for p in spec.points})
         run_block(block, inputs, layer_kwargs)

@@ -124,9 +124,10 @@ class Step:
               for this step (a rotation search, a learned step's initialisation).
     fits_weight_clips: learns the weights' clipping itself (FlatQuant's LWC, jointly with its transforms),
               so ``--w_clip learned`` runs no separate fit after it.
-    unquantized_features: as the first step, reads its channel features (``ctx.feature_observers``) from a
-              pass where the policy's fixed quantizers do not act yet: RPTQ's reference clusters on the
-              unquantized layer, then calibrates ranges and Hessians with the softmax on its grid.
+    unquantized_features: ``fn(cfg) -> bool``: whether, as the first step, it reads its channel features
+              (``ctx.feature_observers``) from a pass where the policy's fixed quantizers do not act yet (RPTQ's
+              reference clusters on the unquantized layer, then calibrates ranges and Hessians with the softmax
+              on its grid); None or False: it needs no such pass.
     """
 
     name: str
@@ -138,7 +139,7 @@ class Step:
     online: bool = False
     token_sample: Callable | None = None
     fits_weight_clips: bool = False
-    unquantized_features: bool = False
+    unquantized_features: Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,8 @@ def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
 METHOD = Method(
     name="rptq", summary="RPTQ (Yuan et al., arXiv 2304.01089): reorder channels into clusters, one range per cluster",
     settings=RPTQSettings,
-    steps=(Step("reorder", block=reorder_step, unquantized_features=True),),
+    # the extra pass only when k-means runs (not for the per-tensor baseline, --reorder "")
+    steps=(Step("reorder", block=reorder_step, unquantized_features=lambda cfg: bool(cfg.of(RPTQSettings).reorder)),),
     policies=(Policy("rptq", activation, describe, fixed=fixed), Policy("uniform", activation, describe, fixed=fixed)),
     presets={"rptq": dict(transforms=("reorder",), abits_policy="rptq", grid="reference", w_quantizer="gptq",
                           w_range="minmax", w_group_size=0, w_clip=1.0, block_inputs="weights")},

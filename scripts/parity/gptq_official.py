@@ -10,16 +10,12 @@ with the module-level `args` its __main__ would set, and evaluates with its opt_
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from official import WeightErrors, add_cpu_path_flag, copy_with_patches, perplexity, start_record, store
+from official import WeightErrors, parser, perplexity, run_all
 
 CUDA_NO_OPS = ("synchronize", "empty_cache")  # fasterquant synchronizes; opt_sequential empties the cache
 # name -> (opt.py's flags, this project's flags with the same semantics): GPTQ's grid is the full asymmetric
@@ -78,38 +74,15 @@ def run_setting(code_dir: Path, model_dir: Path, calib: torch.Tensor, evaluation
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repo", required=True, help="a checkout of IST-DASLab/gptq")
-    ap.add_argument("--fixture", required=True, help="scripts/parity/fixture.py's output directory")
-    ap.add_argument("--out", required=True, help="the JSON to write (tests/parity/gptq.json)")
-    ap.add_argument("--only", default=None, help="comma list of settings (default: all)")
-    add_cpu_path_flag(ap)
-    args = ap.parse_args()
-    from safetensors.torch import load_file
+    args = parser(__doc__, "IST-DASLab/gptq", "tests/parity/gptq.json").parse_args()
 
-    fixture = Path(args.fixture)
-    windows = load_file(str(fixture / "windows.safetensors"))
-    torch.set_num_threads(2)
-    with tempfile.TemporaryDirectory() as tmp:
-        code_dir = Path(tmp) / "gptq"
-        patches = copy_with_patches(Path(args.repo), code_dir, (), CUDA_NO_OPS, ignore=("zeroShot",))
-        out = Path(args.out)
-        record = start_record("IST-DASLab/gptq", Path(args.repo), patches, fixture, [], out, args.cpu_path)
-        for name in (["FP"] + list(SETTINGS) if not args.only else args.only.split(",")):
-            theirs, ours = SETTINGS.get(name, (None, []))
-            t0 = time.perf_counter()
-            ppl, errors = run_setting(code_dir, fixture / "tiny-opt", windows["calibration"], windows["evaluation"],
-                                      theirs)
-            print(f"{name:18s} ppl {ppl!r}  ({time.perf_counter() - t0:.1f} s)")
-            store(record, name, {"official_flags": theirs or {}, "our_flags": ours, "ppl": ppl,
-                                 **({"gptq_weight_error_by_layer": errors} if errors else {}),
-                                 **({"deliberate_difference": DIFFERENCES[name]} if name in DIFFERENCES else {})},
-                  args.cpu_path)
-            for mod in [m for m in sys.modules if m in ("gptq", "opt", "quant", "modelutils", "datautils")]:
-                del sys.modules[mod]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {out}")
+    def measure(code_dir, model_dir, calib, evaluation, name, theirs):
+        ppl, errors = run_setting(code_dir, model_dir, calib, evaluation, theirs)
+        return {"ppl": ppl, **({"gptq_weight_error_by_layer": errors} if errors else {}),
+                **({"deliberate_difference": DIFFERENCES[name]} if name in DIFFERENCES else {})}
+
+    run_all(args, "IST-DASLab/gptq", SETTINGS, measure, cuda_no_ops=CUDA_NO_OPS, ignore=("zeroShot",),
+            modules=("gptq", "opt", "quant", "modelutils", "datautils"))
 
 
 if __name__ == "__main__":

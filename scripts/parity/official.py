@@ -3,12 +3,15 @@ change listed, for the record), its evaluation arithmetic over the fixture's win
 (repository, commit, versions, command, fixture). Runs in the scratch environment beside the official code."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -39,11 +42,15 @@ def copy_with_patches(repo: Path, dest: Path, patches, cuda_no_ops=(), ignore=()
 def perplexity(model, windows: torch.Tensor) -> float:
     """The official evaluation's arithmetic (RPTQ's evaluate, GPTQ's opt_eval: mean token NLL per window, times
     seqlen, summed) over exactly the given windows: exp of the mean of the windows' mean NLL. (RPTQ's --limit path
-    divides by every window of the test set, evaluated or not; the fixture passes only the windows to evaluate.)"""
+    divides by every window of the test set, evaluated or not; the fixture passes only the windows to evaluate.)
+    OPT runs its decoder, Llama its model body (DuQuant's and QuaRot's evaluations), without a KV cache."""
     nlls = []
     for window in windows:
         batch = window.unsqueeze(0)
-        hidden = model.model.decoder(batch)[0]
+        if hasattr(model.model, "decoder"):
+            hidden = model.model.decoder(batch)[0]
+        else:
+            hidden = model.model(batch, use_cache=False)[0]
         logits = model.lm_head(hidden)
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:])
         nlls.append(loss.float() * batch.shape[1])
@@ -122,3 +129,51 @@ def store(record: dict, name: str, entry: dict, cpu_path: str) -> None:
     old.setdefault("ppl_by_cpu_path", {})[cpu_path] = entry["ppl"]
     record.setdefault("cpu_paths", {})[cpu_path] = " ".join(f"{v}={os.environ[v]}" for v in CPU_PATH_VARIABLES
                                                             if v in os.environ) or "(no variable set)"
+
+
+def parser(doc: str, repo: str, out: str) -> argparse.ArgumentParser:
+    """The flags every runner takes: the official checkout, the fixture, the record, --only, --cpu_path."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--repo", required=True, help=f"a checkout of {repo}")
+    ap.add_argument("--fixture", required=True, help="scripts/parity/fixture.py's output directory")
+    ap.add_argument("--out", required=True, help=f"the JSON to write ({out})")
+    ap.add_argument("--only", default=None, help="comma list of settings (default: all)")
+    add_cpu_path_flag(ap)
+    return ap
+
+
+def run_all(args, name: str, settings: dict, measure, *, patches=(), cuda_no_ops=(), ignore=(), notes=(),
+            shared_flags=(), modules=()) -> None:
+    """Copy and patch the official code, then for "FP" and every setting (or --only) call
+    ``measure(code_dir, model_dir, calibration, evaluation, setting_name, official_flags) -> {"ppl": ..., ...}``
+    (official_flags None: the unquantized model), store it with the flags that give its semantics here and write
+    the record. ``modules``: the official code's top-level modules, imported afresh for every setting (it keeps
+    module-level state)."""
+    from safetensors.torch import load_file
+
+    fixture, out = Path(args.fixture), Path(args.out)
+    windows = load_file(str(fixture / "windows.safetensors"))
+    kind = json.loads((fixture / "spec.json").read_text())["model"]["kind"]
+    model_dir = fixture / ("tiny-opt" if kind == "opt" else kind)  # fixture.py's model_dir_name
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        code_dir = Path(tmp) / "official"
+        applied = copy_with_patches(Path(args.repo), code_dir, patches, cuda_no_ops, ignore) + list(notes)
+        record = start_record(name, Path(args.repo), applied, fixture, list(shared_flags), out, args.cpu_path)
+        for setting in (["FP", *settings] if not args.only else args.only.split(",")):
+            theirs, ours = settings.get(setting, (None, []))
+            t0 = time.perf_counter()
+            entry = measure(code_dir, model_dir, windows["calibration"], windows["evaluation"], setting,
+                            theirs)
+            print(f"{setting:28s} ppl {entry['ppl']!r}  ({time.perf_counter() - t0:.1f} s)")
+            store(record, setting, {"official_flags": theirs or {}, "our_flags": ours, **entry}, args.cpu_path)
+            forget(modules)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+def forget(modules) -> None:
+    """Drop the official code's modules so the next import starts from their module-level state again."""
+    for mod in [m for m in sys.modules if m.split(".")[0] in modules]:
+        del sys.modules[mod]

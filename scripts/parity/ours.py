@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import sys
@@ -33,22 +32,14 @@ from rptq.cli import build_parser  # noqa: E402
 from rptq.flags import build_config  # noqa: E402
 from rptq.pipeline import quantize_model  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-
-
-def load_fixture():
-    """scripts/parity/fixture.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("parity_fixture", HERE / "fixture.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fixture  # noqa: E402  (scripts/parity/fixture.py, beside this file)
 
 
 def inputs(record: dict, work: Path):
     """(model builder, calibration windows, evaluation windows) of a record's fixture, after checking that the
     windows are the ones the official run read."""
-    fixture = load_fixture()
-    tok = fixture.tokenizer(work / "tokenizer")
+    tok = fixture.tokenizer(work / "tokenizer", record["fixture"])
     calib, evaluation = fixture.build_windows(tok, record["fixture"], cache_dir=str(work / "cache"))
     digest = fixture.windows_digest(calib, evaluation)
     if digest != record["fixture"]["windows_digest"]:
@@ -158,7 +149,8 @@ def main() -> None:
                 continue
             out["settings"][name] = {
                 "parity_flags": run(build, calib, evaluation, setting["our_flags"] + record["shared_flags"]),
-                "defaults": run(build, calib, evaluation, setting["our_flags"])}
+                # without shared flags the defaults are these very flags: nothing more to run
+                **({"defaults": run(build, calib, evaluation, setting["our_flags"])} if record["shared_flags"] else {})}
             print(name, out["settings"][name])
     path = Path(args.record).with_name(Path(args.record).stem + "-ours.json")
     path.write_text(json.dumps(out, indent=1) + "\n")

@@ -14,16 +14,12 @@ setting, the official perplexity, the flags that give the same semantics here, a
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from official import WeightErrors, add_cpu_path_flag, copy_with_patches, perplexity, start_record, store
+from official import WeightErrors, forget, parser, perplexity, run_all
 
 # (file, text, replacement, why): the smallest change that runs the official code on CPU in fp32.
 PATCHES = (
@@ -51,6 +47,7 @@ SETTINGS = {
     "W4A3KV": ({"wbits": 4, "abits": 3, "only_quant_kv": True}, ["--wbits", "4", "--abits", "3", "--only_quant_kv"]),
 }
 SHARED_FLAGS = ["--grid", "reference_clamped"]
+OFFICIAL_MODULES = ("quantize", "models")  # it keeps module-level dicts: imported afresh for every run
 
 
 def official_args(settings: dict, nsamples: int) -> SimpleNamespace:
@@ -116,50 +113,27 @@ def run_setting(code_dir: Path, model_dir: Path, calib: torch.Tensor, evaluation
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repo", required=True, help="a checkout of hahnyuan/RPTQ4LLM")
-    ap.add_argument("--fixture", required=True, help="scripts/parity/fixture.py's output directory")
-    ap.add_argument("--out", required=True, help="the JSON to write (tests/parity/rptq.json)")
-    ap.add_argument("--only", default=None, help="comma list of settings (default: all)")
-    add_cpu_path_flag(ap)
+    ap = parser(__doc__, "hahnyuan/RPTQ4LLM", "tests/parity/rptq.json")
     ap.add_argument("--kmeans_seeds", default="0,1,2,3,4",
                     help="k-means random_states to run each clustered setting with (the official code's is 0)")
     args = ap.parse_args()
     kmeans_seeds = [int(s) for s in args.kmeans_seeds.split(",")]
     if kmeans_seeds[0] != 0:
         raise SystemExit("--kmeans_seeds must start with 0, the official code's own seed")
-    from safetensors.torch import load_file
 
-    fixture = Path(args.fixture)
-    windows = load_file(str(fixture / "windows.safetensors"))
-    torch.set_num_threads(2)
-    with tempfile.TemporaryDirectory() as tmp:
-        code_dir = Path(tmp) / "rptq4llm"
-        patches = copy_with_patches(Path(args.repo), code_dir, PATCHES, CUDA_NO_OPS, ignore=("lm_evaluation",))
-        out = Path(args.out)
-        record = start_record("hahnyuan/RPTQ4LLM", Path(args.repo), patches, fixture, SHARED_FLAGS, out,
-                              args.cpu_path)
-        names = ["FP"] + list(SETTINGS) if not args.only else args.only.split(",")
-        for name in names:
-            theirs, ours = SETTINGS.get(name, (None, []))
-            seeds = kmeans_seeds if theirs is not None and theirs.get("reorder", "12345") else [0]
-            by_seed, weight_errors = {}, []
-            for seed in seeds:
-                t0 = time.perf_counter()
-                by_seed[str(seed)], errors = run_setting(code_dir, fixture / "tiny-opt", windows["calibration"],
-                                                         windows["evaluation"], theirs, seed)
-                weight_errors = weight_errors or errors  # k-means seed 0's
-                print(f"{name:18s} k-means seed {seed}: ppl {by_seed[str(seed)]!r}  "
-                      f"({time.perf_counter() - t0:.1f} s)")
-                for mod in [m for m in sys.modules if m.split(".")[0] in ("quantize", "models")]:
-                    del sys.modules[mod]  # a fresh import per run: the official code keeps module-level dicts
-            store(record, name, {"official_flags": theirs or {}, "our_flags": ours, "ppl": by_seed["0"],
-                                 **({"ppl_by_kmeans_seed": by_seed} if len(seeds) > 1 else {}),
-                                 **({"gptq_weight_error_by_layer": weight_errors} if weight_errors else {})},
-                  args.cpu_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {out}")
+    def measure(code_dir, model_dir, calib, evaluation, name, theirs):
+        seeds = kmeans_seeds if theirs is not None and theirs.get("reorder", "12345") else [0]
+        by_seed, weight_errors = {}, []
+        for seed in seeds:
+            by_seed[str(seed)], errors = run_setting(code_dir, model_dir, calib, evaluation, theirs, seed)
+            weight_errors = weight_errors or errors  # k-means seed 0's
+            print(f"{name:28s} k-means seed {seed}: ppl {by_seed[str(seed)]!r}")
+            forget(OFFICIAL_MODULES)
+        return {"ppl": by_seed["0"], **({"ppl_by_kmeans_seed": by_seed} if len(seeds) > 1 else {}),
+                **({"gptq_weight_error_by_layer": weight_errors} if weight_errors else {})}
+
+    run_all(args, "hahnyuan/RPTQ4LLM", SETTINGS, measure, patches=PATCHES, cuda_no_ops=CUDA_NO_OPS,
+            ignore=("lm_evaluation",), shared_flags=SHARED_FLAGS, modules=OFFICIAL_MODULES)
 
 
 if __name__ == "__main__":

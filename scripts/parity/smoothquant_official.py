@@ -13,16 +13,12 @@ measures its activation scales on exactly our windows. No file of the official c
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
-import time
 import types
 from pathlib import Path
 
 import torch
-from official import add_cpu_path_flag, copy_with_patches, perplexity, start_record, store
+from official import parser, perplexity, run_all
 
 # name -> (the official calls' arguments, this project's flags with the same semantics): symmetric absmax W8 per
 # output row, A8 per token computed at every forward, Q/K/V outputs quantized the same way. (Its per-tensor
@@ -80,37 +76,14 @@ def run_setting(code_dir: Path, model_dir: Path, calib: torch.Tensor, evaluation
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repo", required=True, help="a checkout of mit-han-lab/smoothquant")
-    ap.add_argument("--fixture", required=True, help="scripts/parity/fixture.py's output directory")
-    ap.add_argument("--out", required=True, help="the JSON to write (tests/parity/smoothquant.json)")
-    ap.add_argument("--only", default=None, help="comma list of settings (default: all)")
-    add_cpu_path_flag(ap)
-    args = ap.parse_args()
-    from safetensors.torch import load_file
+    args = parser(__doc__, "mit-han-lab/smoothquant", "tests/parity/smoothquant.json").parse_args()
 
-    fixture = Path(args.fixture)
-    windows = load_file(str(fixture / "windows.safetensors"))
-    torch.set_num_threads(2)
-    with tempfile.TemporaryDirectory() as tmp:
-        code_dir = Path(tmp) / "smoothquant"
-        patches = copy_with_patches(Path(args.repo), code_dir, (), (), ignore=("assets", "figures", "act_scales"))
-        patches.append("`datasets` replaced at run time by the fixture's calibration windows (calibration.py "
-                       "tokenizes window i for sample i)")
-        out = Path(args.out)
-        record = start_record("mit-han-lab/smoothquant", Path(args.repo), patches, fixture, SHARED_FLAGS, out,
-                              args.cpu_path)
-        for name in (["FP"] + list(SETTINGS) if not args.only else args.only.split(",")):
-            theirs, ours = SETTINGS.get(name, (None, []))
-            t0 = time.perf_counter()
-            ppl = run_setting(code_dir, fixture / "tiny-opt", windows["calibration"], windows["evaluation"], theirs)
-            print(f"{name:28s} ppl {ppl!r}  ({time.perf_counter() - t0:.1f} s)")
-            store(record, name, {"official_flags": theirs or {}, "our_flags": ours, "ppl": ppl}, args.cpu_path)
-            for mod in [m for m in sys.modules if m.split(".")[0] in ("smoothquant", "datasets")]:
-                del sys.modules[mod]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {out}")
+    def measure(code_dir, model_dir, calib, evaluation, name, theirs):
+        return {"ppl": run_setting(code_dir, model_dir, calib, evaluation, theirs)}
+
+    run_all(args, "mit-han-lab/smoothquant", SETTINGS, measure, ignore=("assets", "figures", "act_scales"),
+            notes=("`datasets` replaced at run time by the fixture's calibration windows (calibration.py "
+                   "tokenizes window i for sample i)",), shared_flags=SHARED_FLAGS, modules=("smoothquant", "datasets"))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,26 @@ def _rel(a: float, b: float) -> str:
 
 
 def _spread(setting: dict, fp: float) -> str:
-    seeds = setting.get("ppl_by_kmeans_seed")
+    seeds = setting.get("ppl_by_kmeans_seed") or setting.get("ppl_by_rotation_seed")
     if not seeds:
         return "—"
+    kind = "k-means" if "ppl_by_kmeans_seed" in setting else "rotation"
     excess = [math.log(p / fp) for p in seeds.values()]
-    return f"{min(excess):+.1e} … {max(excess):+.1e}"
+    return f"{min(excess):+.1e} … {max(excess):+.1e} ({kind} seeds {', '.join(seeds)})"
+
+
+def _fixture_line(spec: dict) -> str:
+    model, windows = spec["model"], spec["windows"]
+    if model["kind"] == "opt":
+        what = (f"a {model['num_hidden_layers']}-layer OPT, hidden {model['hidden_size']}, random weights with "
+                f"x{model['outliers']['scale']:g} outliers on {model['outliers']['channels']} channels per edge "
+                "(function-preserving)")
+    else:
+        what = f"{model['kind']} ({model['weights']})"
+    return (f"- Fixture: {what}; {windows['calibration']['count']} calibration windows of {windows['seqlen']} "
+            f"tokens of {windows['dataset']} {windows['calibration']['split']} (seed {windows['calibration']['seed']}), "
+            f"the first {windows['evaluation']['first']} of its {windows['evaluation']['split']} split; windows digest "
+            f"`{spec['windows_digest']}` (`scripts/parity/fixture.py`).")
 
 
 def _ours_line(record: dict, ours: dict | None) -> str:
@@ -32,15 +47,8 @@ def _ours_line(record: dict, ours: dict | None) -> str:
 def _method_lines(name: str, record: dict, ours: dict | None) -> list[str]:
     official = record["official"]
     versions = ", ".join(f"{k} {v}" for k, v in official["versions"].items())
-    spec = record["fixture"]
-    model, windows = spec["model"], spec["windows"]
     L = [f"### {name}: {official['repo']} @ `{official['commit'][:10]}`", "",
-         f"- Fixture: a {model['num_hidden_layers']}-layer OPT, hidden {model['hidden_size']}, random weights with "
-         f"x{model['outliers']['scale']:g} outliers on {model['outliers']['channels']} channels per edge "
-         f"(function-preserving); {windows['calibration']['count']} calibration windows of {windows['seqlen']} "
-         f"tokens of {windows['dataset']} {windows['calibration']['split']} (seed {windows['calibration']['seed']}), "
-         f"the first {windows['evaluation']['first']} of its {windows['evaluation']['split']} split; windows digest "
-         f"`{spec['windows_digest']}` (`scripts/parity/fixture.py`).",
+         _fixture_line(record["fixture"]),
          f"- Official run: `{record['command']}` ({versions}). Changes made to run it on CPU:",
          *(f"  - {p}" for p in official["patches"]),
          _ours_line(record, ours), ""]
@@ -51,7 +59,7 @@ def _method_lines(name: str, record: dict, ours: dict | None) -> list[str]:
     L += [f"Other CPU code paths the official code ran on ({paths or 'none'}): the official figure moves by the "
           "rel. shown under \"official, other path\"; a tolerance is at least twice that move.", "",
           "| setting | our flags | official ppl | official, other path | ours | rel. | ours, defaults | rel. | "
-          "official excess over k-means seeds 0-4 | layer 0 GPTQ weight error: official / ours |",
+          "official excess over FP across seeds | layer 0 GPTQ weight error: official / ours |",
           "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for setting_name, setting in record["settings"].items():
         mine = ours["settings"].get(setting_name, {})

@@ -61,6 +61,7 @@ def llama_block_spec(config, qk_norms: bool = False, mlp_norm: str = "post_atten
                 "o_in": LINEAR_IN, "gate_up_in": LN_OUT, "down_in": LINEAR_IN},
         linear_inputs={**{name: "qkv_in" for name in _QKV}, "self_attn.o_proj": "o_in",
                        **{name: "gate_up_in" for name in _GATE_UP}, "mlp.down_proj": "down_in"},
+        lead_readers={"gate_up_in": "mlp.up_proj"},
     )
 
 

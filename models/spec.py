@@ -84,6 +84,9 @@ class BlockSpec:
     linear_edges: tuple[LinearEdge, ...]
     points: dict[str, str] = field(default_factory=dict)  # activation point -> role, in forward order
     linear_inputs: dict[str, str] = field(default_factory=dict)  # linear -> point feeding it
+    # point -> the reader that stands for a shared input where a statistic reads one weight (DuQuant's released
+    # smoothing: the query projection for Q/K/V, the up projection for gate/up); undeclared: the first reader
+    lead_readers: dict[str, str] = field(default_factory=dict)
 
     def linears(self) -> tuple[str, ...]:
         return tuple(self.linear_inputs)
@@ -91,6 +94,10 @@ class BlockSpec:
     def readers(self, point: str) -> tuple[str, ...]:
         """The linears whose input is activation ``point`` (in quantization order)."""
         return tuple(name for name, p in self.linear_inputs.items() if p == point)
+
+    def lead_reader(self, point: str) -> str:
+        """The reader standing for ``point`` where one weight is read (see ``lead_readers``)."""
+        return self.lead_readers.get(point) or self.readers(point)[0]
 
     def norm_edge(self, point: str) -> NormEdge | None:
         return next((e for e in self.norm_edges if e.point == point), None)

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ's Hessian damping, a fraction of its mean diagonal")
     p.add_argument("--block_inputs", default=None, choices=BLOCK_INPUTS,
                    help="what the next block calibrates on: this block's quantized outputs (default), its full-"
-                        "precision ones (flatquant), or the quantized ones only where weights are quantized (weights: "
+                        "precision ones (flatquant; duquant, whose official code measures its smoothing statistics on the "
+                        "FP model), or the quantized ones only where weights are quantized (weights: "
                         "rptq, as the reference)")
     p.add_argument("--disable_w_quant", action="store_true", help="keep the weights in full precision (the reference's flag)")
     p.add_argument("--disable_a_quant", action="store_true",

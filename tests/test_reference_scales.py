@@ -105,17 +105,19 @@ def _weight_absmax(model, readers):
     return np.max([layer.get_submodule(r).weight.detach().double().abs().amax(0).numpy() for r in readers], axis=0)
 
 
-@pytest.mark.parametrize("alpha", [0.5, 0.8])
-def test_smoothquant_pipeline_folds_the_formula(alpha):
+@pytest.mark.parametrize("alpha,weights", [(0.5, "readers"), (0.8, "readers"), (0.6, "lead")])
+def test_smoothquant_pipeline_folds_the_formula(alpha, weights):
+    """weights "readers": max over q/k/v (SmoothQuant); "lead": q_proj's alone (DuQuant's released code)."""
     model, ids = _model_and_ids()
     act = _norm_outputs(model, ids)
     cfg = QuantConfig(method="smoothquant", transforms=("smooth",), abits_policy="smoothquant", grid="symmetric",
-                      w_quantizer="rtn", wbits=16, abits=16).using(SmoothSettings(alpha=alpha, points="norm"))
+                      w_quantizer="rtn", wbits=16, abits=16).using(SmoothSettings(alpha=alpha, points="norm",
+                                                                                    weights=weights))
     quant = copy.deepcopy(model)
     quantize_model(quant, adapter_for(quant.config), ids, cfg, progress=False)
     folded = _folded_scales(model, quant)
-    for point, readers in (("qkv_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                           ("fc1_in", ("fc1",))):
+    qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if weights == "readers" else ("self_attn.q_proj",)
+    for point, readers in (("qkv_in", qkv), ("fc1_in", ("fc1",))):
         a = np.maximum(act[point], 1e-5)
         w = np.maximum(_weight_absmax(model, readers), 1e-5)
         expected = np.maximum(a**alpha / w ** (1 - alpha), 1e-5)
@@ -142,3 +144,17 @@ def test_fptq_lae_pipeline_folds_the_formula():
         np.testing.assert_allclose(norm_s, expected, rtol=1e-4)
         for s in column_s:
             np.testing.assert_allclose(s, np.broadcast_to(expected, s.shape), rtol=1e-4)
+
+
+def test_lead_readers_are_the_query_and_up_projections():
+    """The reader DuQuant's released smoothing reads per shared input: q_proj for Q/K/V; up (not gate) on Llama."""
+    from transformers import LlamaConfig
+
+    from models.llama import llama_block_spec
+    from models.opt import opt_block_spec
+
+    llama = llama_block_spec(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    assert llama.lead_reader("qkv_in") == "self_attn.q_proj" and llama.lead_reader("gate_up_in") == "mlp.up_proj"
+    opt = opt_block_spec(tiny_opt().config)
+    assert opt.lead_reader("qkv_in") == "self_attn.q_proj" and opt.lead_reader("fc1_in") == "fc1"

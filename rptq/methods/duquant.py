@@ -144,9 +144,11 @@ METHOD = Method(
            Step("qk_rotate", block=qk_rotate_step, online=True, token_sample=_qk_sample)),
     policies=(Policy("duquant", activation, describe, uses_act_clip=True),),
     presets={"duquant": dict(transforms=("smooth", "rotate", "qk_rotate"), **DUQUANT_QUANTIZERS,
-                             smoothquant=dict(alpha=0.6, points="all", floor=1e-2), duquant=dict(kind="duquant")),
+                             smoothquant=dict(alpha=0.6, points="all", floor=1e-2, weights="lead"),
+                             duquant=dict(kind="duquant"), block_inputs="fp"),
              "rotation": dict(transforms=("rotate", "qk_rotate"), **DUQUANT_QUANTIZERS, duquant=dict(kind="hadamard"))},
     assumptions={"rotate": ("DuQuant: the rotation search runs on a seeded sample of calibration token rows of the "
-                            "point (--rotation_block, 2048 rows) from the FP pass, not on the block's output for the "
-                            "mean input sequence as the official code does",)},
+                            "point (--rotation_block, 2048 rows) from the FP pass, not on the quantized block's "
+                            "activations for the mean input sequence as the official code does (measured: "
+                            "docs/methods/duquant.md, Parity)",)},
 )

@@ -28,6 +28,10 @@ class SmoothSettings:
                            check=in_unit_interval, needs=SMOOTH)
     points: str = setting("norm", "smooth_points", "smooth the norm-fed linear inputs (SmoothQuant) or every linear "
                           "input (DuQuant)", choices=("norm", "all"), needs=SMOOTH)
+    weights: str = setting("readers", "smooth_weights", "the weight maximum in the smoothing scale: over every "
+                           "linear reading the input (SmoothQuant) or its lead reader only (DuQuant's released code: "
+                           "the query projection for Q/K/V, the up projection for gate/up)",
+                           choices=("readers", "lead"), needs=SMOOTH)
     floor: float = 1e-5  # DuQuant floors its smoothing scales at 1e-2 (set by its preset)
 
 
@@ -50,7 +54,7 @@ def smoothed_points(ctx: BlockContext) -> list[str]:
 def smooth_step(ctx: BlockContext) -> None:
     settings = ctx.cfg.of(SmoothSettings)
     for point in smoothed_points(ctx):
-        readers = ctx.spec.readers(point)
+        readers = ctx.spec.readers(point) if settings.weights == "readers" else (ctx.spec.lead_reader(point),)
         weight_absmax = torch.stack([ctx.block.module(n).weight.detach().abs().amax(0).float().cpu()
                                      for n in readers]).amax(0)
         s = smoothing_scale(ctx.observers[point].absmax(), weight_absmax, settings.alpha, settings.floor)

@@ -55,7 +55,8 @@ def gptq_weight_error(model, calib: torch.Tensor, cfg, monkeypatch_target=GPTQ) 
     """Layer 0's GPTQ weight error sum ||Q - W||^2 / sum ||W||^2 over its linears (None: no GPTQ), from a copy
     of the model cut to that layer (its quantization does not depend on the layers after it)."""
     one = copy.deepcopy(model)
-    one.model.decoder.layers = nn.ModuleList(one.model.decoder.layers[:1])
+    body = one.model.decoder if hasattr(one.model, "decoder") else one.model  # OPT or Llama
+    body.layers = nn.ModuleList(body.layers[:1])
     one.config.num_hidden_layers = 1
     calls = []  # two sweeps run side by side in threads (rptq/weights.py): append, never read-modify-write
     original = monkeypatch_target._quantize
@@ -95,31 +96,42 @@ NEAR = 1e-3  # GPTQ: a few roundings flip from layer 2 on, and GPTQ carries them
 WEIGHT_ERROR = 2e-4  # layer 0's GPTQ weight error: bit-identical weights, room for a few flipped roundings
 
 
+def official_seeds(setting: dict) -> dict:
+    """The official figure per seed where it depends on one (k-means seed or rotation seed), else {}."""
+    return setting.get("ppl_by_kmeans_seed") or setting.get("ppl_by_rotation_seed") or {}
+
+
 def mismatches(record: dict, name: str, got: dict, fp_ppl: float) -> list[str]:
     """Why ``got`` (ours on setting ``name``) does not reproduce the official figure; [] when it does.
 
     Perplexity: within ROUNDING (no GPTQ, no k-means) or NEAR, widened to twice the official figure's own move to
     another CPU code path where one was recorded (the official code is only defined up to that across machines).
-    With k-means clusters: the excess over FP (log ppl - log FP) inside the official spread over k-means seeds
-    and CPU paths, widened by one standard deviation of it. Layer 0's GPTQ weight error within WEIGHT_ERROR. A
-    setting marked as a deliberate difference must show it: its weight error differs by more than that."""
+    Where the official figure depends on a seed (RPTQ's k-means, DuQuant's random rotations): the excess over FP
+    (log ppl - log FP) inside the official spread over seeds and CPU paths, widened by one standard deviation of
+    it. Layer 0's GPTQ weight error within WEIGHT_ERROR. A setting marked as a deliberate difference must show it: its weight error differs by more than that, or (no
+    GPTQ) its excess over FP lies outside the official spread over seeds."""
     import math
     import statistics
 
     setting = record["settings"][name]
     official, errors = setting["ppl"], setting.get("gptq_weight_error_by_layer")
     ours_error = got.get("gptq_weight_error_layer0")
-    if "deliberate_difference" in setting:
-        moved = abs(ours_error / errors[0] - 1)
-        return [] if moved > WEIGHT_ERROR else [f"{name}: the difference is not visible (weight error {moved:.1e})"]
-    problems = []
     others = list(setting.get("ppl_by_cpu_path", {}).values())
-    seeds = list(setting.get("ppl_by_kmeans_seed", {}).values())
+    seeds = list(official_seeds(setting).values())
     if seeds:
         fp = record["settings"]["FP"]["ppl"]
         excess = [math.log(p / fp) for p in seeds + others]
         spread = statistics.stdev(excess)
         ours_excess = math.log(got["ppl"] / fp_ppl)
+    if "deliberate_difference" in setting:
+        if errors:
+            moved = abs(ours_error / errors[0] - 1)
+            return [] if moved > WEIGHT_ERROR else [f"{name}: the difference is not visible (weight error {moved:.1e})"]
+        inside = min(excess) - spread <= ours_excess <= max(excess) + spread
+        return [f"{name}: the difference is not visible (excess {ours_excess:.2e} inside the official spread)"] \
+            if inside else []
+    problems = []
+    if seeds:
         if not min(excess) - spread <= ours_excess <= max(excess) + spread:
             problems.append(f"{name}: excess {ours_excess:.2e} outside the official {min(excess):.2e} .. "
                             f"{max(excess):.2e} (+- {spread:.1e})")
@@ -137,14 +149,25 @@ def mismatches(record: dict, name: str, got: dict, fp_ppl: float) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("record", help="an official run's record, e.g. tests/parity/rptq.json")
+    ap.add_argument("--only", default=None,
+                    help="comma list of settings to rerun, keeping the others' figures from the existing file")
     args = ap.parse_args()
     torch.set_num_threads(2)
     record = json.loads(Path(args.record).read_text())
+    path = Path(args.record).with_name(Path(args.record).stem + "-ours.json")
     out = {"record": args.record, "code_digest": code_digest(), "settings": {}}
+    if args.only:
+        kept = json.loads(path.read_text())
+        if kept["code_digest"] != out["code_digest"]:
+            raise SystemExit(f"{path} was made by code digest {kept['code_digest']}, not this code's "
+                             f"{out['code_digest']}: rerun every setting")
+        out["settings"] = kept["settings"]
+    names = args.only.split(",") if args.only else list(record["settings"])
     with tempfile.TemporaryDirectory() as tmp:
         build, calib, evaluation = inputs(record, Path(tmp))
-        for name, setting in record["settings"].items():
-            if not setting["official_flags"]:
+        for name in names:
+            setting = record["settings"][name]
+            if name == "FP":
                 out["settings"][name] = {"parity_flags": run(build, calib, evaluation, None)}
                 continue
             out["settings"][name] = {
@@ -152,7 +175,7 @@ def main() -> None:
                 # without shared flags the defaults are these very flags: nothing more to run
                 **({"defaults": run(build, calib, evaluation, setting["our_flags"])} if record["shared_flags"] else {})}
             print(name, out["settings"][name])
-    path = Path(args.record).with_name(Path(args.record).stem + "-ours.json")
+    out["settings"] = {name: out["settings"][name] for name in record["settings"] if name in out["settings"]}
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
 

@@ -110,7 +110,6 @@ class Official:
     def load(self):
         if not (self.code_dir / "Rot.pkl").is_file():
             runpy.run_path(str(self.code_dir / "get_rot.py"), run_name="__main__")
-        sys.path.insert(0, str(self.code_dir))
         from generate_act_scale_shift import get_act_scales
         from quantize.duquant import duquant
 
@@ -124,6 +123,7 @@ class Official:
         if settings is not None:
             cwd = os.getcwd()
             os.chdir(self.code_dir)  # get_rot.py writes, and its utils.get_rot reads, Rot.pkl in the working dir
+            sys.path.insert(0, str(self.code_dir))
             try:
                 get_act_scales, duquant = self.load()
                 windows = [(w.unsqueeze(0),) for w in calib]

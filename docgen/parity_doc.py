@@ -16,11 +16,15 @@ def _rel(a: float, b: float) -> str:
 
 def _spread(setting: dict, fp: float) -> str:
     seeds = setting.get("ppl_by_kmeans_seed") or setting.get("ppl_by_rotation_seed")
-    if not seeds:
-        return "—"
-    kind = "k-means" if "ppl_by_kmeans_seed" in setting else "rotation"
-    excess = [math.log(p / fp) for p in seeds.values()]
-    return f"{min(excess):+.1e} … {max(excess):+.1e} ({kind} seeds {', '.join(seeds)})"
+    if seeds:
+        kind = "k-means" if "ppl_by_kmeans_seed" in setting else "rotation"
+        excess = [math.log(p / fp) for p in seeds.values()]
+        return f"{min(excess):+.1e} … {max(excess):+.1e} ({kind} seeds {', '.join(seeds)})"
+    jitter = setting.get("ppl_by_jitter")
+    if jitter:
+        excess = [math.log(p / fp) for p in (setting["ppl"], *jitter.values())]
+        return f"{min(excess):+.1e} … {max(excess):+.1e} (as is and {len(jitter)} float-noise draws of the weights)"
+    return "—"
 
 
 def _fixture_line(spec: dict) -> str:
@@ -29,6 +33,12 @@ def _fixture_line(spec: dict) -> str:
         what = (f"a {model['num_hidden_layers']}-layer OPT, hidden {model['hidden_size']}, random weights with "
                 f"x{model['outliers']['scale']:g} outliers on {model['outliers']['channels']} channels per edge "
                 "(function-preserving)")
+    elif model["kind"] == "llama":
+        what = (f"a {model['num_hidden_layers']}-layer Llama, hidden {model['hidden_size']} in "
+                f"{model['num_attention_heads']} heads ({model['num_key_value_heads']} KV heads), MLP "
+                f"{model['intermediate_size']}, random weights (std {model['initializer_range']:g}) with "
+                f"{model['massive_channels']['channels']} residual channels x{model['massive_channels']['scale']:g} "
+                "(massive activations)")
     else:
         what = f"{model['kind']} ({model['weights']})"
     return (f"- Fixture: {what}; {windows['calibration']['count']} calibration windows of {windows['seqlen']} "

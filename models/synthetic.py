@@ -1,7 +1,8 @@
-"""Synthetic OPT models for tests and benchmarks: random weights, RPTQ's outlier problem.
+"""Synthetic models for tests, benchmarks and parity fixtures: random weights, RPTQ's outlier problem.
 
 No OPT weights can be had offline, so benchmarks use OPT-shaped models with random
-weights and outliers injected without changing the function they compute.
+weights and outliers injected without changing the function they compute; a random Llama with
+massive residual channels serves the official codes that run Llama only.
 """
 from __future__ import annotations
 
@@ -60,6 +61,34 @@ def inject_opt_outliers(model, seed: int = 0, channels: int = 4, scale: float = 
         layer.fc1.weight[idx] *= scale
         layer.fc1.bias[idx] *= scale
         layer.fc2.weight[:, idx] /= scale
+    return model
+
+
+def random_llama(seed: int = 0, **shape):
+    """A Llama-architecture causal LM with random weights (fp32, eval mode), its head untied from the embeddings
+    (as in Llama-2, which the official rotation codes were written for)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=2, **shape)
+    return LlamaForCausalLM(config).float().eval()
+
+
+@torch.no_grad()
+def inject_llama_massive_channels(model, seed: int = 0, channels: int = 4, scale: float = 30.0):
+    """A few residual-stream channels made large in every token, as a trained Llama's massive activations: the
+    embeddings' columns and every residual writer's rows (o_proj, down_proj) of those channels scaled by s. Every
+    norm's output, and so every Q/K/V and gate/up input, is then dominated by them: the case residual rotations are
+    for. (This changes the random model, not only its ranges: RMSNorm sees the whole row.) Each embedding row is
+    then centred, so a code that subtracts the embeddings' row means (an OPT LayerNorm step) leaves it unchanged."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(model.config.hidden_size, generator=gen)[:channels]
+    emb = model.model.embed_tokens.weight
+    emb[:, idx] *= scale
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight[idx] *= scale
+        layer.mlp.down_proj.weight[idx] *= scale
+    emb -= emb.mean(dim=-1, keepdim=True)
     return model
 
 

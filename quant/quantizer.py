@@ -70,6 +70,8 @@ class QuantSpec:
     dynamic: None = static calibrated ranges; "token" = one range per token (and group);
     "sequence" = one range per sequence (batch element) and group (RPTQ's --a_dynamic).
     unit_grid: the fixed [0, 1] grid of RPTQ's softmax quantizer (bits only say it is on).
+    zero_in_range: a dynamic range always reaches 0 (min(x, 0) .. max(x, 0), before clipping), as QuaRot's and
+    SpinQuant's per-token quantizer of K does; plain min .. max otherwise.
     """
 
     bits: int = FULL_PRECISION
@@ -78,6 +80,7 @@ class QuantSpec:
     grid: str = "full"
     clip: float = 1.0
     unit_grid: bool = False
+    zero_in_range: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -126,7 +129,7 @@ class ActQuantizer(nn.Module):
             return x, self.scale, self.zero
         xf = x.float()
         if spec.dynamic == "token":
-            lo, hi = xf, xf
+            lo, hi = (xf.clamp(max=0), xf.clamp(min=0)) if spec.zero_in_range else (xf, xf)
         else:  # per sequence: reduce every dim between the batch and the channels
             flat = xf.reshape(xf.shape[0], -1, xf.shape[-1])
             lo = flat.amin(1).reshape(xf.shape[0], *[1] * (xf.dim() - 2), xf.shape[-1])

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight range clipping: a ratio in (0, 1] (duquant: 0.8), search (QuaRot's per-row search; "
                         "quarot, spinquant) or learned (per-row clipping trained on the block output, LWC)")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ's Hessian damping, a fraction of its mean diagonal")
+    p.add_argument("--gptq_order", default=None, choices=("together", "sequential"),
+                   help="GPTQ's Hessians: together, every linear's from the block's one FP pass (default; GPTQ's opt.py, "
+                        "RPTQ), or sequential, one input's readers after another in block order, each next input's "
+                        "Hessian measured anew through those quantized so far (quarot, spinquant; GPTQ's llama.py "
+                        "--true-sequential)")
     p.add_argument("--block_inputs", default=None, choices=BLOCK_INPUTS,
                    help="what the next block calibrates on: this block's quantized outputs (default), its full-"
                         "precision ones (flatquant; duquant, whose official code measures its smoothing statistics on the "

@@ -39,6 +39,10 @@ class QuantConfig:
     sf8_scales: bool = False  # weight scales rounded up onto 1-byte sf8 numbers (smallest checkpoints)
     percdamp: float = 0.01
     blocksize: int = 128
+    # together: every linear's Hessian from the block's one FP pass (GPTQ's opt.py, RPTQ); sequential: one input's
+    # readers after another in block order, each next input's Hessian measured anew through the readers quantized
+    # so far (QuaRot, SpinQuant; GPTQ's llama.py --true-sequential)
+    gptq_order: str = "together"
     disable_w_quant: bool = False
     disable_a_quant: bool = False
     block_inputs: str = "quantized"  # the next block calibrates on this block's quantized or FP outputs

@@ -21,7 +21,7 @@ from .run_config import RunConfig
 
 PPL_DEFAULT = "wikitext2,ptb,c4"
 # Shared flags whose value becomes the QuantConfig field of the same name when given.
-SHARED = ("wbits", "abits", "abits_policy", "grid", "w_range", "w_group_size", "act_clip")
+SHARED = ("wbits", "abits", "abits_policy", "grid", "w_range", "w_group_size", "act_clip", "gptq_order")
 
 
 def add_method_flags(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from threadpoolctl import threadpool_limits
+from torch import nn
 
+from models.execution import run_block
 from quant.bcq import bcq_quantize
 from quant.gptqt import GPTQTConfig, gptqt_quantize
 from quant.level_sets import enumerate_level_sets
@@ -19,6 +21,7 @@ from quant.threads import single_thread_on_cpu
 from . import methods
 from .context import BlockContext
 from .methods.gptqt import GPTQTSettings
+from .stats import ChannelObserver
 
 
 def _binary_weight(coded, device) -> tuple[torch.Tensor, dict]:
@@ -91,6 +94,22 @@ def _gptq_sweeps(ctx: BlockContext) -> dict[str, tuple]:
 
 
 @torch.no_grad()
+def remeasure_hessian(ctx: BlockContext, point: str) -> None:
+    """GPTQ's sequential order: ``point``'s Hessian measured anew, by one more pass of the block over its
+    calibration inputs through the weights quantized so far (activations FP, transforms in place; a quantizer the
+    policy fixed before any statistic, as RPTQ's softmax grid, still acts)."""
+    fresh = ChannelObserver(hessian=True)
+    kept = ctx.block.taps
+    ctx.block.taps = nn.ModuleDict({p: fresh if p == point else (nn.Identity() if isinstance(t, ChannelObserver) else t)
+                                    for p, t in kept.items()})
+    try:
+        run_block(ctx.block, ctx.inputs, ctx.layer_kwargs)
+    finally:
+        ctx.block.taps = kept
+    ctx.observers[point].gptq = fresh.gptq
+
+
+@torch.no_grad()
 def quantize_weights(ctx: BlockContext, side_by_side: bool = True, keep_codes: bool = True) -> dict[str, float]:
     """Quantize every linear of the block; returns each one's weight-only relative output error
     on the token rows its input point kept (in the transformed basis). ``side_by_side``: GPTQ
@@ -101,7 +120,10 @@ def quantize_weights(ctx: BlockContext, side_by_side: bool = True, keep_codes: b
     bits = cfg.weight_bits
     errors = {}
     level_sets = hessian_diag = None
-    swept = _gptq_sweeps(ctx) if cfg.w_quantizer == "gptq" and side_by_side and bits < FULL_PRECISION else {}
+    sequential = cfg.w_quantizer == "gptq" and cfg.gptq_order == "sequential"
+    swept = _gptq_sweeps(ctx) if cfg.w_quantizer == "gptq" and side_by_side and not sequential and \
+        bits < FULL_PRECISION else {}
+    reached = []  # the input points whose readers are being or have been quantized (sequential order)
     if cfg.w_quantizer == "gptqt":
         settings = cfg.of(GPTQTSettings)
         gcfg = GPTQTConfig(bits=bits, inter_bits=settings.inter_bits or bits + 1, gammas=settings.gammas,
@@ -123,6 +145,10 @@ def quantize_weights(ctx: BlockContext, side_by_side: bool = True, keep_codes: b
             q, kept = _binary_weight(coded, W.device)
         else:
             if cfg.w_quantizer == "gptq":
+                if sequential and point not in reached:
+                    if reached:  # the first input's Hessian is the FP pass's own
+                        remeasure_hessian(ctx, point)
+                    reached.append(point)
                 if name not in swept:  # one input at a time; out of core one reader at a time
                     swept.update(_gptq_readers(ctx, point, wspec, None if side_by_side else (name,)))
                 q, codes, scale, zero = swept.pop(name)

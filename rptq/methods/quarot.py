@@ -116,17 +116,19 @@ def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str
     cfg = ctx.cfg
     bits = _bits(cfg, role)
     if role in (KEY, VALUE):
-        return kv_spec(ctx, bits), "minmax"
+        return kv_spec(ctx, bits, role), "minmax"
     # QuaRot's grid: scale = clip * absmax / (2^(b-1) - 1) on codes -2^(b-1) .. 2^(b-1) - 1, so a clipped
     # token's negative side keeps the extra code (the toolkit's "symmetric" grid stops at -(2^(b-1) - 1)).
     return QuantSpec(bits=bits, dynamic="token", grid="quarot", clip=cfg.act_clip), "minmax"
 
 
-def kv_spec(ctx: BlockContext, bits: int) -> QuantSpec:
-    """K and V per token x head, asymmetric, dynamic, clipped at --kv_clip (QuaRot's and SpinQuant's)."""
+def kv_spec(ctx: BlockContext, bits: int, role: str) -> QuantSpec:
+    """K and V per token x head, asymmetric, dynamic, clipped at --kv_clip (QuaRot's and SpinQuant's). K's range
+    always reaches 0 (their K quantizer takes min(x, 0) .. max(x, 0) per token x head); V's is its min .. max (their
+    V quantizer's grouped path has no such floor)."""
     heads = ctx.spec.heads
     return QuantSpec(bits=bits, group_sizes=(heads.head_dim,) * heads.num_kv_heads, dynamic="token", grid="full",
-                     clip=ctx.cfg.of(QuaRotSettings).kv_clip)
+                     clip=ctx.cfg.of(QuaRotSettings).kv_clip, zero_in_range=role == KEY)
 
 
 def describe_fixed(cfg: QuantConfig, role: str) -> dict | None:
@@ -159,7 +161,8 @@ METHOD = Method(
     policies=(Policy("quarot", activation, describe, uses_act_clip=True),),
     presets={"quarot": dict(transforms=("residual_rotate", "head_rotate", "qk_rotate", "mlp_rotate"),
                             abits_policy="quarot", grid="quarot", w_quantizer="gptq", w_range="minmax",
-                            w_group_size=0, w_clip=1.0, w_clip_fit="search", act_clip=0.9, wbits=4, abits=4)},
+                            w_group_size=0, w_clip=1.0, w_clip_fit="search", act_clip=0.9, wbits=4, abits=4,
+                            gptq_order="sequential", block_inputs="weights")},
     assumptions={
         "residual_rotate": (
             "QuaRot R1: a randomized Hadamard D H (random signs on H's rows) of the hidden width where one is built "

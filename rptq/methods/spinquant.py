@@ -74,7 +74,7 @@ def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str
     cfg, heads = ctx.cfg, ctx.spec.heads
     bits = _bits(cfg, role)
     if role in (KEY, VALUE):
-        return kv_spec(ctx, bits), "minmax"
+        return kv_spec(ctx, bits, role), "minmax"
     groups = (heads.head_dim,) * heads.num_heads if _per_head(ctx.spec, point) else None
     return QuantSpec(bits=bits, group_sizes=groups, dynamic="token", grid="full", clip=cfg.act_clip), "minmax"
 
@@ -98,6 +98,7 @@ METHOD = Method(
     presets={"spinquant": dict(transforms=("residual_rotate", "spin_rotate", "head_rotate", "qk_rotate", "mlp_rotate"),
                                abits_policy="spinquant", grid="quarot", w_quantizer="gptq", w_range="minmax",
                                w_group_size=0, w_clip=1.0, w_clip_fit="search", act_clip=1.0, wbits=4, abits=4,
+                               gptq_order="sequential", block_inputs="weights",
                                quarot=dict(kv_clip=1.0, across_heads=False))},
     assumptions={
         "spin_rotate": (

@@ -1,14 +1,17 @@
 """The shared inputs of a parity run: a model saved as a Hugging Face directory an official implementation can
 load, and fixed token windows (calibration and evaluation) in a safetensors file it reads instead of building its
-own. Two models: a tiny OPT with function-preserving outliers (SPEC; fast tests) and SmolLM2-135M, a real Llama
-with GQA (SMOLLM2; its packaged GGUF weights dequantized to fp32, the windows the W4A4 frontier uses; slow tests).
+own. Three models: a tiny OPT with function-preserving outliers (SPEC; fast tests), a tiny Llama with GQA and
+massive residual channels (TINY_LLAMA; fast tests of the official codes that run Llama only) and SmolLM2-135M, a
+real Llama with GQA (SMOLLM2; its packaged GGUF weights dequantized to fp32, the windows the W4A4 frontier uses;
+heavy tests).
 Everything follows the spec with fixed seeds, so the parity tests rebuild the same model and windows in process and
 check them against the recorded digest.
 
     .venv/bin/python scripts/parity/fixture.py --out /tmp/parity-fixture
+    .venv/bin/python scripts/parity/fixture.py --model tiny-llama --out /tmp/parity-llama
     .venv/bin/python scripts/parity/fixture.py --model smollm2-135m --out /tmp/parity-smollm2
 
-write <out>/{tiny-opt/ or smollm2-135m/, windows.safetensors, spec.json} and print the windows' digest.
+write <out>/{tiny-opt/, tiny-llama/ or smollm2-135m/, windows.safetensors, spec.json} and print the windows' digest.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from eval.data import calibration_windows, eval_windows  # noqa: E402
-from models.synthetic import gpt2_tokenizer_dir, inject_opt_outliers, random_opt  # noqa: E402
+from models.synthetic import (gpt2_tokenizer_dir, inject_llama_massive_channels, inject_opt_outliers,  # noqa: E402
+                              random_llama, random_opt)
 
 # hidden 128 in 4 heads of 32, so R2/R3's 4 clusters per head and R1/R4/R5's 32 clusters all have room; the
 # outliers (x30 on 4 channels per edge) make per-tensor 4-bit ranges useless, as in a real OPT.
@@ -38,6 +42,17 @@ SPEC = {
                 "calibration": {"split": "train", "count": 32, "seed": 2},
                 "evaluation": {"split": "validation", "first": 40}},
 }
+# Powers of two everywhere (hidden 256 = 4 heads of 64, 2 KV heads, MLP 512), so every Hadamard the official
+# rotation codes build is a plain Sylvester one (QuaRot's online Hadamard across heads needs a power-of-two head
+# count; SmolLM2 has 9 heads); the same windows as the tiny OPT. Weights drawn with std 0.1 (Llama's default 0.02
+# leaves a random model's predictions near uniform, where W4A4 moves perplexity by under 1%; here by a few %).
+TINY_LLAMA = {
+    "model": {"kind": "llama", "seed": 0, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50272,
+              "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "initializer_range": 0.1,
+              "massive_channels": {"seed": 0, "channels": 4, "scale": 30.0}},
+    "windows": SPEC["windows"],
+}
 # The windows of scripts/w4a4_frontier.py (FP 50.015 there). The model is written as a plain Llama directory, with
 # the config keys transformers 4.x reads (the official codes pin 4.29-4.44).
 SMOLLM2 = {
@@ -46,30 +61,35 @@ SMOLLM2 = {
                 "calibration": {"split": "train", "count": 32, "seed": 2},
                 "evaluation": {"split": "validation", "first": 16}},
 }
-SPECS = {"tiny-opt": SPEC, "smollm2-135m": SMOLLM2}
+SPECS = {"tiny-opt": SPEC, "tiny-llama": TINY_LLAMA, "smollm2-135m": SMOLLM2}
+SYNTHETIC = {"opt": "tiny-opt", "llama": "tiny-llama"}  # kind -> directory name (official.py holds the same map)
 
 
 def model_dir_name(spec: dict) -> str:
     """The model's directory inside a fixture directory."""
-    return "tiny-opt" if spec["model"]["kind"] == "opt" else spec["model"]["kind"]
+    return SYNTHETIC.get(spec["model"]["kind"], spec["model"]["kind"])
 
 
 def build_model(spec: dict = SPEC):
     """The fixture model (fp32, eval mode) from its spec."""
-    if spec["model"]["kind"] != "opt":
+    kind = spec["model"]["kind"]
+    if kind not in SYNTHETIC:
         from models.loading import load_model
 
-        return load_model(spec["model"]["kind"], torch.device("cpu"), dtype=torch.float32)[0]
-    shape = {k: v for k, v in spec["model"].items() if k not in ("kind", "seed", "outliers")}
+        return load_model(kind, torch.device("cpu"), dtype=torch.float32)[0]
+    shape = {k: v for k, v in spec["model"].items() if k not in ("kind", "seed", "outliers", "massive_channels")}
+    if kind == "llama":
+        return inject_llama_massive_channels(random_llama(spec["model"]["seed"], **shape),
+                                             **spec["model"]["massive_channels"])
     model = random_opt(spec["model"]["seed"], **shape)
     return inject_opt_outliers(model, **spec["model"]["outliers"])
 
 
 def tokenizer(dest: Path, spec: dict = SPEC):
-    """The spec's tokenizer (the GPT-2 BPE files are written to ``dest`` for the tiny OPT)."""
+    """The spec's tokenizer (the GPT-2 BPE files are written to ``dest`` for the tiny models)."""
     from transformers import AutoTokenizer, GPT2Tokenizer
 
-    if spec["model"]["kind"] == "opt":
+    if spec["model"]["kind"] in SYNTHETIC:
         return GPT2Tokenizer.from_pretrained(str(gpt2_tokenizer_dir(dest)))
     from models.loading import resolve
 

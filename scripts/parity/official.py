@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 
-def copy_with_patches(repo: Path, dest: Path, patches, cuda_no_ops=(), ignore=()) -> list[str]:
+def copy_with_patches(repo: Path, dest: Path, patches, cuda_no_ops=(), ignore=(), added=()) -> list[str]:
     """Copy ``repo`` to ``dest`` and apply ``patches`` ((file, text, replacement, why), each text must occur);
-    make ``torch.cuda.<name>`` no-ops for ``cuda_no_ops``. Returns one line per change."""
+    write ``added`` files ((file, text, why): stand-ins for CUDA extensions the code imports); make
+    ``torch.cuda.<name>`` no-ops for ``cuda_no_ops``. Returns one line per change."""
     shutil.copytree(repo, dest, ignore=shutil.ignore_patterns(".git", *ignore))
     applied = []
     for rel, old, new, why in patches:
@@ -30,6 +31,9 @@ def copy_with_patches(repo: Path, dest: Path, patches, cuda_no_ops=(), ignore=()
             raise SystemExit(f"patch target not found in {rel}: {old!r} (another commit of the official code?)")
         path.write_text(text.replace(old, new))
         applied.append(f"{rel}: `{old}` -> `{new}` ({count} place{'s' * (count > 1)}): {why}")
+    for rel, text, why in added:
+        (dest / rel).write_text(text)
+        applied.append(f"{rel} added ({len(text.splitlines())} lines, in the record's `added`): {why}")
     for name in cuda_no_ops:
         setattr(torch.cuda, name, lambda *a, **k: 0)
     if cuda_no_ops:
@@ -100,6 +104,18 @@ class WeightErrors:
         w = weight.float()
         self.sums[-1] += [float((quantized.float() - w).pow(2).sum()), float(w.pow(2).sum())]
 
+    def observe(self, gptq_class) -> None:
+        """Record every weight ``gptq_class.fasterquant`` quantizes, before and after (the official GPTQ class,
+        wrapped in this process only; the wrapper changes nothing)."""
+        fasterquant = gptq_class.fasterquant
+
+        def measured(gptq, *a, **k):
+            weight = gptq.layer.weight.data.float().clone()
+            fasterquant(gptq, *a, **k)
+            self.add(weight, gptq.layer.weight.data)
+
+        gptq_class.fasterquant = measured
+
     def by_layer(self) -> list[float]:
         return [sum(s[0::2]) / sum(s[1::2]) for s in self.sums]
 
@@ -143,7 +159,7 @@ def parser(doc: str, repo: str, out: str) -> argparse.ArgumentParser:
 
 
 def run_all(args, name: str, settings: dict, measure, *, patches=(), cuda_no_ops=(), ignore=(), notes=(),
-            shared_flags=(), modules=()) -> None:
+            shared_flags=(), modules=(), added=()) -> None:
     """Copy and patch the official code, then for "FP" and every setting (or --only) call
     ``measure(code_dir, model_dir, calibration, evaluation, setting_name, official_flags) -> {"ppl": ..., ...}``
     (official_flags None: the unquantized model), store it with the flags that give its semantics here and write
@@ -154,12 +170,14 @@ def run_all(args, name: str, settings: dict, measure, *, patches=(), cuda_no_ops
     fixture, out = Path(args.fixture), Path(args.out)
     windows = load_file(str(fixture / "windows.safetensors"))
     kind = json.loads((fixture / "spec.json").read_text())["model"]["kind"]
-    model_dir = fixture / ("tiny-opt" if kind == "opt" else kind)  # fixture.py's model_dir_name
+    model_dir = fixture / {"opt": "tiny-opt", "llama": "tiny-llama"}.get(kind, kind)  # fixture.py's model_dir_name
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         code_dir = Path(tmp) / "official"
-        applied = copy_with_patches(Path(args.repo), code_dir, patches, cuda_no_ops, ignore) + list(notes)
+        applied = copy_with_patches(Path(args.repo), code_dir, patches, cuda_no_ops, ignore, added) + list(notes)
         record = start_record(name, Path(args.repo), applied, fixture, list(shared_flags), out, args.cpu_path)
+        if added:
+            record["official"]["added"] = {rel: text for rel, text, _ in added}
         for setting in (["FP", *settings] if not args.only else args.only.split(",")):
             theirs, ours = settings.get(setting, (None, []))
             t0 = time.perf_counter()
@@ -171,6 +189,84 @@ def run_all(args, name: str, settings: dict, measure, *, patches=(), cuda_no_ops
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+# For the rotation codes (QuaRot, SpinQuant): fast_hadamard_transform is a CUDA extension
+# (Dao-AILab/fast-hadamard-transform); its hadamard_transform(x, scale) multiplies the last dimension (a power of two
+# here) by the Sylvester Hadamard matrix, times scale. This stand-in does the same in torch.
+FAST_HADAMARD = '''import torch
+
+
+def hadamard_transform(x, scale=1.0):
+    """x @ H_n.T * scale over the last dimension, H_n the Sylvester Hadamard matrix (n a power of two)."""
+    n = x.shape[-1]
+    assert n & (n - 1) == 0, "this stand-in handles powers of two only"
+    y, h = x.reshape(-1, n), 1
+    while h < n:
+        y = y.reshape(-1, n // (2 * h), 2, h)
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+        h *= 2
+    return (y.reshape(x.shape) * scale).to(x.dtype)
+'''
+
+
+@torch.no_grad()
+def jitter_(model, seed: int) -> None:
+    """Move every weight by at most two units in its last place (x (1 + k 2^-22), k in {-1, 0, 1} drawn with
+    ``seed``): the same model up to float noise, for the spread that noise alone gives a figure."""
+    gen = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        param.mul_(1 + torch.randint(-1, 2, param.shape, generator=gen).to(param.dtype) * 2.0 ** -22)
+
+
+def argv(flags: dict) -> list[str]:
+    """An official main's command line for ``flags`` (booleans as --flag / --no-flag)."""
+    out = []
+    for key, value in flags.items():
+        if isinstance(value, bool):
+            out.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            out += [f"--{key}", str(value)]
+    return out
+
+
+def seeded_measure(run, seeds: list[int], jitters: list[int], rotated: set[str]):
+    """The ``measure`` of run_all for the rotation codes: ``run(code_dir, model_dir, calib, evaluation, flags, seed,
+    jitter) -> (ppl, GPTQ weight errors per layer)``. A rotated setting runs once per seed (its figure depends on
+    the random rotation's seed); any other quantized setting runs as it is and on the float-noise draws
+    ``jitters`` of the weights (jitter_: how far flipped roundings alone move it)."""
+
+    def measure(code_dir, model_dir, calib, evaluation, name, theirs):
+        if theirs is None or name not in rotated:
+            ppl, errors = run(code_dir, model_dir, calib, evaluation, theirs, seeds[0])
+            by_jitter = {str(j): run(code_dir, model_dir, calib, evaluation, theirs, seeds[0], j)[0]
+                         for j in (jitters if theirs is not None else [])}
+            for j, p in by_jitter.items():
+                print(f"{name:28s} jitter {j}: ppl {p!r}")
+            return {"ppl": ppl, **({"gptq_weight_error_by_layer": errors} if errors else {}),
+                    **({"ppl_by_jitter": by_jitter} if by_jitter else {})}
+        by_seed = {}
+        for seed in seeds:
+            by_seed[str(seed)] = run(code_dir, model_dir, calib, evaluation, theirs, seed)[0]
+            print(f"{name:28s} seed {seed}: ppl {by_seed[str(seed)]!r}")
+        return {"ppl": by_seed[str(seeds[0])], "ppl_by_rotation_seed": by_seed}
+
+    return measure
+
+
+def run_seeded(doc: str, name: str, out: str, run, settings: dict, rotated: set[str], **run_all_args) -> None:
+    """A rotation code's main: parse the runner's flags (with --seeds and --jitters), measure every setting with
+    :func:`seeded_measure` and write the record (:func:`run_all`)."""
+    ap = parser(doc, name, out)
+    ap.add_argument("--seeds", default="0,1,2,3,4",
+                    help="--seed values to run each rotated setting with (the spread of the official figure)")
+    ap.add_argument("--jitters", default="1,2,3,4",
+                    help="float-noise draws (jitter_) to rerun each deterministic quantized setting with: how far "
+                         "rounding flips alone move its figure (4-bit steps on massive channels are coarse)")
+    args = ap.parse_args()
+    measure = seeded_measure(run, [int(s) for s in args.seeds.split(",")],
+                             [int(s) for s in args.jitters.split(",") if s], rotated)
+    run_all(args, name, settings, measure, **run_all_args)
 
 
 def forget(modules) -> None:

@@ -27,6 +27,14 @@ def _spread(setting: dict, fp: float) -> str:
     return "—"
 
 
+def _ours_excess(setting: dict, parity: dict, ours: dict) -> str:
+    """Ours' excess over our FP, beside an official spread."""
+    fp = ours["settings"].get("FP", {}).get("parity_flags", {}).get("ppl")
+    if _spread(setting, 1.0) == "—" or not parity or fp is None:
+        return ""
+    return f"; ours {math.log(parity['ppl'] / fp):+.1e}"
+
+
 def _fixture_line(spec: dict) -> str:
     model, windows = spec["model"], spec["windows"]
     if model["kind"] == "opt":
@@ -69,7 +77,7 @@ def _method_lines(name: str, record: dict, ours: dict | None) -> list[str]:
     L += [f"Other CPU code paths the official code ran on ({paths or 'none'}): the official figure moves by the "
           "rel. shown under \"official, other path\"; a tolerance is at least twice that move.", "",
           "| setting | our flags | official ppl | official, other path | ours | rel. | ours, defaults | rel. | "
-          "official excess over FP across seeds | layer 0 GPTQ weight error: official / ours |",
+          "official excess over FP across seeds or float-noise draws; ours | layer 0 GPTQ weight error: official / ours |",
           "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for setting_name, setting in record["settings"].items():
         mine = ours["settings"].get(setting_name, {})
@@ -83,7 +91,7 @@ def _method_lines(name: str, record: dict, ours: dict | None) -> list[str]:
                  + (f"{parity['ppl']:.3f} | {_rel(parity['ppl'], setting['ppl'])}" if parity else "— | —")
                  + " | " + (f"{default['ppl']:.3f} | {_rel(default['ppl'], setting['ppl'])}" if default
                             else "= ours | " if parity and not record["shared_flags"] else "— | —")
-                 + f" | {_spread(setting, fp)} | {error} |")
+                 + f" | {_spread(setting, fp)}{_ours_excess(setting, parity, ours)} | {error} |")
     notes = [f"- {n}: a deliberate difference: {s['deliberate_difference']}." for n, s in record["settings"].items()
              if "deliberate_difference" in s]
     return L + ([""] + notes if notes else []) + [""]

@@ -26,6 +26,9 @@ Measured when recorded (torch 2.13 CPU, this machine's AVX-512 kernels):
   the figure is chaotic on this model (one flipped rounding on a massive channel moves a token's output by ~6%; the
   official code moves up to 6.1e-3 under float-noise draws of the weights), and ours lies within those draws;
   rotated settings inside the official spread over its R1 seeds 0-4.
+- SpinQuant (facebookresearch/SpinQuant's PTQ path without learning, on the tiny Llama): W4A16 GPTQ as QuaRot's (the
+  same GPTQ code, the same official figure); W16A4KV4 without rotation 2.5e-4 from the official figure, inside its
+  float-noise draws; rotated settings inside its spread over seeds 0-4.
 """
 import json
 from pathlib import Path
@@ -83,7 +86,7 @@ def fp_by_digest(inputs_by_digest):
 def test_official_implementations_are_recorded_with_their_commits():
     assert {r["official"]["repo"] for r in RECORDS.values()} >= {"hahnyuan/RPTQ4LLM", "IST-DASLab/gptq",
                                                                   "mit-han-lab/smoothquant", "Hsu1023/DuQuant",
-                                                                  "spcl/QuaRot"}
+                                                                  "spcl/QuaRot", "facebookresearch/SpinQuant"}
     for record in RECORDS.values():
         assert len(record["official"]["commit"]) == 40 and record["official"]["patches"]
         assert set(record["cpu_paths"]) == {"avx2"}

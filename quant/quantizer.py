@@ -46,15 +46,16 @@ def group_reduce(per_channel: torch.Tensor, group_sizes: tuple[int, ...], op: st
 
 
 def group_params(cmin: torch.Tensor, cmax: torch.Tensor, group_sizes: tuple[int, ...] | None, bits: int,
-                 grid: str = "full", clip: float = 1.0):
+                 grid: str = "full", clip: float = 1.0, clip_low: float | None = None):
     """Per-channel (scale, zero) from per-channel ranges, shared within each group.
 
     ``cmin``/``cmax`` have the channels on the last dim (any leading dims, e.g. tokens or rows).
-    ``clip`` scales both ends of every range towards 0 (DuQuant's clipping ratios).
+    ``clip`` scales both ends of every range towards 0 (DuQuant's clipping ratios); ``clip_low``, where given,
+    scales the minimum instead (FlatQuant's LAC learns one factor per end).
     """
     if group_sizes is None:
         group_sizes = (cmin.shape[-1],)
-    gmin = group_reduce(cmin, group_sizes, "min") * clip
+    gmin = group_reduce(cmin, group_sizes, "min") * (clip if clip_low is None else clip_low)
     gmax = group_reduce(cmax, group_sizes, "max") * clip
     scale, zero = affine_params(gmin, gmax, bits, grid)
     return expand_groups(scale, group_sizes), expand_groups(zero, group_sizes)
@@ -71,7 +72,9 @@ class QuantSpec:
     "sequence" = one range per sequence (batch element) and group (RPTQ's --a_dynamic).
     unit_grid: the fixed [0, 1] grid of RPTQ's softmax quantizer (bits only say it is on).
     zero_in_range: a dynamic range always reaches 0 (min(x, 0) .. max(x, 0), before clipping), as QuaRot's and
-    SpinQuant's per-token quantizer of K does; plain min .. max otherwise.
+    SpinQuant's per-token quantizer of K and FlatQuant's of every activation do; plain min .. max otherwise.
+    clip_low: the clipping factor of the range's minimum where it differs from ``clip`` (on the maximum):
+    FlatQuant's learned activation clipping has one per end.
     """
 
     bits: int = FULL_PRECISION
@@ -81,6 +84,7 @@ class QuantSpec:
     clip: float = 1.0
     unit_grid: bool = False
     zero_in_range: bool = False
+    clip_low: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -113,7 +117,7 @@ class ActQuantizer(nn.Module):
             if spec.group_sizes is None:  # per tensor: one scalar range
                 cmin, cmax = cmin.min().reshape(1), cmax.max().reshape(1)
             self.scale, self.zero = group_params(cmin.float(), cmax.float(), spec.group_sizes, spec.bits, spec.grid,
-                                                 spec.clip)
+                                                 spec.clip, spec.clip_low)
 
     @classmethod
     def from_params(cls, spec: QuantSpec, scale: torch.Tensor | None, zero: torch.Tensor | None) -> "ActQuantizer":
@@ -134,7 +138,7 @@ class ActQuantizer(nn.Module):
             flat = xf.reshape(xf.shape[0], -1, xf.shape[-1])
             lo = flat.amin(1).reshape(xf.shape[0], *[1] * (xf.dim() - 2), xf.shape[-1])
             hi = flat.amax(1).reshape(lo.shape)
-        return xf, *group_params(lo, hi, spec.group_sizes, spec.bits, spec.grid, spec.clip)
+        return xf, *group_params(lo, hi, spec.group_sizes, spec.bits, spec.grid, spec.clip, spec.clip_low)
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(integer codes, scale, zero) of x; ``dequantize`` of them is ``forward(x)`` bit for bit.

@@ -58,7 +58,7 @@ def save_block(block: QuantBlock, path: Path, identity: dict | None = None) -> N
         if isinstance(tap, ActQuantizer):
             spec = tap.spec
             taps[point] = {"bits": spec.bits, "dynamic": spec.dynamic, "grid": spec.grid, "clip": spec.clip,
-                           "unit_grid": spec.unit_grid, "zero_in_range": spec.zero_in_range,
+                           "unit_grid": spec.unit_grid, "zero_in_range": spec.zero_in_range, "clip_low": spec.clip_low,
                            "group_sizes": list(spec.group_sizes) if spec.group_sizes is not None else None}
             if tap.scale is not None:
                 tensors[f"tap.{point}.scale"], tensors[f"tap.{point}.zero"] = tap.scale, tap.zero
@@ -152,7 +152,7 @@ def load_block(block: QuantBlock, path: Path, device="cpu", expect: dict | None 
                 raise CheckpointError(f"{where}: quantizer for unknown point {point!r}")
             groups = tuple(tap["group_sizes"]) if tap["group_sizes"] is not None else None
             qspec = QuantSpec(tap["bits"], groups, tap["dynamic"], tap["grid"], tap["clip"], tap["unit_grid"],
-                              tap.get("zero_in_range", False))
+                              tap.get("zero_in_range", False), tap.get("clip_low"))
             taps[point] = ActQuantizer.from_params(qspec, tensors.get(f"tap.{point}.scale"),
                                                    tensors.get(f"tap.{point}.zero"))
             if qspec.static and taps[point].scale is None:

@@ -67,32 +67,39 @@ class ClipFactor(nn.Module):
 
 
 class LearnedClipQuant(nn.Module):
-    """Per-token dynamic fake quantization of a QuantSpec with a learned clipping factor (FlatQuant's LAC): each
-    token's (group's) range times the factor, on the spec's grid, straight through."""
+    """Per-token dynamic fake quantization of a QuantSpec with learned clipping (FlatQuant's LAC): each token's
+    (group's) maximum times one learned factor and its minimum times another (the range reaching 0 first where the
+    spec says so), on the spec's grid, straight through."""
 
     def __init__(self, spec: QuantSpec, learn: bool = True):
         super().__init__()
         if spec.dynamic != "token":
             raise ValueError("a learned activation clip needs a per-token dynamic quantizer")
         self.spec = spec
-        self.clip = ClipFactor((1,)) if learn else None
+        self.clip = RowClips(1) if learn else None
 
-    def factor(self) -> torch.Tensor | float:
-        return self.clip() if self.clip is not None else self.spec.clip
+    def factors(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(factor on the maximum, factor on the minimum)."""
+        if self.clip is not None:
+            return self.clip()
+        return self.spec.clip, self.spec.clip if self.spec.clip_low is None else self.spec.clip_low
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         xf = x.float()
         sizes = spec.group_sizes or (x.shape[-1],)
-        c = self.factor()
-        gmin, gmax = group_reduce(xf, sizes, "min") * c, group_reduce(xf, sizes, "max") * c
-        scale, zero = affine_params(gmin, gmax, spec.bits, spec.grid)
+        up, low = self.factors()
+        gmin, gmax = group_reduce(xf, sizes, "min"), group_reduce(xf, sizes, "max")
+        if spec.zero_in_range:
+            gmin, gmax = gmin.clamp(max=0), gmax.clamp(min=0)
+        scale, zero = affine_params(gmin * low, gmax * up, spec.bits, spec.grid)
         return fake_quant_ste(xf, expand_groups(scale, sizes), expand_groups(zero, sizes), spec.bits,
                               spec.grid).to(x.dtype)
 
 
 class RowClips(nn.Module):
-    """LWC of one linear: per output row a factor on its range's maximum and one on its minimum."""
+    """A factor on a range's maximum and one on its minimum, per row: LWC, per output row of a linear; LAC, one
+    pair per activation point (rows=1)."""
 
     def __init__(self, rows: int):
         super().__init__()

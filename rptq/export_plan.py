@@ -109,8 +109,8 @@ def _input(plan: LinearPlan, spec, tap, where: str) -> None:
         raise UserError(f"{where}: " + rules.CLUSTER_RANGES.format(points="its input"))
     if spec.dynamic == "sequence":
         raise UserError(f"{where}: " + rules.PER_SEQUENCE)
-    if spec.clip != 1.0:
-        raise UserError(f"{where}: " + rules.CLIPPED.format(clip=spec.clip))
+    if spec.clip != 1.0 or spec.clip_low not in (None, 1.0):
+        raise UserError(f"{where}: " + rules.CLIPPED.format(clip=spec.clip if spec.clip != 1.0 else spec.clip_low))
     symmetric = spec.grid in ("symmetric", "quarot")
     plan.input_args = {"num_bits": spec.bits, "type": "int", "symmetric": symmetric,
                        "strategy": "token" if spec.dynamic else "tensor", "dynamic": bool(spec.dynamic)}

@@ -2,7 +2,9 @@
 a few epochs lower the block-output error (bounds measured over seeds), same seed same model, and the command
 line records the learning, reloads a saved checkpoint exactly and refuses what it cannot do."""
 import copy
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -117,7 +119,8 @@ def test_flatquant_from_the_command_line_saves_and_reloads(model_dir, cache, tmp
     assert res["config"]["block_inputs"] == "fp" and res["config"]["flatquant"]["epochs"] == 1
     layer = res["decisions"][0]["points"]
     assert layer["flat_transform"]["steps"] == 0 or layer["flat_transform"]["epoch_mse"]  # 2 windows: one batch
-    assert 0 < layer["qkv_in"]["lac"] < 1 and "learned clip" in res["bit_manifest"]["fc2_in"]["granularity"]
+    assert 0 < layer["qkv_in"]["lac"] < 1 and 0 < layer["qkv_in"]["lac_low"] < 1
+    assert "learned clip" in res["bit_manifest"]["fc2_in"]["granularity"]
     assert res["bit_manifest"]["qkv_in"]["transforms"] == ["scale@norm", "kronecker@online"]
     assert any("FlatQuant" in a for a in res["method"]["assumptions"])
     code, err = run(small(model_dir, cache, tmp_path / "again", "--load_quantized", str(save)), capsys)
@@ -136,3 +139,27 @@ def test_flatquant_refusals_are_one_line(model_dir, cache, tmp_path, capsys, ext
     extra = [str(tmp_path / "export") if e == "EXPORT" else e for e in extra]
     code, err = run(small(model_dir, cache, tmp_path / "out", *extra), capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_lac_clips_each_end_of_a_range_that_reaches_zero():
+    """FlatQuant's activation quantizer: per token min(x, 0) .. max(x, 0), the maximum times one learned factor and
+    the minimum times another; the deployed quantizer (QuantSpec) and the training one (LearnedClipQuant) against a
+    plain reimplementation."""
+    from quant.quantizer import ActQuantizer, QuantSpec
+    from rptq.block_learning import LearnedClipQuant
+
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0)) + torch.tensor([3.0, 0, 0, 0, 0, -2.0]).unsqueeze(1)
+    up, low = 0.9, 0.7
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0) * low, x.amax(-1, keepdim=True).clamp(min=0) * up
+    scale = (hi - lo) / 15
+    zero = torch.round(-lo / scale)
+    expected = (torch.clamp(torch.round(x / scale) + zero, 0, 15) - zero) * scale
+    spec = QuantSpec(bits=4, dynamic="token", grid="full", clip=up, clip_low=low, zero_in_range=True)
+    assert torch.allclose(ActQuantizer(spec)(x), expected, atol=1e-6)
+    training = LearnedClipQuant(spec, learn=False)
+    assert torch.allclose(training(x), expected, atol=1e-6)
+    learned = LearnedClipQuant(dataclasses.replace(spec, clip=1.0, clip_low=None))
+    with torch.no_grad():  # the learned factors set to the same values through their logits
+        learned.clip.up.logit.fill_(math.log(up / (1 - up)))
+        learned.clip.low.logit.fill_(math.log(low / (1 - low)))
+    assert torch.allclose(learned(x), expected, atol=1e-5)

@@ -263,7 +263,8 @@ def flat_transform_step(ctx: BlockContext) -> None:
         for name, module in row_clips.items():
             ctx.weight_clips[name] = tuple(f.detach().cpu() for f in module())
         for point, quant in lacs:
-            ctx.decisions.setdefault(point, {})["lac"] = float(quant.factor())
+            up, low = quant.factors()
+            ctx.decisions.setdefault(point, {}).update(lac=float(up), lac_low=float(low))
     ctx.decisions["flat_transform"] = report
 
 
@@ -302,14 +303,16 @@ def flat_bits(cfg: QuantConfig):
 
 def activation(ctx: BlockContext, point: str, role: str) -> tuple[QuantSpec, str]:
     """Per token, symmetric on QuaRot's grid (asymmetric with --a_asym); K and V per token x head, asymmetric;
-    the clip LAC learned."""
+    every range reaching 0 (FlatQuant's quantizer takes min(x, 0) .. max(x, 0)), its maximum and minimum clipped by
+    LAC's two learned factors."""
     bits, heads = flat_bits(ctx.cfg)(role), ctx.spec.heads
-    clip = ctx.decisions.get(point, {}).get("lac", 1.0)
+    lac = ctx.decisions.get(point, {})
+    clip, clip_low = lac.get("lac", 1.0), lac.get("lac_low")
     if role in (KEY, VALUE):
         return QuantSpec(bits=bits, group_sizes=(heads.head_dim,) * heads.num_kv_heads, dynamic="token", grid="full",
-                         clip=clip), "minmax"
+                         clip=clip, zero_in_range=True, clip_low=clip_low), "minmax"
     grid = "full" if ctx.cfg.of(FlatQuantSettings).a_asym else "quarot"
-    return QuantSpec(bits=bits, dynamic="token", grid=grid, clip=clip), "minmax"
+    return QuantSpec(bits=bits, dynamic="token", grid=grid, clip=clip, zero_in_range=True, clip_low=clip_low), "minmax"
 
 
 def describe(cfg: QuantConfig, spec, point: str, role: str) -> dict:
@@ -334,9 +337,9 @@ METHOD = Method(
                                wbits=4, abits=4, block_inputs="fp")},
     assumptions={
         "flat_transform": (
-            "FlatQuant: one learned activation clipping factor per activation point, shared by the linears reading "
-            "it and by both ends of each token's range (the official code learns a max and a min factor per "
-            "linear)",
+            "FlatQuant: one learned activation clipping pair (a factor on each token's maximum, one on its minimum, "
+            "the range reaching 0 first, as the official quantizer) per activation point, shared by the linears "
+            "reading it (the official code learns a pair per linear)",
             "FlatQuant: each orthogonal factor is U0 Cayley(A) with A skew, around a seeded random orthogonal start "
             "U0 (the official code parametrises the matrix by torch's Cayley map); AdamW with torch's defaults, "
             "cosine to 1e-3 of the learning rate, no warm-up, in fp32 (the official code in fp16/bf16 autocast)",

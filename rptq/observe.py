@@ -16,6 +16,11 @@ def make_observers(spec, cfg: QuantConfig, samples: int, layer: int) -> dict[str
     quantize_w = cfg.weight_bits < FULL_PRECISION
     hessian = quantize_w and cfg.w_quantizer in ("gptq", "gptqt")
     linear_points = set(spec.linear_inputs.values())
+    hessian_points = linear_points
+    if hessian and cfg.w_quantizer == "gptq" and cfg.gptq_order == "sequential":
+        # GPTQ's sequential order measures every later input's Hessian anew (rptq.weights.remeasure_hessian):
+        # this pass needs only the first input's
+        hessian_points = {next(iter(spec.linear_inputs.values()))}
     wanted: dict[str, int] = {}  # what the run's steps sample (a rotation search, a learned initialisation)
     for name in cfg.transforms:
         sample = methods.step(name).token_sample
@@ -29,7 +34,7 @@ def make_observers(spec, cfg: QuantConfig, samples: int, layer: int) -> dict[str
         if cfg.metric == "mse":
             tokens = max(tokens, 2048)
         tokens = max(tokens, wanted.get(point, 0))
-        observers[point] = ChannelObserver(hessian=hessian and point in linear_points,
+        observers[point] = ChannelObserver(hessian=hessian and point in hessian_points,
                                            sample_per_call=sample_per_call(tokens, samples),
                                            seed=cfg.seed * 1009 + layer * 101 + i)
     return observers

@@ -210,6 +210,17 @@ def hadamard_transform(x, scale=1.0):
 '''
 
 
+def check_stand_in(matmul_hadU) -> None:
+    """The stand-in (imported from the official code's copy) against the official pure-torch Hadamard
+    ``matmul_hadU`` (its hadamard_utils), before any run relies on it."""
+    import fast_hadamard_transform
+
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gap = float((fast_hadamard_transform.hadamard_transform(x, 256 ** -0.5) - matmul_hadU(x)).abs().max())
+    if gap > 1e-12:
+        raise SystemExit(f"the fast_hadamard_transform stand-in differs from hadamard_utils.matmul_hadU by {gap}")
+
+
 @torch.no_grad()
 def jitter_(model, seed: int) -> None:
     """Move every weight by at most two units in its last place (x (1 + k 2^-22), k in {-1, 0, 1} drawn with

@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 import torch
-from official import FAST_HADAMARD, WeightErrors, argv, forget, jitter_, perplexity, run_seeded
+from official import (FAST_HADAMARD, WeightErrors, argv, check_stand_in, forget, jitter_, perplexity,
+                      run_seeded)
 
 PATCHES = (
     ("fake_quant/hadamard_utils.py", "W_ = W_.float().cuda()", "W_ = W_.float()",
@@ -64,18 +65,6 @@ LINEARS_PER_LAYER = 7
 MODEL_CHOICE = "meta-llama/Llama-2-7b-hf"  # --model takes only names from its list; the loader returns the fixture
 
 
-def check_stand_in(code_dir: Path) -> float:
-    """The stand-in's transform against the official pure-torch Hadamard (hadamard_utils.matmul_hadU)."""
-    import fast_hadamard_transform
-    import hadamard_utils
-
-    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    gap = float((fast_hadamard_transform.hadamard_transform(x, 256 ** -0.5) - hadamard_utils.matmul_hadU(x)).abs().max())
-    if gap > 1e-12:
-        raise SystemExit(f"the fast_hadamard_transform stand-in differs from hadamard_utils.matmul_hadU by {gap}")
-    return gap
-
-
 def run(code_dir: Path, model_dir: Path, calib: torch.Tensor, evaluation: torch.Tensor, flags: dict | None,
         seed: int, jitter: int = 0) -> tuple[float, list[float]]:
     """Official main.main() with ``flags`` (None: the model unquantized) and --seed ``seed``, on the fixture's model
@@ -90,13 +79,14 @@ def run(code_dir: Path, model_dir: Path, calib: torch.Tensor, evaluation: torch.
     sys.path.insert(0, src)
     saved_argv, result, errors = sys.argv, {}, WeightErrors(LINEARS_PER_LAYER)
     try:
-        check_stand_in(code_dir)
         import data_utils
         import eval_utils
         import gptq_utils
+        import hadamard_utils
         import main
         import model_utils
 
+        check_stand_in(hadamard_utils.matmul_hadU)
         get_llama = model_utils.get_llama
 
         def fixture_model(name, hf_token):  # the fixture's model, at the windows' length (not Llama-2's 2048)

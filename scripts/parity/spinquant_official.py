@@ -26,7 +26,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from official import FAST_HADAMARD, WeightErrors, argv, forget, jitter_, perplexity, run_seeded
+from official import (FAST_HADAMARD, WeightErrors, argv, check_stand_in, forget, jitter_, perplexity,
+                      run_seeded)
 
 PATCHES = (
     ("eval_utils/main.py", '"cuda"', '"cpu"', "GPTQ and RTN are told to run on the GPU; here on the CPU"),
@@ -65,17 +66,6 @@ ROTATED = {"W16A4KV4", "W4A4KV4"}  # their official figure depends on --seed (R1
 LINEARS_PER_LAYER = 7
 
 
-def check_stand_in() -> None:
-    """The stand-in's transform against the official pure-torch Hadamard (utils.hadamard_utils.matmul_hadU)."""
-    import fast_hadamard_transform
-    from utils import hadamard_utils
-
-    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    gap = float((fast_hadamard_transform.hadamard_transform(x, 256 ** -0.5) - hadamard_utils.matmul_hadU(x)).abs().max())
-    if gap > 1e-12:
-        raise SystemExit(f"the fast_hadamard_transform stand-in differs from hadamard_utils.matmul_hadU by {gap}")
-
-
 def run(code_dir: Path, model_dir: Path, calib: torch.Tensor, evaluation: torch.Tensor, flags: dict | None,
         seed: int, jitter: int = 0) -> tuple[float, list[float]]:
     """ptq.py's steps with ``flags`` (None: the model unquantized) and --seed ``seed`` on the fixture's model (moved
@@ -88,12 +78,12 @@ def run(code_dir: Path, model_dir: Path, calib: torch.Tensor, evaluation: torch.
         model = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
         if flags is None:
             return perplexity(model, evaluation), []
-        check_stand_in()
         from eval_utils import gptq_utils
         from eval_utils import main as ptq
-        from utils import data_utils
+        from utils import data_utils, hadamard_utils
         from utils.process_args import parser_gen
 
+        check_stand_in(hadamard_utils.matmul_hadU)
         sys.argv = ["ptq.py", "--seed", str(seed), "--nsamples", str(len(calib)), *argv({**SCRIPT, **flags})]
         args, _ = parser_gen()
         args.optimized_rotation_path, args.bsz = None, 1  # what process_args_ptq adds

@@ -18,7 +18,8 @@ def figures_section(runs: dict[str, dict], doc: Path) -> list[str]:
     rptq, per_tensor = runs.get("ppl/W4A4"), runs.get("ppl/W4A4-per-tensor")
     if rptq is None or per_tensor is None:
         return ["(not generated yet: needs ppl/W4A4 and ppl/W4A4-per-tensor)"]
-    figures = doc.parent / "figures"
+    # docs/results.md draws into docs/figures; another model's doc (docs/results-<model>.md) into its own folder
+    figures = doc.parent / ("figures" if doc.stem == "results" else f"figures-{doc.stem}")
     lines = []
     for tag, run in (("rptq-w4a4", rptq), ("per-tensor-w4a4", per_tensor)):
         stored = Path(run["_path"]).parent
@@ -26,7 +27,7 @@ def figures_section(runs: dict[str, dict], doc: Path) -> list[str]:
             data, meta = read_plot_data(file)
             meta.setdefault("model", run.get("model", "?"))
             dest = save_png(plot_channel_ranges(data, meta), figures / f"{tag}-{file.stem}.png")
-            lines += [f"![{tag} {file.stem}](figures/{dest.name})", ""]
+            lines += [f"![{tag} {file.stem}]({figures.name}/{dest.name})", ""]
     lines += residual_rotation_figures(runs, rptq, figures)
     curves = [("RPTQ W4A4", rptq), ("per-tensor W4A4", per_tensor)]
     curves += [(name.split("/")[1], runs[name]) for name in ("methods/W4A4-duquant", "methods/W4A4-duquant-gptq",
@@ -37,7 +38,7 @@ def figures_section(runs: dict[str, dict], doc: Path) -> list[str]:
         return lines + ["(no per-layer errors recorded in these runs)"]
     plot_layer_errors(curves, path=figures / "layer-errors-w4a4.png", metric="sqnr_db",
                       title="Per-layer output error of the quantized block vs the FP block (same inputs)")
-    return lines + ["![per-layer error, W4A4 runs](figures/layer-errors-w4a4.png)", ""]
+    return lines + [f"![per-layer error, W4A4 runs]({figures.name}/layer-errors-w4a4.png)", ""]
 
 
 NORM_FED = ("qkv_in", "gate_up_in")  # the points R1 reaches without a per-block transform of its own
@@ -66,5 +67,5 @@ def residual_rotation_figures(runs: dict[str, dict], rptq: dict, figures: Path) 
             name = f"{key.split('/')[1].lower()}-r1-layer{int(meta['layer']):03d}_{meta['point']}.png"
             dest = save_png(plot_channel_ranges(pair, info), figures / name)
             lines += [f"![{method} at {meta['point']}, layer {meta['layer']}: ranges before R1 (norm output, "
-                      f"unrotated) and after (gain folded, rotated)](figures/{dest.name})", ""]
+                      f"unrotated) and after (gain folded, rotated)]({figures.name}/{dest.name})", ""]
     return lines

@@ -18,6 +18,9 @@ METHOD_ROWS = (
     ("methods/W4A8-naive", "naive: per-tensor static activations, RTN weights"),
     ("ppl/W4A16", "GPTQ weights per (row × cluster), activations FP16"),
     ("methods/W4A16-g128-rtn", "RTN weights in groups of 128"),
+    ("methods/W4A16-gptq-g64", "GPTQ symmetric weights in groups of 64 (llm-compressor's W4A16 recipe here)"),
+    ("methods/W4A8-gptq-g64-per-token", "GPTQ symmetric weights in groups of 64, per-token dynamic activations "
+     "(llm-compressor's W4A8 recipe here)"),
     ("ppl/W4A4", "RPTQ"),
     ("ppl/W4A4-uniform", "RPTQ, uniform policy (every activation at 4 bits)"),
     ("ppl/W4A4-per-tensor", "per-tensor (no reorder)"),
@@ -41,11 +44,13 @@ METHOD_ROWS = (
 )
 # The rows compared at W4A4 and W4A8/W8A8 run with every calibration seed (issue #23: spread).
 # Beyond the issue's eight: QuaRot, SpinQuant and SpinQuant without learning, whose gaps are what the learning
-# and the rotations are judged by.
+# and the rotations are judged by; the candidates for the best run per setting (DuQuant + GPTQ, FlatQuant's best)
+# and the rows beside llm-compressor's recipes (issue #34).
 SEEDED = ("ppl/W4A4", "ppl/W4A4-uniform", "methods/W4A4-duquant", "methods/W4A4-rotation", "ppl/W4A8",
           "methods/W4A8-fptq", "methods/W8A8-smoothquant-per-token", "ppl/W4A16", "methods/W4A4-quarot",
           "methods/W4A4-spinquant", "methods/W4A4-spinquant-no-learning", "methods/W4A4-flatquant",
-          "methods/W4A4-flatquant-best")
+          "methods/W4A4-flatquant-best", "methods/W4A4-duquant-gptq", "methods/W4A16-gptq-g64",
+          "methods/W4A8-gptq-g64-per-token")
 ROTATION_RUNS = ("methods/W4A4-duquant", "methods/W4A4-rotation", "methods/W4A4-duquant-clusters")
 # Weight-only: (bits, quantizer, group size) per run name.
 WEIGHT_RUNS = tuple(f"weights/W{b}-{q}" for b in (3, 2) for q in ("rtn", "gptq", "gptqt", "bcq", "gptq-g128",

@@ -20,6 +20,7 @@ from eval.cli import Parser, write_atomic
 from docgen.doc_runs import stored_digest
 from docgen.readme_data import load_tree
 from docgen.readme_diffs import differences_block
+from docgen.readme_best import best_block
 from docgen.readme_headline import headline_block
 from eval.table import render_table
 
@@ -92,6 +93,7 @@ BENCHES = {
 }
 BLOCKS = (
     Block("demo", "scripts/demo.sh", demo_block),
+    Block("best", "scripts/make_results_doc.sh and scripts/peer/llmcompressor.py", lambda src: best_block(src.runs)),
     Block("headline", "scripts/make_results_doc.sh", lambda src: headline_block(load_tree(src.runs))),
     Block("differences", "scripts/make_results_doc.sh", lambda src: differences_block(load_tree(src.runs)),
           page="docs/methods/rptq.md"),

@@ -17,12 +17,14 @@ def load_tree(root) -> dict[str, list[dict]]:
     """{"section/run": [results.json dicts, one per seed, by seed]} for every results.json under root;
     {} when there are none (the README then says so rather than failing)."""
     root = Path(root)
-    if not root.is_dir() or not any(root.rglob("results.json")):
+    base = root.resolve() if root.is_dir() else root
+    # the peer's runs (docgen.peer_runs) are not main.py's
+    files = [p for p in sorted(base.rglob("results.json")) if p.relative_to(base).parts[0] != "peer"]
+    if not files:
         return {}
-    base = root.resolve()
     plan = {key: cmd for _, _, key, cmd in read_plan(root)}
     grouped: dict[str, list[dict]] = {}
-    for run in load_runs(root):
+    for run in load_runs(files):
         rel = Path(run["_path"]).parent.relative_to(base).as_posix()
         command = Path(run["_path"]).with_name("command.txt")
         if rel in plan and (not command.is_file() or command.read_text().strip() != plan[rel]):

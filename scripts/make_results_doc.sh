@@ -11,7 +11,9 @@
 # otherwise it runs into OUT and is stored as soon as it finishes, so an interrupted generation resumes where
 # it stopped, across sessions too. Order: FP16, the methods table's rows (seed 2), seeds 3 and 4 of the rows it
 # compares (<run>-seed3, <run>-seed4: the spread decides what the doc may call different), zero-shot, the rest,
-# and last RPTQ W4A4 once more, alone on the machine, for what one run costs. Settings: SmolLM2-135M, NSAMPLES
+# and last RPTQ W4A4 once more, alone on the machine, for what one run costs. A second model (MODEL=gemma3-270m)
+# gets its own OUT, RUNS (docs/runs-MODEL) and DOC (docs/results-MODEL.md), plans only the sections "paper
+# methods tasks", and leaves out the rows its architecture refuses (RUNS/refused.tsv). Settings: SmolLM2-135M, NSAMPLES
 # PTB-train calibration windows x 512, PPL_LIMIT windows x 512 of ptb and wiki_leads (diffs: ptb only),
 # TASK_LIMIT documents per task.
 # Environment: OUT (out/results-smollm2: run directories and logs/), RUNS (docs/runs), DOC (docs/results.md),
@@ -30,12 +32,16 @@ esac
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHON="${PYTHON:-.venv/bin/python}"
-OUT="${OUT:-out/results-smollm2}"
-RUNS="${RUNS:-docs/runs}"
-DOC="${DOC:-docs/results.md}"
 MODEL="${MODEL:-smollm2-135m}"
 ALL_SECTIONS="paper methods weights diffs tasks ref"
-SECTIONS="${SECTIONS:-$ALL_SECTIONS}"
+if [[ $MODEL == smollm2-135m ]]; then
+    OUT="${OUT:-out/results-smollm2}" RUNS="${RUNS:-docs/runs}" DOC="${DOC:-docs/results.md}"
+    MODEL_SECTIONS="$ALL_SECTIONS"
+else  # a second model: its own tree and doc; RPTQ's reference differences and GPTQT's bits stay on SmolLM2
+    OUT="${OUT:-out/results-$MODEL}" RUNS="${RUNS:-docs/runs-$MODEL}" DOC="${DOC:-docs/results-$MODEL.md}"
+    MODEL_SECTIONS="paper methods tasks"
+fi
+SECTIONS="${SECTIONS:-$MODEL_SECTIONS}"
 PPL_LIMIT="${PPL_LIMIT:-40}"
 NSAMPLES="${NSAMPLES:-32}"
 TASK_LIMIT="${TASK_LIMIT:-500}"
@@ -62,10 +68,23 @@ REF_ARGS=(--wbits 16 --abits 16 --eval_ppl --ppl_datasets ptb --limit 5 --seqlen
 declare -A SEEN=()
 PLAN=()  # "tier<TAB>sections<TAB>run<TAB>command", command = main.py MODEL flags (no interpreter, no --output_path)
 
+# Rows the model's architecture refuses in one line (main.py would exit 2): left out of the plan and listed in
+# RUNS/refused.tsv (run, reason) for the document. Gemma 3: no residual rotation (models/gemma3.py says why).
+REFUSED=()
+refused_reason() {  # flags... -> the reason this MODEL refuses them, or nothing
+    if [[ $MODEL == gemma3* && " $* " =~ " --method "(quarot|spinquant)" "|residual_rotate ]]; then
+        echo "Gemma 3's post-attention and post-feedforward norms cannot pass a residual rotation"
+    fi
+}
+
 plan() {  # tier, "sections using it", run, flags...: note the run once (the first tier that names it wins)
-    local tier=$1 sections=$2 name=$3; shift 3
+    local tier=$1 sections=$2 name=$3 reason s keep=""; shift 3
     [[ -n "${SEEN[$name]:-}" ]] && return
     SEEN[$name]=1
+    for s in $sections; do [[ " $MODEL_SECTIONS " == *" $s "* ]] && keep=1; done
+    [[ -z $keep ]] && return  # a section this model's document does not have
+    reason="$(refused_reason "$@")"
+    if [[ -n $reason ]]; then REFUSED+=("$name"$'\t'"$reason"); return; fi
     PLAN+=("$tier"$'\t'"$sections"$'\t'"$name"$'\t'"$(printf '%q ' main.py "$MODEL" "$@" | sed 's/ $//; s/\\,/,/g')")
 }
 
@@ -103,7 +122,7 @@ ms W8A8-smoothquant-per-token --method smoothquant --a_dynamic
 seeded 1 "paper methods" ppl/W4A16 --wbits 4 --abits 16 "${PPL_ARGS[@]}"
 plan 1 "paper methods" ppl/W4A4-per-tensor --wbits 4 --abits 4 --reorder "" "${PPL_ARGS[@]}" "${PLOT_ARGS[@]}"
 m W4A4-quarot-rtn --method quarot --w_quantizer rtn
-m W4A4-duquant-gptq --method duquant --w_quantizer gptq --rotation_steps "$ROT_STEPS"
+ms W4A4-duquant-gptq --method duquant --w_quantizer gptq --rotation_steps "$ROT_STEPS"  # a best-W4A4 candidate
 m W4A4-quarot-reorder --method quarot --transforms residual_rotate,reorder --abits_policy uniform
 m W4A4-quarot-duquant --method duquant --transforms residual_rotate,smooth,rotate,qk_rotate \
     --rotation_steps "$ROT_STEPS"
@@ -113,6 +132,11 @@ m W8A8-smoothquant --method smoothquant
 m W4A8-fptq-gptq --method fptq --w_quantizer gptq
 m W4A8-naive --wbits 4 --abits 8 --reorder "" --w_quantizer rtn
 m W4A16-g128-rtn --wbits 4 --abits 16 --w_quantizer rtn --w_group_size 128 --grid full
+# The recipes the peer (scripts/peer/llmcompressor.py) runs, in our flags: symmetric GPTQ in groups of 64, and
+# with per-token dynamic 8-bit activations
+ms W4A16-gptq-g64 --wbits 4 --abits 16 --reorder "" --w_quantizer gptq --w_group_size 64 --grid symmetric
+ms W4A8-gptq-g64-per-token --wbits 4 --abits 8 --reorder "" --w_quantizer gptq --w_group_size 64 --grid symmetric \
+    --a_dynamic --a_dynamic_method per_token
 ms W4A4-flatquant --method flatquant
 m W4A4-flatquant-gptq --method flatquant --w_quantizer gptq
 ms W4A4-flatquant-best --method flatquant --flat_epochs 8 --w_quantizer gptq --grid full --a_asym --w_group_size 64
@@ -173,6 +197,11 @@ if [[ -n "${PLAN_ONLY:-}" ]]; then printf '%s\n' "$ORDERED"; exit 0; fi
 
 mkdir -p "$OUT/logs" "$RUNS"
 printf '%s\n' "$ORDERED" > "$RUNS/plan.tsv.tmp" && mv "$RUNS/plan.tsv.tmp" "$RUNS/plan.tsv"
+if (( ${#REFUSED[@]} )); then
+    printf '%s\n' "${REFUSED[@]}" > "$RUNS/refused.tsv"
+else
+    rm -f "$RUNS/refused.tsv"
+fi
 DIGEST="$("$PYTHON" -c 'from common.provenance import code_digest; print(code_digest())')"
 CURRENT=" $(cut -f3,4 <<< "$ORDERED" | "$PYTHON" -m docgen.doc_runs current "$RUNS" "$DIGEST" | tr '\n' ' ') "
 QUEUE=()  # plan lines to run: selected, not current
@@ -233,7 +262,7 @@ done
 # The document from what is stored, also after a failure (a partial doc lists the rest as not run)
 "$PYTHON" -m docgen.results_doc --runs "$RUNS" --doc "$DOC" --model "$MODEL"
 echo "wrote $DOC"
-if [[ "$RUNS" == docs/runs ]]; then  # the README's tables read the same stored runs
+if [[ "$RUNS" == docs/runs || "$RUNS" == docs/runs-* ]]; then  # the README's tables read the stored runs
     "$PYTHON" -m docgen.readme_blocks --write
 fi
 if (( failed )); then

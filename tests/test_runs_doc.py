@@ -254,3 +254,21 @@ def test_task_on_which_every_row_scores_alike_is_said_to_separate_nothing():
     assert ("- boolq separates no rows: all 3 lie within 0.2 points of each other, less than one stderr (2.2); the "
             "model's answers there hardly depend on the quantization.") in lines
     assert not any(line.startswith("- piqa separates") for line in lines)
+
+
+def test_second_model_plans_its_sections_and_leaves_out_what_it_refuses(tmp_path):
+    """MODEL=gemma3-270m: its own tree and doc, only the paper/methods/tasks runs, none that rotates the
+    residual (Gemma 3 refuses it in one line: the script lists those in RUNS/refused.tsv instead)."""
+    env = {**os.environ, "PLAN_ONLY": "1", "MODEL": "gemma3-270m"}
+    out = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, check=True).stdout
+    plan = [line.split("\t") for line in out.splitlines()]
+    names = {name for _, _, name, _ in plan}
+    assert "ppl/FP16" in names and "methods/W4A4-duquant-gptq-seed4" in names and "tasks/W4A4" in names
+    assert not any(n.startswith(("diffs/", "weights/", "ref/")) for n in names)
+    assert not any(("quarot" in c or "spinquant" in c or "residual_rotate" in c) for *_, c in plan)
+    assert all(c.startswith("main.py gemma3-270m ") for *_, c in plan)
+    smollm2 = {line.split("\t")[2] for line in subprocess.run(
+        ["bash", str(SCRIPT)], env={**os.environ, "PLAN_ONLY": "1"}, capture_output=True, text=True,
+        check=True).stdout.splitlines()}
+    rotating = {n for n in smollm2 if "quarot" in n or "spinquant" in n}
+    assert rotating and not rotating & names

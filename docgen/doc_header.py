@@ -91,16 +91,19 @@ def settings_lines(runs: dict[str, dict], cfg: dict) -> list[str]:
             "unavailable offline)."]
 
 
-def budget_lines(runs: dict[str, dict], steps: dict) -> list[str]:
-    """The wall-time table (one row per stored run) and the whole generation's budget per section."""
-    lines = ["| Run | calib (s) | eval (s) | process (s) | threads | parallel |", "|---|---:|---:|---:|---:|---:|"]
+def budget_lines(runs: dict[str, dict], steps: dict, machines: dict[str, str] | None = None) -> list[str]:
+    """The wall-time table (one row per stored run, with the CPU it ran on where steps.tsv recorded it) and the
+    whole generation's budget per section."""
+    machines = machines or {}
+    lines = ["| Run | calib (s) | eval (s) | process (s) | threads | parallel | CPU |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     per_section: dict[str, list[float]] = {}
     for key in sorted(runs):
         t = runs[key].get("timing") or {}
         proc, _, threads, jobs = steps.get(key, ("–", "", "–", "–"))
         mark = " *" if runs[key].get("resumed_from_layer") is not None else ""
         lines.append(f"| {key}{mark} | {t.get('calibration_s', 0):.1f} | {t.get('eval_s', 0):.1f} | {proc} | "
-                     f"{threads} | {jobs} |")
+                     f"{threads} | {jobs} | {machines.get(key, '–')} |")
         section = key.split("/")[0] + (" (extra seeds)" if base_key(key) != key else "")
         acc = per_section.setdefault(section, [0, 0.0, 0.0, 0.0])
         acc[0] += 1

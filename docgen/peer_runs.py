@@ -32,8 +32,10 @@ def load_timings(root: Path) -> list[dict]:
 
 
 def best_peer(peer: dict[str, list[dict]], setting: str) -> tuple[str, list[dict]] | None:
-    """The peer's recipe at ``setting`` with the lowest mean PTB perplexity (None when it ran none there)."""
-    return lowest_ptb([(name, runs) for name, runs in peer.items() if runs[0].get("setting") == setting])
+    """The peer's recipe at ``setting`` with the lowest mean PTB perplexity (None when it ran none there); a
+    diagnostic run (a default switched off to explain a difference) is not one of its recipes."""
+    return lowest_ptb([(name, runs) for name, runs in peer.items()
+                       if runs[0].get("setting") == setting and not runs[0].get("diagnostic")])
 
 
 def lowest_ptb(groups: list[tuple[str, list[dict]]]) -> tuple[str, list[dict]] | None:
@@ -58,7 +60,11 @@ def peer_section(root: Path, tree: dict[str, list[dict]]) -> list[str]:
              "is stored under peer/ with its text. ×N against the toolkit's FP16. Its FP row is the exported model "
              "evaluated by the peer's interpreter: it checks the export and the perplexity formula. Each pair is the "
              "nearest row, not the same recipe: the peer quantizes the inputs of the linear layers only, ours every "
-             "point its row's method column names (the W4A4 presets' K/V cache at 4 bits, for one).", "",
+             "point its row's method column names (the W4A4 presets' K/V cache at 4 bits, for one). Both GPTQs "
+             "fix every group's scale from the weights before the sweep; two defaults differ: the peer orders "
+             "columns by the Hessian's diagonal (its actorder \"static\"; a diagnostic row switches it off to "
+             "measure it, and is never the peer's best), and its symmetric 4-bit grid is max|w| / 7.5 on codes "
+             "-8..7, ours (`--grid symmetric`) max|w| / 7 on -7..7.", "",
              "| recipe | setting | PTB | wiki_leads | the toolkit's row beside it | its PTB | its wiki_leads |",
              "|---|---|---:|---:|---|---:|---:|"]
     for name, runs in peer.items():

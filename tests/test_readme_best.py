@@ -11,12 +11,13 @@ from docgen.readme_data import load_tree
 from tests.test_readme_blocks import rows, write_run
 
 
-def write_peer(root: Path, name: str, setting: str, ppl: dict, seed: int = 2, compared_with: str = ""):
+def write_peer(root: Path, name: str, setting: str, ppl: dict, seed: int = 2, compared_with: str = "",
+               diagnostic: bool = False):
     path = root / "peer" / (name if seed == 2 else f"{name}-seed{seed}") / "results.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"peer": "llm-compressor", "recipe": name, "seed": seed, "setting": setting,
                                 "ppl": ppl, "description": f"{name} recipe", "compared_with": compared_with,
-                                "versions": {"llmcompressor": "0.14.0.1"}}))
+                                "versions": {"llmcompressor": "0.14.0.1"}, "diagnostic": diagnostic}))
 
 
 def two_models(tmp_path: Path) -> Path:
@@ -35,6 +36,8 @@ def two_models(tmp_path: Path) -> Path:
     write_peer(small, "W4A4-spin", "W4A4", {"ptb": 100.0, "wiki_leads": 30.0}, compared_with="methods/W4A4-a")
     write_peer(small, "W4A4-spin", "W4A4", {"ptb": 110.0, "wiki_leads": 30.0}, seed=3)
     write_peer(small, "W4A4-quip", "W4A4", {"ptb": 120.0, "wiki_leads": 25.0})
+    # lower than every recipe, but a diagnostic (a default switched off): never the peer's best
+    write_peer(small, "W4A4-spin-no-x", "W4A4", {"ptb": 90.0, "wiki_leads": 25.0}, diagnostic=True)
     gemma = tmp_path / "docs" / "runs-gemma3-270m"
     write_run(gemma, "ppl/FP16", {"ptb": 40.0, "wiki_leads": 8.0}, wbits=16, abits=16)
     write_run(gemma, "ppl/W4A4", {"ptb": 60.0, "wiki_leads": 12.0})
@@ -69,7 +72,7 @@ def test_the_peer_runs_stay_out_of_our_tree_and_its_section_pairs_rows(tmp_path)
     tree = load_tree(small)
     assert not any(k.startswith("peer/") for k in tree)
     peer = load_peer(small)
-    assert [len(peer[n]) for n in ("W4A4-spin", "W4A4-quip")] == [2, 1]
+    assert [len(peer[n]) for n in ("W4A4-spin", "W4A4-quip", "W4A4-spin-no-x")] == [2, 1, 1]
     assert best_peer(peer, "W4A4")[0] == "W4A4-spin" and best_peer(peer, "W8A8") is None
     got = rows("\n".join(peer_section(small, tree)))
     # spin beside methods/W4A4-a (80 ± 10 over 3 seeds); quip names no row of ours

@@ -50,7 +50,13 @@ RECIPES = {
                                 "dynamic 4-bit activations", "methods/W4A4-spinquant-no-learning"),
     "W4A4-quip-gptq-g64": ("W4A4", "QuIP incoherence (random Hadamard on both sides of every linear, u and v) + "
                            "GPTQ g64 + per-token dynamic 4-bit activations", "methods/W4A4-quarot"),
+    # Parity, not a recipe of its own: llm-compressor's GPTQ orders columns by the Hessian's diagonal by default
+    # (actorder "static"); this one keeps the GPTQ paper's order, as the toolkit does, so the two W4A16 rows
+    # measure what that default is worth. Left out of the peer's best-per-setting choice.
+    "W4A16-gptq-g64-no-actorder": ("W4A16", "GPTQ g64 as W4A16-gptq-g64 with activation ordering off (actorder "
+                                   "None: the GPTQ paper's column order, as the toolkit's)", "methods/W4A16-gptq-g64"),
 }
+DIAGNOSTIC = {"W4A16-gptq-g64-no-actorder"}
 
 
 # Recipes a model cannot take: llm-compressor's SpinQuant maps Gemma3ForCausalLM onto Llama's mappings without a
@@ -76,15 +82,17 @@ def recipe(name: str, seed: int):
     # torch.Generator() (unseeded, so its fixed default seed), the same matrices in every run.
     torch.manual_seed(seed)
 
-    def weights_g64(acts: int | None):
+    def weights_g64(acts: int | None, **gptq):
         w = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
         a = None if acts is None else QuantizationArgs(num_bits=acts, type="int", symmetric=True,
                                                        strategy="token", dynamic=True)
         return GPTQModifier(ignore=["lm_head"], config_groups={"group_0": QuantizationScheme(
-            targets=["Linear"], weights=w, input_activations=a)})
+            targets=["Linear"], weights=w, input_activations=a)}, **gptq)
 
     if name == "W4A16-gptq-g64":
         return [weights_g64(None)]
+    if name == "W4A16-gptq-g64-no-actorder":
+        return [weights_g64(None, actorder=None)]
     if name == "W8A8-smoothquant-gptq":
         return [SmoothQuantModifier(smoothing_strength=0.5), GPTQModifier(targets="Linear", scheme="W8A8",
                                                                           ignore=["lm_head"])]
@@ -225,6 +233,7 @@ def run_all(python: Path, args) -> None:
             print(f"== {dest}", flush=True)
             out = run_peer(python, args, name, seed)
             out.update(key=key, setting=setting, description=what, compared_with=ours, model=args.model,
+                       diagnostic=name in DIAGNOSTIC,
                        windows={"calibration": f"ptb train, {NSAMPLES} x {SEQLEN}, seed {seed}",
                                 "evaluation": f"first {EVAL_WINDOWS} x {SEQLEN} of " + ", ".join(SETS)})
             write_run(dest, out, " ".join(["scripts/peer/llmcompressor.py", "--model", args.model, "--recipes", name,

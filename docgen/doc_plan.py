@@ -21,6 +21,9 @@ METHOD_ROWS = (
     ("methods/W4A16-gptq-g64", "GPTQ symmetric weights in groups of 64 (llm-compressor's W4A16 recipe here)"),
     ("methods/W4A8-gptq-g64-per-token", "GPTQ symmetric weights in groups of 64, per-token dynamic activations "
      "(llm-compressor's W4A8 recipe here)"),
+    ("methods/W4A16-gptq-g64-act-order", "the same with GPTQ's activation order (`--act_order`, the peer's "
+     "default)"),
+    ("methods/W4A8-gptq-g64-per-token-act-order", "the same with GPTQ's activation order (`--act_order`)"),
     ("ppl/W4A4", "RPTQ"),
     ("ppl/W4A4-uniform", "RPTQ, uniform policy (every activation at 4 bits)"),
     ("ppl/W4A4-per-tensor", "per-tensor (no reorder)"),
@@ -36,6 +39,7 @@ METHOD_ROWS = (
     ("methods/W4A4-flatquant-gptq", "FlatQuant with GPTQ weights"),
     ("methods/W4A4-flatquant-best", "FlatQuant, 8 epochs, GPTQ asymmetric weights in groups of 64, asymmetric "
      "activations"),
+    ("methods/W4A4-flatquant-best-act-order", "the same with GPTQ's activation order (`--act_order`)"),
     ("methods/W4A4-duquant-gptq-lwc", "DuQuant with GPTQ weights and learned weight clipping (`--w_clip learned`)"),
     ("methods/W4A4-quarot-lwc", "QuaRot with learned weight clipping in place of its clipping search"),
     ("methods/W4A4-duquant-clusters", "DuQuant rotations + RPTQ clusters, static (experiment)"),
@@ -50,7 +54,8 @@ SEEDED = ("ppl/W4A4", "ppl/W4A4-uniform", "methods/W4A4-duquant", "methods/W4A4-
           "methods/W4A8-fptq", "methods/W8A8-smoothquant-per-token", "ppl/W4A16", "methods/W4A4-quarot",
           "methods/W4A4-spinquant", "methods/W4A4-spinquant-no-learning", "methods/W4A4-flatquant",
           "methods/W4A4-flatquant-best", "methods/W4A4-duquant-gptq", "methods/W4A16-gptq-g64",
-          "methods/W4A8-gptq-g64-per-token")
+          "methods/W4A8-gptq-g64-per-token", "methods/W4A16-gptq-g64-act-order",
+          "methods/W4A8-gptq-g64-per-token-act-order", "methods/W4A4-flatquant-best-act-order")
 ROTATION_RUNS = ("methods/W4A4-duquant", "methods/W4A4-rotation", "methods/W4A4-duquant-clusters")
 # Weight-only: (bits, quantizer, group size) per run name.
 WEIGHT_RUNS = tuple(f"weights/W{b}-{q}" for b in (3, 2) for q in ("rtn", "gptq", "gptqt", "bcq", "gptq-g128",

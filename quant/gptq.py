@@ -4,6 +4,11 @@ Hessian of the layer's inputs.
 
 Scales are fixed before the sweep (passed in), so any grouping of input channels
 (RPTQ's clusters) works without GPTQ knowing where it came from.
+
+``act_order``: sweep the columns by decreasing Hessian diagonal (GPTQ's --act-order), the inputs
+that carry the most energy first, while the least error has been pushed onto them. Each column keeps
+its own group's scale (GPTQ's --static-groups; llm-compressor's actorder "static"), so the result is
+the same kind of weight a plain sweep gives, only rounded in another order.
 """
 from __future__ import annotations
 
@@ -134,20 +139,29 @@ class GPTQ:
         """Reorder the input channels (the Hessian of x[perm] is H[perm][:, perm])."""
         permute_symmetric_(self.hessian, perm.to(self.device))
 
-    def _inverse_factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upper Cholesky factor of the damped H^-1 (row i: how column i's error spreads), and the
-        dead-input mask. Computed once, in the Hessian's own memory (one n x n matrix per input)."""
+    def _inverse_factor(self, percdamp: float, act_order: bool = False):
+        """Upper Cholesky factor of the damped H^-1 (row i: how column i's error spreads), the
+        dead-input mask and the sweep's column order (None: as stored), all in sweep order. Computed
+        once, in the Hessian's own memory (one n x n matrix per input)."""
         if self._factor is None:
             H, self.hessian = self.hessian, None
             dead = torch.diag(H) == 0
             H[dead, dead] = 1
+            perm = None
+            if act_order:  # stable: equal diagonals keep their order, so the order is reproducible
+                perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+                permute_symmetric_(H, perm)
+                dead = dead[perm]
             H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
-            self._factor = (_inverse_cholesky_upper_(H), dead)
+            self._factor = (_inverse_cholesky_upper_(H), dead, perm)
+        elif (self._factor[2] is not None) != act_order:
+            raise ValueError("this Hessian was factorised for the other column order")
         return self._factor
 
     def quantize(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                  group_sizes: tuple[int, ...] | None = None, blocksize: int = 128,
-                 percdamp: float = 0.01, grid: str = "full", column_quantizer=None) -> torch.Tensor:
+                 percdamp: float = 0.01, grid: str = "full", column_quantizer=None,
+                 act_order: bool = False) -> torch.Tensor:
         """Return the fake-quantized weight.
 
         ``scale``/``zero``: (rows, groups) for contiguous input-channel groups of ``group_sizes``
@@ -155,23 +169,28 @@ class GPTQ:
         ``column_quantizer(w_col, column, group) -> q_col``, when given, replaces the uniform
         rounding of each column (a non-uniform grid, e.g. GPTQT's binary-coding levels).
         """
+        if act_order and column_quantizer is not None:
+            raise ValueError("act_order reorders the columns a column_quantizer is indexed by")
         with single_thread_on_cpu(self.device):
             return self._quantize(weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid,
-                                  column_quantizer)[0]
+                                  column_quantizer, act_order)[0]
 
     def quantize_codes(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                        group_sizes: tuple[int, ...] | None = None, blocksize: int = 128,
-                       percdamp: float = 0.01, grid: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
+                       percdamp: float = 0.01, grid: str = "full",
+                       act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(the fake-quantized weight, the integer codes it was rounded to): :meth:`quantize`'s sweep,
         keeping each column's codes; quant.grid.dequantize of them with the per-column scale/zero is
         the weight bit for bit (before its cast back to ``weight.dtype``)."""
         with single_thread_on_cpu(self.device):
-            return self._quantize(weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid)
+            return self._quantize(weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid,
+                                  act_order=act_order)
 
     def _quantize(self, weight, scale, zero, bits, group_sizes, blocksize, percdamp, grid="full",
-                  column_quantizer=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        Hinv, dead = self._inverse_factor(percdamp)
-        W = weight.detach().to(self.device, torch.float32).clone()
+                  column_quantizer=None, act_order=False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        Hinv, dead, perm = self._inverse_factor(percdamp, act_order)
+        W = weight.detach().to(self.device, torch.float32)
+        W = W[:, perm.to(W.device)] if perm is not None else W.clone()  # the sweep's order (indexing copies)
         codes = None if column_quantizer is not None else torch.empty(W.shape, dtype=code_dtype(bits, grid),
                                                                       device=W.device)
         W[:, dead] = 0
@@ -183,6 +202,8 @@ class GPTQ:
         zeros = zero.to(W.device).t().contiguous().unbind(0)
         sizes = group_sizes if group_sizes is not None else (self.columns,)
         group_of = [g for g, size in enumerate(sizes) for _ in range(size)]
+        if perm is not None:  # each column keeps its stored group's scale
+            group_of = [group_of[j] for j in perm.tolist()]
 
         for start in range(0, self.columns, blocksize):
             end = min(start + blocksize, self.columns)
@@ -209,6 +230,10 @@ class GPTQ:
             W[:, end:] -= torch.stack(errors, dim=1) @ Hinv[start:end, end:]
             if codes is not None:
                 codes[:, start:end] = torch.stack(block_codes, dim=1)  # exact integers: the cast is exact
+        if perm is not None:  # back to the stored order
+            inverse = torch.argsort(perm).to(W.device)
+            W = W[:, inverse]
+            codes = None if codes is None else codes[:, inverse]
         return W.to(weight.dtype), codes
 
     def free(self) -> None:

@@ -24,7 +24,7 @@ from .run_config import RunConfig
 
 _SAME_NAME = ("method", "transforms", "wbits", "abits", "only_quant_kv", "abits_policy", "nsamples", "calib_dataset",
               "seed", "metric", "a_dynamic", "a_dynamic_method", "act_clip", "grid", "w_quantizer", "w_range",
-              "w_group_size", "percdamp", "gptq_order", "disable_w_quant", "disable_a_quant", "block_inputs")
+              "w_group_size", "percdamp", "act_order", "gptq_order", "disable_w_quant", "disable_a_quant", "block_inputs")
 
 
 def saved_by_flag() -> dict[str, tuple[tuple[str, ...], ...]]:

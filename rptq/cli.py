@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight range clipping: a ratio in (0, 1] (duquant: 0.8), search (QuaRot's per-row search; "
                         "quarot, spinquant) or learned (per-row clipping trained on the block output, LWC)")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ's Hessian damping, a fraction of its mean diagonal")
+    p.add_argument("--act_order", action="store_true",
+                   help="GPTQ quantizes the columns by decreasing Hessian diagonal, each keeping its group's scale "
+                        "(GPTQ's --act-order --static-groups; llm-compressor's default); off: the paper's order")
     p.add_argument("--gptq_order", default=None, choices=("together", "sequential"),
                    help="GPTQ's Hessians: together, every linear's from the block's one FP pass (default; GPTQ's opt.py, "
                         "RPTQ), or sequential, one input's readers after another in block order, each next input's "

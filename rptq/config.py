@@ -39,6 +39,7 @@ class QuantConfig:
     sf8_scales: bool = False  # weight scales rounded up onto 1-byte sf8 numbers (smallest checkpoints)
     percdamp: float = 0.01
     blocksize: int = 128
+    act_order: bool = False  # GPTQ sweeps columns by decreasing Hessian diagonal, static groups (--act_order)
     # together: every linear's Hessian from the block's one FP pass (GPTQ's opt.py, RPTQ); sequential: one input's
     # readers after another in block order, each next input's Hessian measured anew through the readers quantized
     # so far (QuaRot, SpinQuant; GPTQ's llama.py --true-sequential)

@@ -102,7 +102,7 @@ def quant_config(args) -> QuantConfig:
         raise UserError("--pack_weight stores fp16 weight scales; it contradicts --scale_format exact (drop one)")
     scale_format = args.scale_format or ("fp16" if args.pack_weight else "exact")
     base.update(method=args.method, only_quant_kv=args.only_quant_kv, metric=args.metric, a_dynamic=args.a_dynamic,
-                a_dynamic_method=args.a_dynamic_method, percdamp=args.percdamp,
+                a_dynamic_method=args.a_dynamic_method, percdamp=args.percdamp, act_order=args.act_order,
                 disable_w_quant=args.disable_w_quant, disable_a_quant=args.disable_a_quant, seed=args.seed,
                 fp16_scales=scale_format == "fp16", sf8_scales=scale_format == "sf8")
     settings = {name: cls(**per_method[name]) for name, cls in methods.settings_classes().items()}
@@ -137,6 +137,9 @@ def refuse_unused(args, quant: QuantConfig) -> None:
         for needed in methods.step(name).requires:
             if needed not in quant.transforms:
                 raise UserError(f"the {name} step needs the {needed} step; add {needed} to --transforms")
+    if quant.act_order and (quant.w_quantizer != "gptq" or quant.weight_bits >= 16):
+        raise UserError(f"--act_order orders GPTQ's columns; {_runs(quant)} without a GPTQ weight sweep (drop the "
+                        "flag, or quantize weights with --w_quantizer gptq)")
     clipping = tuple(p.name for p in methods.policies().values() if p.uses_act_clip)
     if args.act_clip is not None and quant.abits_policy not in clipping:
         raise UserError(f"--act_clip is used only with --abits_policy {', '.join(clipping)}; {_runs(quant)} (drop the "

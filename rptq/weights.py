@@ -57,7 +57,8 @@ def _gptq_readers(ctx: BlockContext, point: str, wspec, names: tuple[str, ...] |
     scale, zero = torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
     q, codes = ctx.observers[point].gptq.quantize_codes(torch.cat(weights), scale, zero, wspec.bits,
                                                         group_sizes=wspec.group_sizes, blocksize=ctx.cfg.blocksize,
-                                                        percdamp=ctx.cfg.percdamp, grid=wspec.grid)
+                                                        percdamp=ctx.cfg.percdamp, grid=wspec.grid,
+                                                        act_order=ctx.cfg.act_order)
     rows = [W.shape[0] for W in weights]
     return {n: (qn.clone(), cn.clone(), *p)  # own storage each
             for n, qn, cn, p in zip(names, q.split(rows), codes.split(rows), params)}

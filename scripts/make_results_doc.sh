@@ -138,9 +138,16 @@ m W4A16-g128-rtn --wbits 4 --abits 16 --w_quantizer rtn --w_group_size 128 --gri
 ms W4A16-gptq-g64 --wbits 4 --abits 16 --reorder "" --w_quantizer gptq --w_group_size 64 --grid symmetric
 ms W4A8-gptq-g64-per-token --wbits 4 --abits 8 --reorder "" --w_quantizer gptq --w_group_size 64 --grid symmetric \
     --a_dynamic --a_dynamic_method per_token
+# ... and with the peer's column order (--act_order: its GPTQ default), one flag away from GPTQ's paper order
+ms W4A16-gptq-g64-act-order --wbits 4 --abits 16 --reorder "" --w_quantizer gptq --w_group_size 64 \
+    --grid symmetric --act_order
+ms W4A8-gptq-g64-per-token-act-order --wbits 4 --abits 8 --reorder "" --w_quantizer gptq --w_group_size 64 \
+    --grid symmetric --a_dynamic --a_dynamic_method per_token --act_order
 ms W4A4-flatquant --method flatquant
 m W4A4-flatquant-gptq --method flatquant --w_quantizer gptq
 ms W4A4-flatquant-best --method flatquant --flat_epochs 8 --w_quantizer gptq --grid full --a_asym --w_group_size 64
+ms W4A4-flatquant-best-act-order --method flatquant --flat_epochs 8 --w_quantizer gptq --grid full --a_asym \
+    --w_group_size 64 --act_order
 m W4A4-duquant-gptq-lwc --method duquant --w_quantizer gptq --w_clip learned --rotation_steps "$ROT_STEPS"
 m W4A4-quarot-lwc --method quarot --w_clip learned
 

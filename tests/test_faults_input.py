@@ -108,6 +108,8 @@ BEFORE_LOAD = {
     "inter_bits not above wbits": (["--wbits", "3", "--w_quantizer", "gptqt", "--inter_bits", "3"], "(got 3)"),
     "inter_bits without gptqt": (["--inter_bits", "5"], "--inter_bits is used only with --w_quantizer gptqt"),
     "gptqt_variant without gptqt": (["--gptqt_variant", "A"], "--gptqt_variant is used only with --w_quantizer"),
+    "act_order without gptq": (["--act_order", "--w_quantizer", "rtn"], "--act_order orders GPTQ's columns"),
+    "act_order with fp weights": (["--act_order", "--wbits", "16"], "without a GPTQ weight sweep"),
     "ppl_datasets without eval_ppl": (["--ppl_datasets", "ptb"], "add --eval_ppl"),
     "fptq v0 above v1": (["--method", "fptq", "--fptq_v0", "200", "--fptq_v1", "10"], "0 <= v0 <= v1 (got 200.0, 10.0)"),
     "fptq v0 negative": (["--method", "fptq", "--fptq_v0", "-1"], "0 <= v0 <= v1"),

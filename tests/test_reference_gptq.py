@@ -6,10 +6,12 @@ The reference side is written here in NumPy float64 and uses nothing from the co
 - an input channel that never fires (H[j, j] == 0) gets H[j, j] = 1 and its weight column 0;
 - dampening: percdamp * mean(diag(H)) added to the diagonal;
 - Hinv = inverse(H), plainly;
-- for every column j in order (GPTQ's default order; the code has no act-order):
+- for every column j in order (GPTQ's default order, or with act_order by decreasing diag(H) before
+  dampening, ties in stored order):
   q_j = fake-quantize(w_j) with the fixed per-(row, group) scale/zero on the grid,
   err = (w_j - q_j) / Hinv[j, j], w_k -= err * Hinv[j, k] for k > j,
-  then Hinv <- Hinv - Hinv[:, j] Hinv[j, :] / Hinv[j, j] (column j eliminated).
+  then Hinv <- Hinv - Hinv[:, j] Hinv[j, :] / Hinv[j, j] (column j eliminated); with act_order the
+  update reaches the columns not yet visited, and each column keeps its stored group's scale.
 
 That is blocksize-1 GPTQ without the Cholesky trick; the code's lazy-batch blocks and upper
 Cholesky factor of H^-1 must give the same weights. The grids' formulas (full, reference,
@@ -65,7 +67,7 @@ def quantize_value(w, scale, zero, bits, grid):
     return (code - zero) * scale
 
 
-def naive_gptq(X, W, scale, zero, sizes, bits, grid, percdamp):
+def naive_gptq(X, W, scale, zero, sizes, bits, grid, percdamp, act_order=False):
     """Column-by-column OBQ update in float64 (see the module docstring)."""
     X, W = X.astype(np.float64), W.astype(np.float64).copy()
     n, columns = X.shape
@@ -74,15 +76,17 @@ def naive_gptq(X, W, scale, zero, sizes, bits, grid, percdamp):
         if H[j, j] == 0:  # a dead input: its weights cannot matter, the code zeroes them
             H[j, j] = 1.0
             W[:, j] = 0.0
+    order = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(columns)
     H += percdamp * np.mean(np.diag(H)) * np.eye(columns)
     Hinv = np.linalg.inv(H)
     group_of = [g for g, size in enumerate(sizes) for _ in range(size)]
     Q = np.zeros_like(W)
-    for j in range(columns):
+    for step, j in enumerate(order):
         g = group_of[j]
         Q[:, j] = quantize_value(W[:, j], scale[:, g], zero[:, g], bits, grid)  # every row at once
         err = (W[:, j] - Q[:, j]) / Hinv[j, j]
-        W[:, j + 1:] -= np.outer(err, Hinv[j, j + 1:])
+        later = order[step + 1:]
+        W[:, later] -= np.outer(err, Hinv[j, later])
         Hinv = Hinv - np.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
     return Q
 
@@ -106,13 +110,15 @@ def make_layer(seed, rows=32, columns=24, tokens=200, dead=()):
     return X, W
 
 
-def run_code(X, W, scale, zero, sizes, bits, grid, blocksize, percdamp=0.01):
+def run_code(X, W, scale, zero, sizes, bits, grid, blocksize, percdamp=0.01, act_order=False, codes=False):
     gptq = GPTQ(X.shape[1])
     for chunk in np.array_split(X, [37, 120]):  # uneven batches: the running mean must come out as 2/N X^T X
         gptq.add_batch(torch.from_numpy(chunk))
-    return gptq.quantize(torch.from_numpy(W), torch.from_numpy(scale).float(), torch.from_numpy(zero).float(), bits,
-                         group_sizes=None if sizes is None else tuple(sizes), blocksize=blocksize,
-                         percdamp=percdamp, grid=grid).numpy()
+    run = gptq.quantize_codes if codes else gptq.quantize
+    out = run(torch.from_numpy(W), torch.from_numpy(scale).float(), torch.from_numpy(zero).float(), bits,
+              group_sizes=None if sizes is None else tuple(sizes), blocksize=blocksize, percdamp=percdamp, grid=grid,
+              act_order=act_order)
+    return tuple(t.numpy() for t in out) if codes else out.numpy()
 
 
 def test_hessian_is_two_over_n_xtx():
@@ -168,3 +174,42 @@ def test_the_comparison_can_tell_a_small_change_apart():
     other = naive_gptq(X, W, scale.astype(np.float64), zero.astype(np.float64), sizes, 3, "full", 0.012)
     assert (codes_of(got, scale, zero, sizes) != codes_of(same, scale, zero, sizes)).sum() == 0
     assert (codes_of(got, scale, zero, sizes) != codes_of(other, scale, zero, sizes)).sum() >= 3
+
+
+ACT_ORDER_CASES = [  # (grid, bits, group sizes, blocksize, dead inputs): groups straddle the blocks
+    ("full", 3, None, 128, ()),
+    ("full", 3, (5, 11, 8), 7, ()),
+    ("symmetric", 4, (6, 18), 8, (3,)),
+    ("reference", 4, (8, 8, 8), 1, ()),
+]
+
+
+@pytest.mark.parametrize("grid,bits,groups,blocksize,dead", ACT_ORDER_CASES)
+def test_act_order_equals_naive_loop_in_its_order(grid, bits, groups, blocksize, dead):
+    X, W = make_layer(seed=bits * 7 + blocksize, dead=dead)
+    X = X * np.linspace(0.3, 3.0, X.shape[1], dtype=np.float32)[::-1].copy()  # energies far from the stored order
+    sizes = groups or (W.shape[1],)
+    scale, zero = weight_scales(W.astype(np.float64), sizes, bits, grid)
+    scale, zero = scale.astype(np.float32), zero.astype(np.float32)
+    expected = naive_gptq(X, W, scale.astype(np.float64), zero.astype(np.float64), sizes, bits, grid, 0.01,
+                          act_order=True)
+    got, codes = run_code(X, W, scale, zero, groups, bits, grid, blocksize, act_order=True, codes=True)
+    assert int((codes_of(got, scale, zero, sizes) != codes_of(expected, scale, zero, sizes)).sum()) == 0
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    # the codes come back in the stored order: they dequantize to the weight with each column's own group
+    np.testing.assert_allclose((codes - np.repeat(zero, sizes, axis=1)) * np.repeat(scale, sizes, axis=1), got,
+                               rtol=0, atol=1e-6 * np.abs(got).max())
+    if dead:
+        assert np.all(got[:, list(dead)] == 0)
+    # negative control: the stored order puts some weights on other codes
+    plain = run_code(X, W, scale, zero, groups, bits, grid, blocksize)
+    assert (codes_of(plain, scale, zero, sizes) != codes_of(got, scale, zero, sizes)).sum() >= 3
+
+
+def test_act_order_refuses_a_column_quantizer():
+    X, W = make_layer(seed=1)
+    gptq = GPTQ(X.shape[1])
+    gptq.add_batch(torch.from_numpy(X))
+    scale, zero = torch.ones(W.shape[0], 1), torch.zeros(W.shape[0], 1)
+    with pytest.raises(ValueError, match="column_quantizer"):
+        gptq.quantize(torch.from_numpy(W), scale, zero, 3, act_order=True, column_quantizer=lambda w, c, g: w)

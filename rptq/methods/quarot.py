@@ -176,7 +176,8 @@ METHOD = Method(
             "clamped to [-2^(b-1), 2^(b-1) - 1] as its sym_quant does; Q and the softmax output stay FP as in "
             "QuaRot's fake-quant code",
             "QuaRot: K and V per token x head (group = head_dim), asymmetric, clip 0.95, at --abits",
-            "QuaRot: weights per output channel, symmetric, GPTQ (damp --percdamp, no act-order; RTN with --w_quantizer "
+            "QuaRot: weights per output channel, symmetric, GPTQ (damp --percdamp, act-order only with --act_order as "
+            "its --act_order; RTN with --w_quantizer "
             "rtn) with QuaRot's clipping search (its --w_clip: per row the shrink p = 1 - i/100, i < 80, of least sum "
             "|w_hat - w|^2.4; quant.clip_search), on QuaRot's grid (scale absmax / (2^(b-1) - 1), codes -2^(b-1) .. "
             "2^(b-1) - 1 as its WeightQuantizer's sym_quant: a clipped or GPTQ-updated weight may take the extra "

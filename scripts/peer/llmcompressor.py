@@ -37,15 +37,17 @@ VERSION = "0.14.0.1"  # the newest llmcompressor the registry served on 2026-12-
 TORCH = "2.13.0"
 SEQLEN, NSAMPLES, EVAL_WINDOWS, SETS = 512, 32, 40, ("ptb", "wiki_leads")
 
-# name -> (setting, what it is, the toolkit row it is compared with). Group size 64 because 128 does not divide
-# SmolLM2's 576 (its MLP 1536 too); the peer's deterministic Hadamard needs 2^n sizes, so the random one is used.
+# name -> (setting, what it is, the toolkit row it is compared with: its GPTQ recipes beside ours with --act_order,
+# its default). Group size 64 because 128 does not divide SmolLM2's 576 (its MLP 1536 too); the peer's
+# deterministic Hadamard needs 2^n sizes, so the random one is used.
 RECIPES = {
     "FP": ("FP16", "no recipe: the exported model as the peer's interpreter runs it (checks the export)", "ppl/FP16"),
-    "W4A16-gptq-g64": ("W4A16", "GPTQ, 4-bit symmetric weights in groups of 64", "methods/W4A16-gptq-g64"),
+    "W4A16-gptq-g64": ("W4A16", "GPTQ, 4-bit symmetric weights in groups of 64",
+                       "methods/W4A16-gptq-g64-act-order"),
     "W8A8-smoothquant-gptq": ("W8A8", "SmoothQuant (0.5) + GPTQ, 8-bit per-channel weights, per-token dynamic "
                               "8-bit activations (its W8A8 scheme)", "methods/W8A8-smoothquant-per-token"),
     "W4A8-gptq-g64-per-token": ("W4A8", "GPTQ g64 symmetric weights + per-token dynamic 8-bit activations",
-                                "methods/W4A8-gptq-g64-per-token"),
+                                "methods/W4A8-gptq-g64-per-token-act-order"),
     "W4A4-spinquant-gptq-g64": ("W4A4", "SpinQuant R1+R2+R4 (random Hadamard, no learning) + GPTQ g64 + per-token "
                                 "dynamic 4-bit activations", "methods/W4A4-spinquant-no-learning"),
     "W4A4-quip-gptq-g64": ("W4A4", "QuIP incoherence (random Hadamard on both sides of every linear, u and v) + "

@@ -74,3 +74,30 @@ def test_sequential_order_is_deterministic(calib):
     a, b = _quantized("sequential", calib), _quantized("sequential", calib)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_act_order_reaches_every_sweep_and_keeps_the_group_grids(calib):
+    """--act_order (QuantConfig.act_order) through the pipeline: the sequential sweeps take the other column order
+    (other weights), deterministically, and every weight stays on its own group's grid (static groups: the act-order
+    sweep must not move a column onto another group's scale)."""
+    def run(act_order):
+        model = tiny_llama(seed=3)
+        cfg = QuantConfig(**{**BASE, "w_clip_fit": ""}, w_group_size=8, gptq_order="sequential", act_order=act_order)
+        quantize_model(model, adapter_for(model.config), calib, cfg, progress=False)
+        return model
+    plain, ordered, again = run(False), run(True), run(True)
+    fp = tiny_llama(seed=3)
+    moved = 0
+    for (name, p), q, r, w in zip(plain.named_parameters(), ordered.parameters(), again.parameters(),
+                                  fp.parameters()):
+        assert torch.equal(q, r), name
+        if name.endswith("proj.weight"):
+            p, q, w = p.detach(), q.detach(), w.detach()
+            moved += int((p != q).sum())
+            groups = w.reshape(w.shape[0], -1, 8)
+            # QuaRot's grid: scale absmax / 7 of the FP group (0 at most in a constant group), codes -8 .. 7
+            scale = groups.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 7
+            codes = q.reshape(groups.shape) / scale
+            assert float((codes - codes.round()).abs().max()) < 1e-3, name
+            assert float(codes.min()) >= -8 - 1e-3 and float(codes.max()) <= 7 + 1e-3, name
+    assert moved > 100

@@ -61,10 +61,11 @@ def peer_section(root: Path, tree: dict[str, list[dict]]) -> list[str]:
              "evaluated by the peer's interpreter: it checks the export and the perplexity formula. Each pair is the "
              "nearest row, not the same recipe: the peer quantizes the inputs of the linear layers only, ours every "
              "point its row's method column names (the W4A4 presets' K/V cache at 4 bits, for one). Both GPTQs "
-             "fix every group's scale from the weights before the sweep; two defaults differ: the peer orders "
-             "columns by the Hessian's diagonal (its actorder \"static\"; a diagnostic row switches it off to "
-             "measure it, and is never the peer's best), and its symmetric 4-bit grid is max|w| / 7.5 on codes "
-             "-8..7, ours (`--grid symmetric`) max|w| / 7 on -7..7.", "",
+             "fix every group's scale from the weights before the sweep. The peer orders columns by the Hessian's "
+             "diagonal by default (its actorder \"static\"), so its GPTQ recipes sit beside our rows with "
+             "`--act_order`; its diagnostic row without it sits beside ours without it (a diagnostic row is never "
+             "the peer's best). One difference stays: its symmetric 4-bit grid is max|w| / 7.5 on codes -8..7, "
+             "ours (`--grid symmetric`) max|w| / 7 on -7..7.", "",
              "| recipe | setting | PTB | wiki_leads | the toolkit's row beside it | its PTB | its wiki_leads |",
              "|---|---|---:|---:|---|---:|---:|"]
     for name, runs in peer.items():
